@@ -1,0 +1,56 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+# Each creates .venv if missing and installs torch==2.13.0 (the CPU wheel) first, then the rest
+# with torch held at that version: an unpinned torch would pull a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.05
+export RAY_USAGE_STATS_ENABLED ?= 0
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: install quickstart test lint unit integration e2e bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/python -m orchestrator.quickstart
+
+lint: $(STAMP)
+	$(BIN)/ruff check orchestrator workers storage tests bench
+	$(BIN)/ruff format --check orchestrator workers storage tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest tests
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration
+
+e2e: $(STAMP)
+	$(BIN)/pytest tests/e2e
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

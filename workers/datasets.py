@@ -1,0 +1,202 @@
+"""Training data as JSON Lines, tokenized into (input_ids, labels) with loss masks.
+
+Three row formats, one per line:
+
+- ``{"text": "..."}``: language modelling on the whole text;
+- ``{"prompt": "...", "completion": "..."}``: loss on the completion only;
+- ``{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}``: chat,
+  rendered with the tokenizer's chat template (or ``DEFAULT_CHAT_TEMPLATE``: ``role: content``
+  per line, assistant turns closed by EOS); loss on the assistant turns only.
+
+Every error names the file and line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.errors import DatasetError
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+ROLES = ("system", "user", "assistant")
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized row: labels are IGNORE_INDEX where no loss is taken."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def n_target_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def _validate_row(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: each line must be a JSON object")
+    keys = set(row)
+    if "text" in keys:
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise DatasetError(f"{where}: 'text' must be a non-empty string")
+    elif {"prompt", "completion"} <= keys:
+        for k in ("prompt", "completion"):
+            if not isinstance(row[k], str):
+                raise DatasetError(f"{where}: {k!r} must be a string")
+        if not row["completion"]:
+            raise DatasetError(f"{where}: 'completion' must not be empty")
+    elif "messages" in keys:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DatasetError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise DatasetError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise DatasetError(f"{where}: messages[{i}].content must be a string")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DatasetError(f"{where}: 'messages' has no assistant turn to learn from")
+    else:
+        raise DatasetError(
+            f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' row, got keys "
+            f"{sorted(keys)}"
+        )
+    return row
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a JSONL dataset.
+
+    Raises:
+        DatasetError: missing file, empty file, or a malformed line (``file:line: reason``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"dataset {p} does not exist")
+    rows = []
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise DatasetError(f"{where}: not valid UTF-8") from None
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: malformed JSON ({exc.msg})") from None
+            rows.append(_validate_row(row, where))
+    if not rows:
+        raise DatasetError(f"dataset {p} has no rows")
+    return rows
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the dataset digest recorded in lineage)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[list[int], bool]]:
+    """Token segments per message (prefix-difference of the rendered chat), flagged trainable."""
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    segments: list[tuple[list[int], bool]] = []
+    previous: list[int] = []
+    for i, message in enumerate(messages):
+        ids = list(
+            tokenizer.apply_chat_template(
+                messages[: i + 1], chat_template=template, tokenize=True, return_dict=False
+            )
+        )
+        if ids[: len(previous)] != previous:
+            raise DatasetError(
+                "the tokenizer's chat template does not render conversations prefix-stably; "
+                "use prompt/completion rows instead"
+            )
+        start = len(previous)
+        if message["role"] == "assistant":
+            # The role header ("assistant:") is prompt, not answer: find where the generation
+            # prompt for this turn ends and take the loss only after it.
+            header = list(
+                tokenizer.apply_chat_template(
+                    messages[:i],
+                    chat_template=template,
+                    tokenize=True,
+                    return_dict=False,
+                    add_generation_prompt=True,
+                )
+            ) if i else []
+            if len(header) > start and ids[: len(header)] == header:
+                segments.append((header[start:], False))
+                start = len(header)
+        segments.append((ids[start:], message["role"] == "assistant"))
+        previous = ids
+    return segments
+
+
+def tokenize_row(row: dict[str, Any], tokenizer: Any) -> Example:
+    """Tokenize one validated row, masking the labels where no loss is taken."""
+    eos = tokenizer.eos_token_id
+    if "text" in row:
+        ids = _encode(tokenizer, row["text"], special=True) + [eos]
+        return Example(tuple(ids), tuple(ids))
+    if "prompt" in row:
+        prompt = _encode(tokenizer, row["prompt"], special=True)
+        completion = _encode(tokenizer, row["completion"], special=False) + [eos]
+        return Example(
+            tuple(prompt + completion), tuple([IGNORE_INDEX] * len(prompt) + completion)
+        )
+    ids_all: list[int] = []
+    labels: list[int] = []
+    for seg, trainable in _chat_segments(tokenizer, row["messages"]):
+        ids_all += seg
+        labels += seg if trainable else [IGNORE_INDEX] * len(seg)
+    return Example(tuple(ids_all), tuple(labels))
+
+
+def tokenize_rows(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, *, seq_len: int
+) -> list[Example]:
+    """Tokenize and truncate to ``seq_len``; rows left with no target token are dropped.
+
+    Raises:
+        DatasetError: every row was dropped (``seq_len`` too small for the data).
+    """
+    if seq_len < 2:
+        raise DatasetError(f"seq_len must be at least 2, got {seq_len}")
+    out = []
+    for row in rows:
+        ex = tokenize_row(row, tokenizer)
+        ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+        if ex.n_target_tokens:
+            out.append(ex)
+    if not out:
+        raise DatasetError(f"no row has a target token within seq_len={seq_len}")
+    return out
+
+
+def load_dataset(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Example]:
+    """``read_jsonl`` then ``tokenize_rows``."""
+    return tokenize_rows(read_jsonl(path), tokenizer, seq_len=seq_len)

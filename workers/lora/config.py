@@ -1,0 +1,203 @@
+"""LoRA hyperparameters: one validated dataclass, convertible to and from PEFT's config file.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685) freezes a weight W0 (out × in) and learns a low-rank
+update: W = W0 + scaling · B·A with A (r × in), B (out × r). ``scaling`` is alpha / r, or
+alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732), which keeps the update's
+magnitude stable as r grows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from workers.lora.errors import LoraConfigError
+
+InitKind = Literal["gaussian", "kaiming"]
+ALL_LINEAR = "all-linear"
+
+# PEFT config keys we understand; anything else that changes the math is refused on load.
+_PEFT_NEUTRAL_KEYS = {
+    "auto_mapping",
+    "base_model_name_or_path",
+    "revision",
+    "task_type",
+    "inference_mode",
+    "peft_type",
+    "fan_in_fan_out",
+    "lora_alpha",
+    "lora_dropout",
+    "r",
+    "target_modules",
+    "use_rslora",
+    "init_lora_weights",
+    "bias",
+    "modules_to_save",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "layer_replication",
+    "exclude_modules",
+    "lora_bias",
+    "eva_config",
+    "corda_config",
+    "trainable_token_indices",
+    "use_qalora",
+    "qalora_group_size",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "ensure_weight_tying",
+    "peft_version",
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    Attributes:
+        r: rank of the update (≥ 1).
+        alpha: numerator of the scaling factor; the update is multiplied by alpha/r
+            (or alpha/sqrt(r) with ``use_rslora``).
+        dropout: dropout probability applied to the LoRA branch's input during training.
+        target_modules: which ``nn.Linear`` modules get an adapter: a list of names matched
+            against the end of each module path (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``), a regular expression matched against the
+            full path, or ``"all-linear"`` (every linear layer except the output head).
+        use_rslora: rank-stabilised scaling alpha/sqrt(r).
+        init: ``"gaussian"`` (the LoRA paper: A ~ N(0, 1/r), B = 0) or ``"kaiming"`` (PEFT's
+            default: A ~ kaiming-uniform(a=√5), B = 0). Either way training starts exactly
+            at the base model.
+        bias: only ``"none"``: biases stay frozen.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    init: InitKind = "gaussian"
+    bias: Literal["none"] = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise LoraConfigError("r", f"must be an integer ≥ 1, got {self.r!r}")
+        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
+            raise LoraConfigError("alpha", f"must be a finite number, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise LoraConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("gaussian", "kaiming"):
+            raise LoraConfigError("init", f"must be 'gaussian' or 'kaiming', got {self.init!r}")
+        if self.bias != "none":
+            raise LoraConfigError("bias", f"only 'none' is supported, got {self.bias!r}")
+        targets = self.target_modules
+        if isinstance(targets, list | set | frozenset):
+            targets = tuple(sorted(targets)) if not isinstance(targets, list) else tuple(targets)
+            object.__setattr__(self, "target_modules", targets)
+        if isinstance(targets, str):
+            if not targets:
+                raise LoraConfigError("target_modules", "must not be empty")
+            if targets != ALL_LINEAR:
+                try:
+                    re.compile(targets)
+                except re.error as exc:
+                    raise LoraConfigError(
+                        "target_modules", f"is not a valid regular expression: {exc}"
+                    ) from None
+        elif isinstance(targets, tuple):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise LoraConfigError(
+                    "target_modules", f"must be a non-empty list of module names, got {targets!r}"
+                )
+        else:
+            raise LoraConfigError(
+                "target_modules", f"must be a list of names, a regex or 'all-linear': {targets!r}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """The factor multiplying B·A: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_peft_dict(self, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """The ``adapter_config.json`` content PEFT writes for the same adapter."""
+        targets = self.target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "use_rslora": self.use_rslora,
+            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
+            "bias": self.bias,
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "use_dora": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Read PEFT's ``adapter_config.json`` content; refuse features that change the math.
+
+        Raises:
+            LoraConfigError: naming the field that is unsupported or invalid.
+        """
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise LoraConfigError("peft_type", f"only LORA adapters are supported, got {peft_type}")
+        unsupported = {
+            "fan_in_fan_out": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "layer_replication": None,
+            "lora_bias": False,
+            "trainable_token_indices": None,
+            "target_parameters": None,
+            "alora_invocation_tokens": None,
+        }
+        for key, neutral in unsupported.items():
+            value = data.get(key, neutral)
+            if value not in (neutral, None, {}, [], False):
+                raise LoraConfigError(key, f"is not supported by lorafleet (got {value!r})")
+        unknown = sorted(set(data) - _PEFT_NEUTRAL_KEYS)
+        if unknown:
+            raise LoraConfigError(unknown[0], "is an unknown adapter_config.json field")
+        targets = data.get("target_modules")
+        if targets is None:
+            raise LoraConfigError("target_modules", "is missing from adapter_config.json")
+        init_raw = data.get("init_lora_weights", True)
+        init: InitKind = "gaussian" if init_raw == "gaussian" else "kaiming"
+        return cls(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            dropout=data.get("lora_dropout", 0.0) or 0.0,
+            target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
+            use_rslora=bool(data.get("use_rslora", False)),
+            init=init,
+            bias=data.get("bias", "none"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-JSON view (for metrics, lineage and the catalog)."""
+        out = asdict(self)
+        if isinstance(out["target_modules"], tuple):
+            out["target_modules"] = list(out["target_modules"])
+        return out

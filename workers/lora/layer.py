@@ -1,0 +1,183 @@
+"""The LoRA linear layer: y = x W0ᵀ + b + scaling · dropout(x) Aᵀ Bᵀ.
+
+W0 and b stay in the wrapped ``nn.Linear`` (``base_layer``) and are never copied, so the base
+can be a read-only tensor mapped from shared memory. ``lora_A``/``lora_B`` are ``nn.Linear``
+modules only so that state-dict keys read ``…q_proj.lora_A.weight`` exactly as PEFT writes them;
+the forward uses their weights directly.
+
+The training forward is one autograd node (``_LoraLinearFn``) rather than PEFT's chain of
+base linear → A → B → ·scaling → +: scaling is folded into the small (tokens × r) activation
+and the update is accumulated into the base output by the GEMM itself (``addmm_``), so no
+full-size (tokens × out) temporary is multiplied or added, in either direction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.lora.config import InitKind
+from workers.lora.errors import MergeError
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """Fused LoRA linear for a frozen base. Shapes: x (n, in), W0 (out, in), A (r, in), B (out, r)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        x_lora: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        xl = x if x_lora is None else x_lora
+        out = F.linear(x, weight, bias)  # (n, out)
+        xa = (xl @ lora_a.t()).mul_(scaling)  # (n, r), scaled: the only place scaling is applied
+        out.addmm_(xa, lora_b.t())  # out += xa Bᵀ, accumulated by the GEMM
+        ctx.save_for_backward(xl, xa, weight, lora_a, lora_b)
+        ctx.scaling = scaling
+        ctx.separate_lora_input = x_lora is not None
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        xl, xa, weight, lora_a, lora_b = ctx.saved_tensors  # type: ignore[attr-defined]
+        s: float = ctx.scaling  # type: ignore[attr-defined]
+        need_x, need_xl, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        grad_b = grad_out.t() @ xa if need_b else None  # (out, r), scaling already in xa
+        g_b = (grad_out @ lora_b).mul_(s)  # (n, r)
+        grad_a = g_b.t() @ xl if need_a else None  # (r, in)
+        grad_x = grad_xl = None
+        if ctx.separate_lora_input:  # type: ignore[attr-defined]
+            grad_x = grad_out @ weight if need_x else None
+            grad_xl = g_b @ lora_a if need_xl else None
+        elif need_x:
+            grad_x = (grad_out @ weight).addmm_(g_b, lora_a)  # base + LoRA input grads, fused
+        return grad_x, grad_xl, None, None, grad_a, grad_b, None
+
+
+class LoraLinear(nn.Module):
+    """An ``nn.Linear`` with a low-rank trainable update; the base layer stays frozen.
+
+    Args:
+        base_layer: the linear layer to adapt; its parameters are frozen, not copied.
+        r: rank.
+        scaling: multiplier of B·A (alpha/r or alpha/sqrt(r)).
+        dropout: dropout probability on the LoRA branch's input (training only).
+        init: initialisation of A; B always starts at zero so the layer starts as the base.
+        dtype: dtype of A and B; defaults to float32 for half-precision bases (so small
+            updates are not lost to rounding), otherwise the base's dtype.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        *,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init: InitKind = "gaussian",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.scaling = scaling
+        self.dropout_p = dropout
+        self.merged = False
+        self.disabled = False
+        base_dtype = base_layer.weight.dtype
+        if dtype is None:
+            dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        device = base_layer.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.reset_lora_parameters(init)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: InitKind = "gaussian") -> None:
+        """A random (Gaussian std 1/r, or PEFT's kaiming-uniform), B zero: starts at the base."""
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B·A, shape (out, in), in the base weight's dtype."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return (b @ a).mul_(self.scaling).to(self.base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        x_lora = None
+        if self.training and self.dropout_p > 0:
+            x_lora = F.dropout(x, p=self.dropout_p, training=True)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if x.dtype != a.dtype or weight.dtype != a.dtype or torch.is_autocast_enabled(x.device.type):
+            return self._forward_unfused(x, x_lora)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xl2 = None if x_lora is None else x_lora.reshape(-1, self.in_features)
+        out = _LoraLinearFn.apply(x2, xl2, weight, bias, a, b, self.scaling)
+        return out.reshape(*lead, self.out_features)
+
+    def _forward_unfused(self, x: torch.Tensor, x_lora: torch.Tensor | None) -> torch.Tensor:
+        """Plain composition, for mixed dtypes and autocast (which custom Functions bypass)."""
+        result = self.base_layer(x)
+        xl = (x if x_lora is None else x_lora).to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(xl)) * self.scaling
+        return result + update.to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self, *, safe: bool = True) -> None:
+        """Fold scaling·B·A into W0 so inference costs exactly the base.
+
+        Args:
+            safe: check on a copy that the merged weight is finite before touching W0.
+
+        Raises:
+            MergeError: already merged, non-finite result, or a read-only base weight.
+        """
+        if self.merged:
+            raise MergeError("adapter is already merged")
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        if safe and not torch.isfinite(weight + delta).all():
+            raise MergeError("merging would produce non-finite weights; base left unchanged")
+        try:
+            weight.add_(delta)
+        except RuntimeError as exc:  # e.g. a read-only mapping shared with other workers
+            raise MergeError(f"cannot merge into this base weight: {exc}") from None
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract scaling·B·A from W0 again (restores W0 up to float rounding)."""
+        if not self.merged:
+            raise MergeError("adapter is not merged")
+        self.base_layer.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}"
+        )
