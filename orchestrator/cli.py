@@ -1,0 +1,284 @@
+"""The ``lorafleet`` command line: one clear line on bad input, rich progress for long work."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from workers.errors import WorkerError
+from workers.lora.errors import LoraError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+base_app = typer.Typer(no_args_is_help=True, help="Base models.")
+lora_app = typer.Typer(no_args_is_help=True, help="LoRA arithmetic.")
+app.add_typer(base_app, name="base")
+app.add_typer(lora_app, name="lora")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+USER_ERRORS: tuple[type[Exception], ...] = (WorkerError, LoraError, KeyError, FileNotFoundError)
+
+
+def user_errors(fn: F) -> F:
+    """Turn a user mistake into one red line on stderr and exit code 1 (no stack trace)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_targets(value: str) -> tuple[str, ...] | str:
+    """``q_proj,v_proj`` → names; ``all-linear``; ``re:<pattern>`` → a regular expression."""
+    value = value.strip()
+    if value == "all-linear":
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    names = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not names:
+        raise WorkerError("--targets: give module names (q_proj,v_proj), all-linear or re:<regex>")
+    return names
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n):,} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# -- base ---------------------------------------------------------------------------------
+@base_app.command("create-tiny")
+@user_errors
+def base_create_tiny(
+    out_dir: Path = typer.Argument(..., help="Directory to write the model to."),
+    layers: int = typer.Option(2, help="Decoder layers."),
+    hidden: int = typer.Option(128, help="Hidden size."),
+    heads: int = typer.Option(4, help="Attention heads."),
+    vocab: int = typer.Option(512, help="Tokenizer vocabulary size."),
+    seed: int = typer.Option(0, help="Weight seed."),
+) -> None:
+    """Build a small seeded Llama with a byte-level BPE tokenizer (Hugging Face format)."""
+    from workers.tiny_base import TinySpec, create_tiny_base
+
+    spec = TinySpec(layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed)
+    out = create_tiny_base(out_dir, spec)
+    console.print(f"tiny base written to [bold]{out}[/]")
+
+
+# -- lora report -------------------------------------------------------------------------
+@lora_app.command("report")
+@user_errors
+def lora_report_cmd(
+    base: Path | None = typer.Option(None, help="A local Hugging Face model directory."),
+    preset: str | None = typer.Option(None, help="A shape preset instead: llama-7b, ..."),
+    r: int = typer.Option(8, help="LoRA rank."),
+    targets: str = typer.Option("q_proj,v_proj", help="Names, all-linear, or re:<regex>."),
+) -> None:
+    """Trainable parameters, adapter size and optimizer memory saved (no weights loaded)."""
+    from workers.base_model import load_base_config, meta_model
+    from workers.lora import LoraConfig, match_target_modules
+    from workers.lora.report import lora_report
+    from workers.presets import preset_config
+
+    if (base is None) == (preset is None):
+        raise WorkerError("give exactly one of --base DIR or --preset NAME")
+    config = load_base_config(base) if base is not None else preset_config(str(preset))
+    lcfg = LoraConfig(r=r, target_modules=parse_targets(targets))
+    model = meta_model(config)
+    paths = match_target_modules(model, lcfg.target_modules)
+    rep = lora_report(model, paths, r)
+    largest = max(rep.modules, key=lambda m: m.full_params)
+
+    table = Table(title=f"LoRA r={r} on {base or preset} ({targets})", show_header=False)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("adapted modules", f"{len(rep.modules):,}")
+    table.add_row(
+        f"largest module ({largest.out_features}×{largest.in_features})",
+        f"{largest.full_params:,} → {largest.lora_params:,} params "
+        f"({largest.reduction:,.0f}× fewer)",
+    )
+    table.add_row("trainable parameters", f"{rep.trainable_params:,}")
+    table.add_row("base parameters", f"{rep.base_params:,}")
+    table.add_row("fraction of base", f"{rep.fraction_of_base:.4%}")
+    table.add_row("adapter size fp16", _fmt_bytes(rep.adapter_bytes(2)))
+    table.add_row("adapter size fp32", _fmt_bytes(rep.adapter_bytes(4)))
+    table.add_row("AdamW state, full fine-tune", _fmt_bytes(rep.optimizer_bytes_full))
+    table.add_row("AdamW state, LoRA", _fmt_bytes(rep.optimizer_bytes_lora))
+    table.add_row("optimizer memory saved", _fmt_bytes(rep.optimizer_bytes_saved))
+    console.print(table)
+
+
+# -- train --------------------------------------------------------------------------------
+@app.command("train")
+@user_errors
+def train_cmd(
+    base: Path = typer.Option(..., help="Base model directory."),
+    data: Path = typer.Option(..., help="Training data (JSONL)."),
+    out: Path = typer.Option(..., help="Adapter output directory."),
+    eval_data: Path | None = typer.Option(None, help="Held-out data (JSONL) for eval loss."),
+    r: int = typer.Option(8, help="LoRA rank."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha."),
+    dropout: float = typer.Option(0.0, help="LoRA dropout."),
+    targets: str = typer.Option("q_proj,v_proj", help="Names, all-linear, or re:<regex>."),
+    rslora: bool = typer.Option(False, help="Scale by alpha/sqrt(r)."),
+    max_steps: int = typer.Option(300, help="Optimizer steps."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate."),
+    batch_size: int = typer.Option(16, help="Examples per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per step."),
+    seq_len: int = typer.Option(128, help="Maximum tokens per example."),
+    seed: int = typer.Option(0, help="Seed for LoRA init and data order."),
+) -> None:
+    """Fine-tune a LoRA adapter in this process; writes the adapter and metrics.json."""
+    from workers.lora import LoraConfig
+    from workers.training.recipe import TrainConfig
+    from workers.training.single import train_single
+
+    lcfg = LoraConfig(
+        r=r, alpha=alpha, dropout=dropout, target_modules=parse_targets(targets), use_rslora=rslora
+    )
+    tcfg = TrainConfig(
+        max_steps=max_steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        seed=seed,
+    )
+    with train_progress(max_steps) as on_report:
+        output = train_single(
+            base_dir=base,
+            data_path=data,
+            out_dir=out,
+            lora=lcfg,
+            train=tcfg,
+            eval_path=eval_data,
+            on_report=on_report,
+        )
+    res = output.result
+    console.print(
+        f"adapter written to [bold]{output.adapter_dir}[/] — eval loss "
+        f"{res.eval_loss_initial:.3f} → {res.eval_loss_final:.3f}, "
+        f"{res.tokens_per_s:,.0f} tokens/s"
+    )
+
+
+class train_progress:  # noqa: N801 - used as a context manager like a function
+    """A rich progress bar fed by ``StepReport`` callbacks."""
+
+    def __init__(self, total: int, description: str = "training") -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(description, total=total, loss="-", tps="-")
+        self.started = False
+
+    def __enter__(self) -> Callable[[Any], None]:
+        def on_report(report: Any) -> None:
+            if not self.started:  # start on the first step, after loading has succeeded
+                self.progress.start()
+                self.started = True
+            self.progress.update(
+                self.task,
+                completed=report.step,
+                loss=f"{report.loss:.4f}",
+                tps=f"{report.tokens_per_s:,.0f}",
+            )
+
+        return on_report
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.progress.stop()
+
+
+# -- generate / merge -----------------------------------------------------------------------
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    base: Path = typer.Option(..., help="Base model directory."),
+    prompt: list[str] = typer.Option(..., help="Prompt text (repeat for several)."),
+    adapter: Path | None = typer.Option(None, help="Adapter directory (PEFT format)."),
+    merged: bool = typer.Option(False, help="Merge the adapter into the base first."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
+) -> None:
+    """Greedy completion from the base, or base + adapter (optionally merged)."""
+    from workers.base_model import load_base
+    from workers.generate import greedy_generate
+    from workers.lora import load_adapter, merge_lora
+
+    if merged and adapter is None:
+        raise WorkerError("--merged needs --adapter")
+    model, tokenizer = load_base(base)
+    if adapter is not None:
+        load_adapter(model, adapter)
+        if merged:
+            merge_lora(model)
+    for text in greedy_generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens):
+        console.print(text, highlight=False, markup=False)
+
+
+@app.command("merge")
+@user_errors
+def merge_cmd(
+    base: Path = typer.Option(..., help="Base model directory."),
+    adapter: Path = typer.Option(..., help="Adapter directory (PEFT format)."),
+    out: Path = typer.Option(..., help="Output directory for the merged model."),
+) -> None:
+    """Write base + adapter as one plain Hugging Face model (zero inference overhead)."""
+    from workers.merged_export import export_merged
+
+    export_merged(base_dir=base, adapter_dir=adapter, out_dir=out)
+    console.print(f"merged model written to [bold]{out}[/]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(
+        level=os.environ.get("LORAFLEET_LOG_LEVEL", "WARNING"),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    app()
+
+
+if __name__ == "__main__":
+    main()
