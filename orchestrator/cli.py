@@ -190,7 +190,7 @@ def train_cmd(
     )
 
 
-class train_progress:  # noqa: N801 - used as a context manager like a function
+class train_progress:
     """A rich progress bar fed by ``StepReport`` callbacks."""
 
     def __init__(self, total: int, description: str = "training") -> None:

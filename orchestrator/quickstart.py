@@ -116,9 +116,13 @@ def run_quickstart(*, home: Path | None = None, max_steps: int = 300) -> Quickst
 
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
-        unmerged_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        unmerged_logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         merge_lora(model)
-        merged_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        merged_logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     diff = float((merged_logits - unmerged_logits).abs().max())
     merged_out = greedy_generate(model, tok, prompts, max_new_tokens=8)
     export_merged(base_dir=base_dir, adapter_dir=adapter_dir, out_dir=merged_dir)
@@ -129,7 +133,9 @@ def run_quickstart(*, home: Path | None = None, max_steps: int = 300) -> Quickst
     )
 
     console.rule("[bold]where everything went")
-    console.print(f"base      {base_dir}\nadapter   {adapter_dir} (PEFT format)\nmerged    {merged_dir}")
+    console.print(
+        f"base      {base_dir}\nadapter   {adapter_dir} (PEFT format)\nmerged    {merged_dir}"
+    )
     return QuickstartResult(
         base_dir=base_dir,
         adapter_dir=adapter_dir,
@@ -143,16 +149,25 @@ def run_quickstart(*, home: Path | None = None, max_steps: int = 300) -> Quickst
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the quickstart; non-zero exit if the adapter is not clearly better or merge differs."""
+    import argparse
+
     from transformers.utils import logging as hf_logging
+
+    parser = argparse.ArgumentParser(prog="quickstart", description=__doc__)
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    args = parser.parse_args(argv)
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    result = run_quickstart()
-    ok = result.adapter_exact_match >= result.base_exact_match + 0.5 and result.merged_equals_unmerged
+    result = run_quickstart(max_steps=args.steps)
+    ok = (
+        result.adapter_exact_match >= result.base_exact_match + 0.5
+        and result.merged_equals_unmerged
+    )
     verdict = "[bold green]quickstart passed" if ok else "[bold red]quickstart FAILED"
     console.print(f"{verdict}[/] in {time.perf_counter() - t0:.0f} s")
     return 0 if ok else 1

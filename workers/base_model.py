@@ -78,7 +78,7 @@ def load_base(
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise BaseModelError(f"cannot load the base model from {p}: {exc}") from None
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

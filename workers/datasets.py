@@ -139,15 +139,19 @@ def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple
         if message["role"] == "assistant":
             # The role header ("assistant:") is prompt, not answer: find where the generation
             # prompt for this turn ends and take the loss only after it.
-            header = list(
-                tokenizer.apply_chat_template(
-                    messages[:i],
-                    chat_template=template,
-                    tokenize=True,
-                    return_dict=False,
-                    add_generation_prompt=True,
+            header = (
+                list(
+                    tokenizer.apply_chat_template(
+                        messages[:i],
+                        chat_template=template,
+                        tokenize=True,
+                        return_dict=False,
+                        add_generation_prompt=True,
+                    )
                 )
-            ) if i else []
+                if i
+                else []
+            )
             if len(header) > start and ids[: len(header)] == header:
                 segments.append((header[start:], False))
                 start = len(header)
@@ -160,14 +164,12 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any) -> Example:
     """Tokenize one validated row, masking the labels where no loss is taken."""
     eos = tokenizer.eos_token_id
     if "text" in row:
-        ids = _encode(tokenizer, row["text"], special=True) + [eos]
+        ids = [*_encode(tokenizer, row["text"], special=True), eos]
         return Example(tuple(ids), tuple(ids))
     if "prompt" in row:
         prompt = _encode(tokenizer, row["prompt"], special=True)
-        completion = _encode(tokenizer, row["completion"], special=False) + [eos]
-        return Example(
-            tuple(prompt + completion), tuple([IGNORE_INDEX] * len(prompt) + completion)
-        )
+        completion = [*_encode(tokenizer, row["completion"], special=False), eos]
+        return Example(tuple(prompt + completion), tuple([IGNORE_INDEX] * len(prompt) + completion))
     ids_all: list[int] = []
     labels: list[int] = []
     for seg, trainable in _chat_segments(tokenizer, row["messages"]):
@@ -176,9 +178,7 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any) -> Example:
     return Example(tuple(ids_all), tuple(labels))
 
 
-def tokenize_rows(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, *, seq_len: int
-) -> list[Example]:
+def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, *, seq_len: int) -> list[Example]:
     """Tokenize and truncate to ``seq_len``; rows left with no target token are dropped.
 
     Raises:

@@ -161,7 +161,7 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise LoraConfigError("peft_type", f"only LORA adapters are supported, got {peft_type}")
-        unsupported = {
+        unsupported: dict[str, Any] = {
             "fan_in_fan_out": False,
             "use_dora": False,
             "modules_to_save": None,
@@ -177,9 +177,11 @@ class LoraConfig:
             value = data.get(key, neutral)
             if value not in (neutral, None, {}, [], False):
                 raise LoraConfigError(key, f"is not supported by lorafleet (got {value!r})")
-        unknown = sorted(set(data) - _PEFT_NEUTRAL_KEYS)
-        if unknown:
-            raise LoraConfigError(unknown[0], "is an unknown adapter_config.json field")
+        # PEFT adds fields with every release; an unknown one left at an empty value cannot
+        # change the math, but one that is set might, so it is refused rather than ignored.
+        for key in sorted(set(data) - _PEFT_NEUTRAL_KEYS):
+            if data[key] not in (None, False, {}, [], ""):
+                raise LoraConfigError(key, f"is not supported by lorafleet (got {data[key]!r})")
         targets = data.get("target_modules")
         if targets is None:
             raise LoraConfigError("target_modules", "is missing from adapter_config.json")

@@ -31,9 +31,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     head = _output_head(model)
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            names.append(name)
-        elif (
+        if isinstance(module, LoraLinear) or (
             isinstance(module, nn.Linear)
             and module is not head
             and not name.endswith((".lora_A", ".lora_B", ".base_layer"))
@@ -103,8 +101,10 @@ def inject_lora(
     Raises:
         TargetModulesError: see ``match_target_modules``; or a path that is not a linear layer.
     """
-    paths = module_paths if module_paths is not None else match_target_modules(
-        model, config.target_modules
+    paths = (
+        module_paths
+        if module_paths is not None
+        else match_target_modules(model, config.target_modules)
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -137,9 +137,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+def lora_parameters(model: nn.Module) -> list[torch.Tensor]:
     """The trainable LoRA parameters (A then B per module, in model order)."""
-    params: list[nn.Parameter] = []
+    params: list[torch.Tensor] = []
     for module in lora_modules(model).values():
         params += [module.lora_A.weight, module.lora_B.weight]
     return params

@@ -14,6 +14,7 @@ full-size (tokens × out) temporary is multiplied or added, in either direction.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +22,18 @@ from torch import nn
 
 from workers.lora.config import InitKind
 from workers.lora.errors import MergeError
+from workers.lora.memory import is_read_only
 
 
 class _LoraLinearFn(torch.autograd.Function):
-    """Fused LoRA linear for a frozen base. Shapes: x (n, in), W0 (out, in), A (r, in), B (out, r)."""
+    """Fused LoRA linear over a frozen base.
+
+    Shapes: x (n, in), W0 (out, in), A (r, in), B (out, r).
+    """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         x: torch.Tensor,
         x_lora: torch.Tensor | None,
         weight: torch.Tensor,
@@ -47,17 +52,15 @@ class _LoraLinearFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        xl, xa, weight, lora_a, lora_b = ctx.saved_tensors  # type: ignore[attr-defined]
-        s: float = ctx.scaling  # type: ignore[attr-defined]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xl, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        s: float = ctx.scaling
         need_x, need_xl, _, _, need_a, need_b, _ = ctx.needs_input_grad
         grad_b = grad_out.t() @ xa if need_b else None  # (out, r), scaling already in xa
         g_b = (grad_out @ lora_b).mul_(s)  # (n, r)
         grad_a = g_b.t() @ xl if need_a else None  # (r, in)
         grad_x = grad_xl = None
-        if ctx.separate_lora_input:  # type: ignore[attr-defined]
+        if ctx.separate_lora_input:
             grad_x = grad_out @ weight if need_x else None
             grad_xl = g_b @ lora_a if need_xl else None
         elif need_x:
@@ -131,7 +134,11 @@ class LoraLinear(nn.Module):
         if self.training and self.dropout_p > 0:
             x_lora = F.dropout(x, p=self.dropout_p, training=True)
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if x.dtype != a.dtype or weight.dtype != a.dtype or torch.is_autocast_enabled(x.device.type):
+        if (
+            x.dtype != a.dtype
+            or weight.dtype != a.dtype
+            or torch.is_autocast_enabled(x.device.type)
+        ):
             return self._forward_unfused(x, x_lora)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -159,13 +166,15 @@ class LoraLinear(nn.Module):
         if self.merged:
             raise MergeError("adapter is already merged")
         weight = self.base_layer.weight
+        if is_read_only(weight):
+            raise MergeError(
+                "cannot merge into a read-only (shared) base weight; load a private copy of "
+                "the base to merge"
+            )
         delta = self.delta_weight()
         if safe and not torch.isfinite(weight + delta).all():
             raise MergeError("merging would produce non-finite weights; base left unchanged")
-        try:
-            weight.add_(delta)
-        except RuntimeError as exc:  # e.g. a read-only mapping shared with other workers
-            raise MergeError(f"cannot merge into this base weight: {exc}") from None
+        weight.add_(delta)
         self.merged = True
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from torch import nn
 
 from workers.lora.errors import MergeError
 from workers.lora.inject import lora_modules
+from workers.lora.memory import is_read_only
 
 
 def merge_lora(model: nn.Module, *, safe: bool = True) -> int:
@@ -24,6 +25,12 @@ def merge_lora(model: nn.Module, *, safe: bool = True) -> int:
     layers = list(lora_modules(model).values())
     if not layers:
         raise MergeError("model has no LoRA layers to merge")
+    for layer in layers:
+        if is_read_only(layer.base_layer.weight):
+            raise MergeError(
+                "cannot merge into a read-only (shared) base weight; load a private copy of "
+                "the base to merge"
+            )
     if safe:
         for layer in layers:
             if not torch.isfinite(layer.base_layer.weight + layer.delta_weight()).all():
@@ -67,7 +74,7 @@ def merge_state_dict(
         w0 = base[key]
         if tuple(w0.shape) != (b.shape[0], a.shape[1]):
             raise MergeError(f"{key}: base shape {tuple(w0.shape)} does not fit B·A")
-        merged = (w0.to(torch.float32) + scaling * (b.to(torch.float32) @ a.to(torch.float32)))
+        merged = w0.to(torch.float32) + scaling * (b.to(torch.float32) @ a.to(torch.float32))
         if not torch.isfinite(merged).all():
             raise MergeError(f"{key}: merged weight is not finite")
         out[key] = merged.to(w0.dtype)

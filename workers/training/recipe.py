@@ -145,7 +145,7 @@ class LoraFinetuneRecipe:
         self.all_reduce = all_reduce or _no_reduce
         self.device = torch.device(device)
         self.step = 0
-        self.params: list[nn.Parameter] = []
+        self.params: list[torch.Tensor] = []
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- setup --------------------------------------------------------------------------
@@ -273,7 +273,9 @@ class LoraFinetuneRecipe:
             report = self.train_step(train_examples)
             tokens += report.tokens
             last = self.step == self.cfg.max_steps
-            if eval_examples and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+            if eval_examples and (
+                last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
+            ):
                 report.eval_loss = self.evaluate(eval_examples)
             result.curve.append(report)
             if on_report is not None:

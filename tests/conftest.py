@@ -1,0 +1,51 @@
+"""Shared fixtures: one seeded tiny base per test session, and tier markers by folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny Llama (2 layers, hidden 128), built once per session."""
+    from workers.tiny_base import create_tiny_base
+
+    return create_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture()
+def base(tiny_base_dir: Path):  # type: ignore[no-untyped-def]
+    """A fresh (model, tokenizer) pair loaded from the tiny base."""
+    from workers.base_model import load_base
+
+    return load_base(tiny_base_dir)
+
+
+@pytest.fixture()
+def batch(base):  # type: ignore[no-untyped-def]
+    """A small padded batch of demo prompts."""
+    _, tok = base
+    enc = tok(
+        ["spell 1 2 3 4 =", "hello there, spell 9 =", "the quick brown fox"],
+        return_tensors="pt",
+        padding=True,
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
