@@ -49,8 +49,10 @@ integration: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest tests/e2e
 
+BENCHES := bench/train_throughput.py
+
 bench: $(STAMP)
-	$(BIN)/python bench/train_throughput.py
+	@for b in $(BENCHES); do echo "== $$b"; OMP_NUM_THREADS=1 $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from workers.datasets import IGNORE_INDEX, Example
+from workers.datasets import Example
 from workers.errors import TrainingError
 from workers.lora import LoraConfig, inject_lora, lora_parameters
 from workers.training.batches import (
@@ -31,6 +30,7 @@ from workers.training.batches import (
     rank_micro_batches,
     steps_per_epoch,
 )
+from workers.training.loss import causal_lm_loss_sum
 from workers.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -177,17 +177,7 @@ class LoraFinetuneRecipe:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self._autocast():
-            logits = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        return F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+            return causal_lm_loss_sum(self.model, batch)
 
     def train_step(self, examples: Sequence[Example]) -> StepReport:
         """One optimizer step over global batch number ``self.step``."""
