@@ -15,6 +15,7 @@ def test_export_has_no_lora_and_equal_logits(tiny_base_dir, batch, tmp_path):
     model, _ = load_base(tiny_base_dir)
     cfg = LoraConfig(r=4, target_modules="all-linear")
     inject_lora(model, cfg)
+    torch.manual_seed(0)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.1)
@@ -30,7 +31,9 @@ def test_export_has_no_lora_and_equal_logits(tiny_base_dir, batch, tmp_path):
     assert not any("lora" in k or "base_layer" in k for k in keys)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=0)
+        # W0 + ΔW is rounded once per weight in fp32; through all 14 merged layers that moves
+        # logits of magnitude ~10 by up to a few 1e-5.
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-4, rtol=0)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
 
 

@@ -1,0 +1,160 @@
+"""Engine, sessions and schema checks for the catalog (SQLite by default, PostgreSQL at scale).
+
+One ``session_scope`` commits, rolls back and maps driver errors to domain errors, so a
+database outage surfaces as ``CatalogUnavailable`` and never as a raw driver trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.errors import CatalogUnavailable, SchemaOutOfDate
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy own transactions, so BEGIN IMMEDIATE below takes effect.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Writers take the database lock up front: read-then-write transactions (version
+        # numbering, idempotency keys) cannot interleave and lose an update.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with ``pool_pre_ping``; SQLite gets WAL, foreign keys and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, pool_pre_ping=True, connect_args={"timeout": 30, "check_same_thread": False}
+        )
+        _sqlite_pragmas(engine)
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        url = str(parsed.set(drivername="postgresql+psycopg"))
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        connect_args={"connect_timeout": 5} if "postgresql" in url else {},
+    )
+
+
+def _unavailable(exc: Exception, url: Any) -> CatalogUnavailable:
+    safe = make_url(str(url)).render_as_string(hide_password=True)
+    reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else repr(exc)
+    return CatalogUnavailable(f"catalog {safe} is unavailable: {reason}")
+
+
+class Catalog:
+    """The catalog database: an engine, a session factory and schema management."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: commit on success, roll back on error; driver errors mapped."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            session.rollback()
+            if isinstance(exc, sa_exc.OperationalError) and "no such table" in str(exc):
+                raise SchemaOutOfDate(
+                    "the catalog has no schema yet: run `lorafleet db upgrade`"
+                ) from None
+            raise _unavailable(exc, self.engine.url) from None
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    # -- schema ---------------------------------------------------------------------------
+    def _alembic_config(self) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+
+    def current_revision(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            raise _unavailable(exc, self.engine.url) from None
+
+    def upgrade(self) -> str | None:
+        """Apply every pending migration (``lorafleet db upgrade``); returns the new revision."""
+        try:
+            command.upgrade(self._alembic_config(), "head")
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            raise _unavailable(exc, self.engine.url) from None
+        return self.current_revision()
+
+    def check_schema(self) -> None:
+        """Raise ``SchemaOutOfDate`` unless the database is at the code's head revision."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            raise SchemaOutOfDate(
+                f"catalog schema is at {current or 'nothing'}, the code needs {head}: "
+                "run `lorafleet db upgrade`"
+            )
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_catalog(url: str, *, auto_upgrade: bool = False) -> Catalog:
+    """Open the catalog and check its schema.
+
+    Args:
+        url: a SQLAlchemy URL (``sqlite:///…`` or ``postgresql://…``).
+        auto_upgrade: migrate a behind schema instead of failing (the embedded default, where
+            nobody else shares the file).
+
+    Raises:
+        CatalogUnavailable, SchemaOutOfDate.
+    """
+    catalog = Catalog(url)
+    if auto_upgrade:
+        if catalog.current_revision() != catalog.head_revision():
+            log.info("migrating catalog %s to %s", url, catalog.head_revision())
+            catalog.upgrade()
+    else:
+        catalog.check_schema()
+    return catalog

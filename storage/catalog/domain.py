@@ -1,0 +1,77 @@
+"""Domain objects the catalog returns: plain frozen dataclasses, never ORM rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Namespace:
+    id: int
+    name: str
+    max_concurrent_jobs: int | None = None
+    max_gpus: float | None = None
+    max_cpus: float | None = None
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    id: int
+    name: str
+    source: str
+    architecture: str
+    parameter_count: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """One stored file of an adapter version."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """An immutable adapter version with its lineage."""
+
+    id: int
+    namespace: str
+    name: str
+    version: int
+    state: str
+    base_model: BaseModel
+    object_prefix: str
+    files: tuple[FileDigest, ...]
+    total_bytes: int
+    r: int
+    alpha: float
+    target_modules: list[str] | str
+    use_rslora: bool
+    job_id: str | None
+    dataset_sha256: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    created_by: str | None = None
+    created_at: datetime | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        """``namespace/name:version``: the exact, immutable reference."""
+        return f"{self.namespace}/{self.name}:{self.version}"
+
+    @property
+    def digest(self) -> str:
+        """One digest for the whole version (over the per-file digests, in name order)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(self.files, key=lambda f: f.name):
+            h.update(f"{f.name}\0{f.sha256}\0{f.size}\n".encode())
+        return h.hexdigest()

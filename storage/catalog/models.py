@@ -1,0 +1,182 @@
+"""The catalog schema: SQLAlchemy 2 typed models. Rows never leave ``storage.catalog``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class NamespaceRow(Base):
+    """A team: owns adapters, jobs and API tokens."""
+
+    __tablename__ = "namespaces"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_gpus: Mapped[float | None] = mapped_column(Float)
+    max_cpus: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiTokenRow(Base):
+    """A bearer token scoped to a namespace; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BaseModelRow(Base):
+    """A base model an adapter can be tied to, identified by a content fingerprint."""
+
+    __tablename__ = "base_models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(String(128))
+    parameter_count: Mapped[int] = mapped_column(BigInteger)
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DatasetRow(Base):
+    """A training data file, by URI and content digest."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("uri", "sha256"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobRow(Base):
+    """A fine-tuning job and its lifecycle (driven by the orchestrator)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("namespace_id", "idempotency_key"),
+        Index("ix_jobs_state_priority", "state", "priority", "created_at"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_failures: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    checkpoint_uri: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class JobEventRow(Base):
+    """A timestamped job event: a state transition or a metrics report."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class AdapterRepoRow(Base):
+    """One adapter name in a namespace; ``last_version`` hands out consecutive versions."""
+
+    __tablename__ = "adapter_repos"
+    __table_args__ = (UniqueConstraint("namespace_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AdapterVersionRow(Base):
+    """An immutable adapter version with its lineage, bytes and digests."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("repo_id", "version"),
+        Index("ix_adapter_versions_repo_state", "repo_id", "state", "version"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[int] = mapped_column(ForeignKey("adapter_repos.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    dataset_sha256: Mapped[str | None] = mapped_column(String(64))
+    r: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+    target_modules: Mapped[list[Any]] = mapped_column(JSON)
+    use_rslora: Mapped[bool] = mapped_column(Boolean, default=False)
+    object_prefix: Mapped[str] = mapped_column(Text)
+    files: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    state: Mapped[str] = mapped_column(String(16))
+    repo: Mapped[AdapterRepoRow] = relationship(lazy="joined")
+    base_model: Mapped[BaseModelRow] = relationship(lazy="joined")
+    tags: Mapped[list[AdapterTagRow]] = relationship(lazy="selectin", cascade="all, delete-orphan")
+
+
+class AdapterTagRow(Base):
+    """A free-form tag on an adapter version (indexed for filtering)."""
+
+    __tablename__ = "adapter_tags"
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
+
+
+class AliasRow(Base):
+    """``namespace/name@alias`` → one version; moved atomically by an UPDATE."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("repo_id", "alias"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[int] = mapped_column(ForeignKey("adapter_repos.id"))
+    alias: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )

@@ -1,0 +1,394 @@
+"""Catalog repository: keyword-only functions that take a ``Catalog`` and return domain objects.
+
+Transactions are short and each function is one. Version numbers come from an atomic
+``UPDATE … SET last_version = last_version + 1 … RETURNING`` on the adapter's repo row: a row
+lock on PostgreSQL, the database write lock on SQLite (``BEGIN IMMEDIATE``), so concurrent
+publishes of one name get distinct consecutive versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+
+from storage.catalog.db import Catalog
+from storage.catalog.domain import AdapterVersion, BaseModel, FileDigest, Namespace
+from storage.catalog.models import (
+    AdapterRepoRow,
+    AdapterTagRow,
+    AdapterVersionRow,
+    AliasRow,
+    ApiTokenRow,
+    BaseModelRow,
+    DatasetRow,
+    NamespaceRow,
+    utcnow,
+)
+from storage.errors import AdapterExists, AdapterNotFound, BaseModelNotFound, NotFound
+from storage.names import AdapterRef, validate_name
+
+READY, PENDING, DELETED = "ready", "pending", "deleted"
+
+
+# -- conversions (rows never leave this module) ---------------------------------------------
+def _ns(row: NamespaceRow) -> Namespace:
+    return Namespace(row.id, row.name, row.max_concurrent_jobs, row.max_gpus, row.max_cpus)
+
+
+def _base(row: BaseModelRow) -> BaseModel:
+    return BaseModel(
+        row.id, row.name, row.source, row.architecture, row.parameter_count, row.fingerprint
+    )
+
+
+def _version(session: Session, row: AdapterVersionRow) -> AdapterVersion:
+    ns_name = session.get(NamespaceRow, row.repo.namespace_id)
+    aliases = session.scalars(select(AliasRow.alias).where(AliasRow.version_id == row.id)).all()
+    return AdapterVersion(
+        id=row.id,
+        namespace=ns_name.name if ns_name else "?",
+        name=row.repo.name,
+        version=row.version,
+        state=row.state,
+        base_model=_base(row.base_model),
+        object_prefix=row.object_prefix,
+        files=tuple(
+            FileDigest(name, f["sha256"], int(f["size"])) for name, f in sorted(row.files.items())
+        ),
+        total_bytes=row.total_bytes,
+        r=row.r,
+        alpha=row.alpha,
+        target_modules=row.target_modules,
+        use_rslora=row.use_rslora,
+        job_id=row.job_id,
+        dataset_sha256=row.dataset_sha256,
+        metrics=dict(row.metrics or {}),
+        hyperparameters=dict(row.hyperparameters or {}),
+        tags=tuple(sorted(t.tag for t in row.tags)),
+        created_by=row.created_by,
+        created_at=row.created_at,
+        aliases=tuple(sorted(aliases)),
+    )
+
+
+# -- namespaces and tokens ----------------------------------------------------------------------
+def _namespace_row(session: Session, name: str, *, create: bool) -> NamespaceRow:
+    row = session.scalar(select(NamespaceRow).where(NamespaceRow.name == name))
+    if row is not None:
+        return row
+    if not create:
+        raise NotFound(f"namespace {name!r} does not exist")
+    try:
+        with session.begin_nested():
+            row = NamespaceRow(name=name)
+            session.add(row)
+    except sa_exc.IntegrityError:  # created concurrently: use that one
+        row = session.scalar(select(NamespaceRow).where(NamespaceRow.name == name))
+    assert row is not None
+    return row
+
+
+def ensure_namespace(db: Catalog, *, name: str) -> Namespace:
+    """Get or create a namespace."""
+    validate_name(name, kind="namespace")
+    with db.session() as s:
+        return _ns(_namespace_row(s, name, create=True))
+
+
+def get_namespace(db: Catalog, *, name: str) -> Namespace:
+    """Raises ``NotFound``."""
+    with db.session() as s:
+        return _ns(_namespace_row(s, name, create=False))
+
+
+def token_digest(token: str) -> str:
+    """What the catalog stores for a token: its SHA-256 (tokens are high-entropy secrets)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(db: Catalog, *, namespace: str, name: str) -> str:
+    """Create a bearer token for ``namespace``; returns the only copy of the plaintext."""
+    validate_name(name, kind="token name")
+    token = "lf_" + secrets.token_urlsafe(32)
+    with db.session() as s:
+        ns = _namespace_row(s, namespace, create=True)
+        s.add(ApiTokenRow(namespace_id=ns.id, name=name, token_sha256=token_digest(token)))
+    return token
+
+
+def namespace_for_token(db: Catalog, *, token: str) -> Namespace | None:
+    """The namespace a live token belongs to, or None."""
+    with db.session() as s:
+        row = s.scalar(
+            select(NamespaceRow)
+            .join(ApiTokenRow, ApiTokenRow.namespace_id == NamespaceRow.id)
+            .where(
+                ApiTokenRow.token_sha256 == token_digest(token), ApiTokenRow.revoked_at.is_(None)
+            )
+        )
+        return _ns(row) if row else None
+
+
+# -- base models and datasets ---------------------------------------------------------------
+def register_base_model(
+    db: Catalog,
+    *,
+    name: str,
+    source: str,
+    architecture: str,
+    parameter_count: int,
+    fingerprint: str,
+) -> BaseModel:
+    """Register a base (idempotent for the same fingerprint).
+
+    Raises:
+        AdapterExists: the name is taken by a base with another fingerprint.
+    """
+    validate_name(name, kind="base model name")
+    with db.session() as s:
+        row = s.scalar(select(BaseModelRow).where(BaseModelRow.name == name))
+        if row is not None:
+            if row.fingerprint != fingerprint:
+                raise AdapterExists(
+                    f"base model {name!r} is already registered with another fingerprint "
+                    f"({row.fingerprint[:12]}…, this one {fingerprint[:12]}…)"
+                )
+            return _base(row)
+        row = BaseModelRow(
+            name=name,
+            source=source,
+            architecture=architecture,
+            parameter_count=parameter_count,
+            fingerprint=fingerprint,
+        )
+        s.add(row)
+        s.flush()
+        return _base(row)
+
+
+def get_base_model(db: Catalog, *, name: str) -> BaseModel:
+    """Raises ``BaseModelNotFound``."""
+    with db.session() as s:
+        row = s.scalar(select(BaseModelRow).where(BaseModelRow.name == name))
+        if row is None:
+            raise BaseModelNotFound(f"base model {name!r} is not registered")
+        return _base(row)
+
+
+def list_base_models(db: Catalog) -> list[BaseModel]:
+    with db.session() as s:
+        return [_base(r) for r in s.scalars(select(BaseModelRow).order_by(BaseModelRow.name))]
+
+
+def record_dataset(db: Catalog, *, uri: str, sha256: str, rows: int) -> None:
+    """Remember a dataset by URI and digest (idempotent)."""
+    with db.session() as s:
+        exists = s.scalar(
+            select(DatasetRow.id).where(DatasetRow.uri == uri, DatasetRow.sha256 == sha256)
+        )
+        if exists is None:
+            s.add(DatasetRow(uri=uri, sha256=sha256, rows=rows))
+
+
+# -- adapter versions -----------------------------------------------------------------------
+def create_adapter_version(
+    db: Catalog,
+    *,
+    namespace: str,
+    name: str,
+    base_model_id: int,
+    object_prefix: str,
+    files: Iterable[FileDigest],
+    r: int,
+    alpha: float,
+    target_modules: list[str] | str,
+    use_rslora: bool,
+    job_id: str | None = None,
+    dataset_sha256: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    tags: Iterable[str] = (),
+    created_by: str | None = None,
+    state: str = READY,
+) -> AdapterVersion:
+    """Create the next version of ``namespace/name`` in one transaction."""
+    validate_name(namespace, kind="namespace")
+    validate_name(name, kind="adapter name")
+    file_list = list(files)
+    with db.session() as s:
+        ns = _namespace_row(s, namespace, create=True)
+        repo = s.scalar(
+            select(AdapterRepoRow).where(
+                AdapterRepoRow.namespace_id == ns.id, AdapterRepoRow.name == name
+            )
+        )
+        if repo is None:
+            try:
+                with s.begin_nested():
+                    s.add(AdapterRepoRow(namespace_id=ns.id, name=name, last_version=0))
+            except sa_exc.IntegrityError:
+                pass  # created concurrently
+        version = s.execute(
+            update(AdapterRepoRow)
+            .where(AdapterRepoRow.namespace_id == ns.id, AdapterRepoRow.name == name)
+            .values(last_version=AdapterRepoRow.last_version + 1)
+            .returning(AdapterRepoRow.last_version, AdapterRepoRow.id)
+        ).one()
+        row = AdapterVersionRow(
+            repo_id=version.id,
+            version=version.last_version,
+            base_model_id=base_model_id,
+            job_id=job_id,
+            dataset_sha256=dataset_sha256,
+            r=r,
+            alpha=alpha,
+            target_modules=target_modules,
+            use_rslora=use_rslora,
+            object_prefix=object_prefix,
+            files={f.name: {"sha256": f.sha256, "size": f.size} for f in file_list},
+            total_bytes=sum(f.size for f in file_list),
+            metrics=metrics or {},
+            hyperparameters=hyperparameters or {},
+            created_by=created_by,
+            state=state,
+            tags=[AdapterTagRow(tag=t) for t in sorted(set(tags))],
+        )
+        s.add(row)
+        s.flush()
+        return _version(s, row)
+
+
+def _repo(s: Session, namespace: str, name: str) -> AdapterRepoRow:
+    repo = s.scalar(
+        select(AdapterRepoRow)
+        .join(NamespaceRow, NamespaceRow.id == AdapterRepoRow.namespace_id)
+        .where(NamespaceRow.name == namespace, AdapterRepoRow.name == name)
+    )
+    if repo is None:
+        raise AdapterNotFound(f"adapter {namespace}/{name} does not exist")
+    return repo
+
+
+def _resolve_row(s: Session, ref: AdapterRef) -> AdapterVersionRow:
+    repo = _repo(s, ref.namespace, ref.name)
+    if ref.alias is not None:
+        row = s.scalar(
+            select(AdapterVersionRow)
+            .join(AliasRow, AliasRow.version_id == AdapterVersionRow.id)
+            .where(AliasRow.repo_id == repo.id, AliasRow.alias == ref.alias)
+        )
+        if row is None:
+            raise AdapterNotFound(f"alias {ref} does not exist")
+    elif ref.version is not None:
+        row = s.scalar(
+            select(AdapterVersionRow).where(
+                AdapterVersionRow.repo_id == repo.id, AdapterVersionRow.version == ref.version
+            )
+        )
+        if row is None:
+            raise AdapterNotFound(f"adapter version {ref} does not exist")
+    else:
+        row = s.scalar(
+            select(AdapterVersionRow)
+            .where(AdapterVersionRow.repo_id == repo.id, AdapterVersionRow.state == READY)
+            .order_by(AdapterVersionRow.version.desc())
+            .limit(1)
+        )
+        if row is None:
+            raise AdapterNotFound(f"adapter {ref} has no ready version")
+    if row.state != READY:
+        raise AdapterNotFound(f"adapter version {ref.repo}:{row.version} is {row.state}")
+    return row
+
+
+def resolve_adapter(db: Catalog, *, ref: AdapterRef) -> AdapterVersion:
+    """The ready version a reference names (latest, exact or by alias).
+
+    Raises:
+        AdapterNotFound: no such adapter, version or alias, or the version is not ready.
+    """
+    with db.session() as s:
+        return _version(s, _resolve_row(s, ref))
+
+
+def resolve_version_number(db: Catalog, *, ref: AdapterRef) -> int:
+    """Only the version number a reference resolves to (one indexed query; serving's hot path)."""
+    with db.session() as s:
+        return _resolve_row(s, ref).version
+
+
+def list_adapter_versions(
+    db: Catalog,
+    *,
+    namespace: str | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+    tag: str | None = None,
+    include_deleted: bool = False,
+) -> list[AdapterVersion]:
+    """Versions matching every given filter, newest first within each name."""
+    with db.session() as s:
+        q = (
+            select(AdapterVersionRow)
+            .join(AdapterRepoRow, AdapterRepoRow.id == AdapterVersionRow.repo_id)
+            .join(NamespaceRow, NamespaceRow.id == AdapterRepoRow.namespace_id)
+        )
+        if namespace is not None:
+            q = q.where(NamespaceRow.name == namespace)
+        if name is not None:
+            q = q.where(AdapterRepoRow.name == name)
+        if base_model is not None:
+            q = q.join(BaseModelRow, BaseModelRow.id == AdapterVersionRow.base_model_id).where(
+                BaseModelRow.name == base_model
+            )
+        if tag is not None:
+            q = q.join(
+                AdapterTagRow,
+                and_(AdapterTagRow.version_id == AdapterVersionRow.id, AdapterTagRow.tag == tag),
+            )
+        if not include_deleted:
+            q = q.where(AdapterVersionRow.state != DELETED)
+        q = q.order_by(NamespaceRow.name, AdapterRepoRow.name, AdapterVersionRow.version.desc())
+        return [_version(s, r) for r in s.scalars(q).unique()]
+
+
+def set_alias(db: Catalog, *, ref: AdapterRef, alias: str) -> AdapterVersion:
+    """Point ``alias`` at the version ``ref`` resolves to (one atomic UPDATE or INSERT)."""
+    validate_name(alias, kind="alias")
+    with db.session() as s:
+        row = _resolve_row(s, ref)
+        moved = s.execute(
+            update(AliasRow)
+            .where(AliasRow.repo_id == row.repo_id, AliasRow.alias == alias)
+            .values(version_id=row.id, updated_at=utcnow())
+        ).rowcount  # type: ignore[attr-defined]
+        if not moved:
+            s.add(AliasRow(repo_id=row.repo_id, alias=alias, version_id=row.id))
+        s.flush()
+        return _version(s, row)
+
+
+def delete_adapter_version(db: Catalog, *, ref: AdapterRef) -> AdapterVersion:
+    """Mark a version deleted and drop aliases pointing at it; ``gc`` removes its bytes."""
+    with db.session() as s:
+        row = _resolve_row(s, ref)
+        for alias in s.scalars(select(AliasRow).where(AliasRow.version_id == row.id)):
+            s.delete(alias)
+        row.state = DELETED
+        s.flush()
+        return _version(s, row)
+
+
+def live_object_prefixes(db: Catalog) -> set[str]:
+    """Object prefixes of every version that is not deleted (what ``gc`` must keep)."""
+    with db.session() as s:
+        rows = s.scalars(
+            select(AdapterVersionRow.object_prefix).where(AdapterVersionRow.state != DELETED)
+        )
+        return set(rows)
