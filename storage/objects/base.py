@@ -37,10 +37,11 @@ def validate_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """An object's key and size in bytes."""
+    """An object's key, size in bytes and last-modified time (epoch seconds, if known)."""
 
     key: str
     size: int
+    modified: float | None = None
 
 
 @dataclass(frozen=True)

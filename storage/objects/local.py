@@ -81,7 +81,8 @@ class LocalObjectStore:
             if p.is_file() and not p.name.startswith("."):
                 key = p.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    out.append(ObjectInfo(key, p.stat().st_size))
+                    st = p.stat()
+                    out.append(ObjectInfo(key, st.st_size, st.st_mtime))
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:

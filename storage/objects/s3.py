@@ -139,7 +139,7 @@ class S3ObjectStore:
             raise self._unavailable(exc, f"read {key!r}") from None
         except BotoCoreError as exc:
             raise self._unavailable(exc, f"read {key!r}") from None
-        return body  # type: ignore[no-any-return]
+        return body
 
     def stat(self, key: str) -> ObjectInfo:
         try:
@@ -169,7 +169,14 @@ class S3ObjectStore:
             )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    out.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"])))
+                    modified = obj.get("LastModified")
+                    out.append(
+                        ObjectInfo(
+                            obj["Key"][strip:],
+                            int(obj["Size"]),
+                            modified.timestamp() if modified else None,
+                        )
+                    )
         except (ClientError, BotoCoreError) as exc:
             raise self._unavailable(exc, "list objects") from None
         return sorted(out, key=lambda o: o.key)

