@@ -2,54 +2,26 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from orchestrator.cli_catalog import adapters_app, db_app, gc, register_base
+from orchestrator.cli_common import console, fmt_bytes, train_progress, user_errors
 from workers.errors import WorkerError
-from workers.lora.errors import LoraError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 base_app = typer.Typer(no_args_is_help=True, help="Base models.")
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA arithmetic.")
 app.add_typer(base_app, name="base")
 app.add_typer(lora_app, name="lora")
-
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-USER_ERRORS: tuple[type[Exception], ...] = (WorkerError, LoraError, KeyError, FileNotFoundError)
-
-
-def user_errors(fn: F) -> F:
-    """Turn a user mistake into one red line on stderr and exit code 1 (no stack trace)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
+app.add_typer(db_app, name="db")
+app.add_typer(adapters_app, name="adapters")
+app.command("gc")(user_errors(gc))
+base_app.command("register")(user_errors(register_base))
 
 
 def parse_targets(value: str) -> tuple[str, ...] | str:
@@ -63,14 +35,6 @@ def parse_targets(value: str) -> tuple[str, ...] | str:
     if not names:
         raise WorkerError("--targets: give module names (q_proj,v_proj), all-linear or re:<regex>")
     return names
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n):,} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 # -- base ---------------------------------------------------------------------------------
@@ -128,11 +92,11 @@ def lora_report_cmd(
     table.add_row("trainable parameters", f"{rep.trainable_params:,}")
     table.add_row("base parameters", f"{rep.base_params:,}")
     table.add_row("fraction of base", f"{rep.fraction_of_base:.4%}")
-    table.add_row("adapter size fp16", _fmt_bytes(rep.adapter_bytes(2)))
-    table.add_row("adapter size fp32", _fmt_bytes(rep.adapter_bytes(4)))
-    table.add_row("AdamW state, full fine-tune", _fmt_bytes(rep.optimizer_bytes_full))
-    table.add_row("AdamW state, LoRA", _fmt_bytes(rep.optimizer_bytes_lora))
-    table.add_row("optimizer memory saved", _fmt_bytes(rep.optimizer_bytes_saved))
+    table.add_row("adapter size fp16", fmt_bytes(rep.adapter_bytes(2)))
+    table.add_row("adapter size fp32", fmt_bytes(rep.adapter_bytes(4)))
+    table.add_row("AdamW state, full fine-tune", fmt_bytes(rep.optimizer_bytes_full))
+    table.add_row("AdamW state, LoRA", fmt_bytes(rep.optimizer_bytes_lora))
+    table.add_row("optimizer memory saved", fmt_bytes(rep.optimizer_bytes_saved))
     console.print(table)
 
 
@@ -188,42 +152,6 @@ def train_cmd(
         f"{res.eval_loss_initial:.3f} → {res.eval_loss_final:.3f}, "
         f"{res.tokens_per_s:,.0f} tokens/s"
     )
-
-
-class train_progress:
-    """A rich progress bar fed by ``StepReport`` callbacks."""
-
-    def __init__(self, total: int, description: str = "training") -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task = self.progress.add_task(description, total=total, loss="-", tps="-")
-        self.started = False
-
-    def __enter__(self) -> Callable[[Any], None]:
-        def on_report(report: Any) -> None:
-            if not self.started:  # start on the first step, after loading has succeeded
-                self.progress.start()
-                self.started = True
-            self.progress.update(
-                self.task,
-                completed=report.step,
-                loss=f"{report.loss:.4f}",
-                tps=f"{report.tokens_per_s:,.0f}",
-            )
-
-        return on_report
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            self.progress.stop()
 
 
 # -- generate / merge -----------------------------------------------------------------------

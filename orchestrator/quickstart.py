@@ -55,7 +55,7 @@ def _ensure_tiny_base(base_dir: Path) -> bool:
 
 def run_quickstart(*, home: Path | None = None, max_steps: int = 300) -> QuickstartResult:
     """Run every stage; returns the measurements (the caller decides what is a failure)."""
-    from orchestrator.cli import train_progress
+    from orchestrator.cli_common import train_progress
     from workers.base_model import load_base
     from workers.datasets import load_dataset, read_jsonl
     from workers.demo_task import HELDOUT_FILE, TRAIN_FILE, exact_match

@@ -110,8 +110,11 @@ def seaweedfs_s3() -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
         import boto3
+        from botocore.config import Config
 
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        # Short timeouts: a starting server may accept connections before it answers them.
+        probe = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=probe)
 
         def ready() -> bool:
             try:
@@ -125,9 +128,10 @@ def seaweedfs_s3() -> Iterator[str]:
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=3)  # a throwaway server: no need to wait for a graceful stop
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         log.close()
         shutil.rmtree(data, ignore_errors=True)
 

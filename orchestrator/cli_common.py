@@ -1,0 +1,95 @@
+"""What every ``lorafleet`` command shares: consoles, the user-error guard, progress, units."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from storage.errors import StorageError
+from workers.errors import WorkerError
+from workers.lora.errors import LoraError
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exceptions that mean "the user can fix this": printed as one line, exit code 1.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    WorkerError,
+    LoraError,
+    StorageError,
+    KeyError,
+    FileNotFoundError,
+)
+
+
+def user_errors(fn: F) -> F:
+    """Turn a user mistake into one red line on stderr and exit code 1 (no stack trace)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            message = exc.args[0] if type(exc) is KeyError and exc.args else str(exc)
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fmt_bytes(n: float) -> str:
+    """1536 → '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n):,} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class train_progress:
+    """A rich progress bar fed by ``StepReport`` callbacks; starts at the first step."""
+
+    def __init__(self, total: int, description: str = "training") -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(description, total=total, loss="-", tps="-")
+        self.started = False
+
+    def __enter__(self) -> Callable[[Any], None]:
+        def on_report(report: Any) -> None:
+            if not self.started:  # start on the first step, after loading has succeeded
+                self.progress.start()
+                self.started = True
+            self.progress.update(
+                self.task,
+                completed=report.step,
+                loss=f"{report.loss:.4f}",
+                tps=f"{report.tokens_per_s:,.0f}",
+            )
+
+        return on_report
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.progress.stop()

@@ -1,0 +1,77 @@
+"""``lorafleet db|base|adapters|gc`` end to end on an embedded home (SQLite + local store)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from workers.base_model import load_base
+from workers.lora import LoraConfig, inject_lora, save_adapter
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
+    for var in ("LORAFLEET_CATALOG_URL", "LORAFLEET_OBJECT_STORE", "LORAFLEET_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+def _ok(*args):  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _fails(*args):  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    return result.output
+
+
+def test_catalog_commands(home, tiny_base_dir, tmp_path):
+    model, _ = load_base(tiny_base_dir)
+    cfg = LoraConfig(r=4)
+    inject_lora(model, cfg)
+    save_adapter(model, cfg, tmp_path / "ad")
+
+    assert "→ 0001" in _ok("db", "upgrade")
+    assert "up to date" in _ok("db", "status")
+    assert "fingerprint" in _ok("base", "register", "tiny", tiny_base_dir)
+    assert "team/x:1" in _ok(
+        "adapters", "import", tmp_path / "ad", "--name", "team/x", "--base", "tiny", "--tag", "demo"
+    )
+    assert "team/x:2" in _ok(
+        "adapters", "import", tmp_path / "ad", "--name", "team/x", "--base", "tiny"
+    )
+    listing = _ok("adapters", "list", "--tag", "demo")
+    assert "team/x:1" in listing and "team/x:2" not in listing
+    assert "@production → version 1" in _ok("adapters", "promote", "team/x:1", "production")
+    shown = _ok("adapters", "show", "team/x@production")
+    assert "team/x:1" in shown and "fingerprint" in shown and "production" in shown
+    assert "digests verified" in _ok(
+        "adapters", "download", "team/x@production", "--out", tmp_path / "dl"
+    )
+    assert (tmp_path / "dl" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "ad" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert "deleted team/x:2" in _ok("adapters", "delete", "team/x:2")
+    assert "removed 2 object(s)" in _ok("gc", "--min-age-s", "0")
+    assert "0 version(s)" in _ok("adapters", "list", "--metric", "eval_loss<1")  # no metrics
+
+    assert "invalid adapter reference" in _fails("adapters", "show", "../etc/passwd")
+    assert "not registered" in _fails(
+        "adapters", "import", tmp_path / "ad", "--name", "team/y", "--base", "nope"
+    )
+    assert "does not exist" in _fails("adapters", "show", "team/none")
+    assert "invalid metric filter" in _fails("adapters", "list", "--metric", "loss<<1")
+
+
+def test_behind_schema_is_reported(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAFLEET_CATALOG_URL", f"sqlite:///{tmp_path / 'shared.db'}")
+    assert "lorafleet db upgrade" in _fails("adapters", "list")
