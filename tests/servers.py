@@ -57,8 +57,11 @@ class MotoS3:
     """moto's ThreadedMotoServer: a real HTTP S3 API on 127.0.0.1, restartable on one port."""
 
     def __init__(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         set_fake_aws_credentials()
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -248,3 +251,22 @@ def fresh_database(server_url: str) -> Iterator[str]:
 
 def require_postgres() -> bool:
     return os.environ.get("LORAFLEET_REQUIRE_POSTGRES", "") not in ("", "0")
+
+
+class MotoS3Process:
+    """moto's S3 server in its own process (benchmarks: no GIL shared with the client)."""
+
+    def __init__(self) -> None:
+        set_fake_aws_credentials()
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _port_open(self.port), what="moto S3 server process")
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)

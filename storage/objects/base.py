@@ -132,28 +132,50 @@ class HashingReader:
         return self._hash.hexdigest()
 
 
+class HashingWriter:
+    """A forward-only writer that hashes what passes through it.
+
+    No ``seek``/``tell`` either: a concurrent ranged download then delivers its parts in order
+    (buffering the early ones), so hashing overlaps the transfer instead of following it.
+    """
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        return self._fh.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 @contextmanager
 def verified_destination(
     dest: Path, key: str, *, sha256: str | None, size: int | None
-) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; on exit verify it and rename it into place.
+) -> Iterator[HashingWriter]:
+    """Yield a hashing writer onto a temporary file beside ``dest``; on exit verify what was
+    written and rename it into place.
 
     On any failure (including a digest or size mismatch) the temporary file is removed and
     ``dest`` is left as it was.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        actual_size = tmp.stat().st_size
-        if size is not None and actual_size != size:
-            raise IntegrityError(f"{key}: expected {size} bytes, got {actual_size}")
-        if sha256 is not None:
-            actual = file_sha256(tmp)
-            if actual != sha256:
-                raise IntegrityError(f"{key}: SHA-256 mismatch (expected {sha256}, got {actual})")
+        with os.fdopen(fd, "wb") as fh:
+            writer = HashingWriter(fh)
+            yield writer
+        if size is not None and writer.size != size:
+            raise IntegrityError(f"{key}: expected {size} bytes, got {writer.size}")
+        if sha256 is not None and writer.hexdigest() != sha256:
+            raise IntegrityError(
+                f"{key}: SHA-256 mismatch (expected {sha256}, got {writer.hexdigest()})"
+            )
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -57,8 +56,10 @@ class LocalObjectStore:
         source = self._path(key)
         if not source.is_file():
             raise ObjectNotFound(f"object {key!r} not found in {self.uri}")
-        with verified_destination(Path(dest), key, sha256=sha256, size=size) as tmp:
-            shutil.copyfile(source, tmp)
+        with verified_destination(Path(dest), key, sha256=sha256, size=size) as out:
+            with open(source, "rb") as src:
+                for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):
+                    out.write(chunk)
 
     def open(self, key: str) -> BinaryIO:
         try:

@@ -120,9 +120,9 @@ class S3ObjectStore:
         self, key: str, dest: Path, *, sha256: str | None = None, size: int | None = None
     ) -> None:
         full = self._key(key)
-        with verified_destination(Path(dest), key, sha256=sha256, size=size) as tmp:
+        with verified_destination(Path(dest), key, sha256=sha256, size=size) as out:
             try:
-                self.client.download_file(self.bucket, full, str(tmp), Config=self.transfer)
+                self.client.download_fileobj(self.bucket, full, out, Config=self.transfer)
             except ClientError as exc:
                 if _is_not_found(exc):
                     raise ObjectNotFound(f"object {key!r} not found in {self.uri}") from None
