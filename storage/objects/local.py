@@ -56,10 +56,12 @@ class LocalObjectStore:
         source = self._path(key)
         if not source.is_file():
             raise ObjectNotFound(f"object {key!r} not found in {self.uri}")
-        with verified_destination(Path(dest), key, sha256=sha256, size=size) as out:
-            with open(source, "rb") as src:
-                for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):
-                    out.write(chunk)
+        with (
+            verified_destination(Path(dest), key, sha256=sha256, size=size) as out,
+            open(source, "rb") as src,
+        ):
+            for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):
+                out.write(chunk)
 
     def open(self, key: str) -> BinaryIO:
         try:
