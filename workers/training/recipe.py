@@ -197,6 +197,9 @@ class LoraFinetuneRecipe:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # The RNG (dropout) is a pure function of (seed, step, rank): a resumed run draws
+        # exactly what the uninterrupted one would have, with no RNG state to checkpoint.
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * 1_009 + self.rank)
         self.optimizer.zero_grad(set_to_none=False)
         loss_total = torch.zeros((), dtype=torch.float64)
         tokens = 0

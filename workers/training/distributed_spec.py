@@ -1,0 +1,71 @@
+"""What a distributed training run needs to know: a plain, serialisable description."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from workers.errors import TrainingError
+from workers.lora import LoraConfig
+from workers.training.recipe import TrainConfig
+
+BasePlacement = Literal["shared_memory", "private"]
+
+
+@dataclass(frozen=True)
+class DistributedSpec:
+    """A data-parallel LoRA run on Ray Train.
+
+    Attributes:
+        job_name: unique per run (names the Ray Train run and the node-local base file).
+        base_dir, data_path, eval_path: local paths readable on every node.
+        out_dir: where rank 0 writes the PEFT adapter and ``metrics.json``.
+        storage_path: Ray Train's persistent storage for checkpoints (a shared path or URI).
+        workers: total workers; ``nodes`` > 1 asks Ray to spread them.
+        base_placement: ``shared_memory`` (base once per node in /dev/shm) or ``private``
+            (each worker loads its own copy: the baseline that benchmarks compare against).
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        max_failures: worker-group restarts Ray Train may do before the run fails.
+        fail_at_step: test hook — rank 1 dies once at this step.
+    """
+
+    job_name: str
+    base_dir: str
+    data_path: str
+    out_dir: str
+    storage_path: str
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_path: str | None = None
+    workers: int = 2
+    nodes: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    base_placement: BasePlacement = "shared_memory"
+    checkpoint_every: int = 0
+    max_failures: int = 0
+    threads_per_worker: int = 1
+    fail_at_step: int | None = None
+    fail_marker: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise TrainingError(f"workers: must be ≥ 1, got {self.workers}")
+        if self.nodes < 1 or self.workers % self.nodes:
+            raise TrainingError(f"nodes: must divide workers ({self.workers}), got {self.nodes}")
+        if self.base_placement not in ("shared_memory", "private"):
+            raise TrainingError(f"base_placement: unknown placement {self.base_placement!r}")
+        if self.checkpoint_every < 0 or self.max_failures < 0:
+            raise TrainingError("checkpoint_every and max_failures must be ≥ 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora"] = self.lora.as_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistributedSpec:
+        lora = dict(d["lora"])
+        if isinstance(lora.get("target_modules"), list):
+            lora["target_modules"] = tuple(lora["target_modules"])
+        return cls(**{**d, "lora": LoraConfig(**lora), "train": TrainConfig(**d["train"])})

@@ -1,0 +1,89 @@
+"""Thin Ray Train wrapper: ``train_distributed(spec)`` runs ``train_worker`` on N workers.
+
+Everything numerical lives in the recipe and the worker function; this module only turns a
+``DistributedSpec`` into Ray Train's configs, runs it, and turns Ray's failure into ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.errors import TrainingError
+from workers.training.distributed_spec import DistributedSpec
+from workers.training.worker import train_worker
+
+log = logging.getLogger(__name__)
+# Each ray.train.report waits up to one health-check interval (2 s by default): with a report
+# per step that would dominate step time. Workers inherit this through the runtime env.
+REPORT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05"}
+
+
+@dataclass
+class DistributedResult:
+    """The adapter directory and the run's summary (``metrics.json``)."""
+
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+
+
+def _worker_env() -> dict[str, str]:
+    env = {k: os.environ.get(k, v) for k, v in REPORT_ENV.items()}
+    for key in ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def train_distributed(spec: DistributedSpec) -> DistributedResult:
+    """Run data-parallel LoRA training on the connected Ray cluster (``ray.init`` first).
+
+    Raises:
+        TrainingError: the run failed (after ``max_failures`` restarts), with the root cause.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.update({k: v for k, v in REPORT_ENV.items() if k not in os.environ})
+    if not ray.is_initialized():
+        raise TrainingError("no Ray cluster: call ray.init() (or set LORAFLEET_RAY_ADDRESS)")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec.to_dict()},
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker={"CPU": spec.cpus_per_worker},
+            placement_strategy="SPREAD" if spec.nodes > 1 else "PACK",
+        ),
+        run_config=RunConfig(
+            name=spec.job_name,
+            storage_path=spec.storage_path,
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray's TrainingFailedError wraps the worker's error
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise TrainingError(
+            f"training {spec.job_name} failed (max_failures={spec.max_failures}): "
+            f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+        ) from exc
+    if result.error is not None:
+        raise TrainingError(f"training {spec.job_name} failed: {result.error}")
+    out = Path(spec.out_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return DistributedResult(adapter_dir=out, metrics=metrics, checkpoint_path=ckpt)

@@ -1,0 +1,196 @@
+"""The per-worker training function that Ray Train runs on every rank.
+
+Plain Python around the recipe: place the base (once per node), build the recipe with a flat
+LoRA-gradient all-reduce, restore a checkpoint if Ray Train hands one over, then step, report
+and checkpoint. Ray is imported only here and in ``ray_train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from workers.base_model import load_base, load_tokenizer
+from workers.datasets import file_sha256, load_dataset
+from workers.lora import lora_modules, lora_state_dict, save_adapter
+from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
+from workers.training.distributed_spec import DistributedSpec
+from workers.training.recipe import LoraFinetuneRecipe
+from workers.training.shared_base import (
+    load_shared_base,
+    pss_bytes,
+    shm_path_for,
+    write_shared_base,
+)
+
+log = logging.getLogger(__name__)
+CKPT_WEIGHTS = "lora.safetensors"
+CKPT_OPTIM = "optimizer.pt"
+CKPT_STATE = "trainer_state.json"
+
+
+def lora_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 over the LoRA weights' bytes (equal on every rank after a correct all-reduce)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(lora_state_dict(model).items()):
+        h.update(key.encode())
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
+    """LoRA weights, optimizer state and step. The data position is the step itself (global
+    batches are a pure function of (seed, step)), and so is the RNG (reseeded per step)."""
+    assert recipe.optimizer is not None
+    state = {k: v.contiguous() for k, v in lora_state_dict(recipe.model).items()}
+    save_file(state, str(directory / CKPT_WEIGHTS))
+    torch.save(recipe.optimizer.state_dict(), directory / CKPT_OPTIM)
+    (directory / CKPT_STATE).write_text(json.dumps({"step": recipe.step}))
+
+
+@torch.no_grad()
+def restore_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
+    """Inverse of ``save_checkpoint`` (our own files: optimizer state loads weights-only)."""
+    assert recipe.optimizer is not None
+    weights = load_file(str(directory / CKPT_WEIGHTS))
+    for path, layer in lora_modules(recipe.model).items():
+        layer.lora_A.weight.copy_(weights[f"base_model.model.{path}.lora_A.weight"])
+        layer.lora_B.weight.copy_(weights[f"base_model.model.{path}.lora_B.weight"])
+    recipe.optimizer.load_state_dict(torch.load(directory / CKPT_OPTIM, weights_only=True))
+    recipe.step = int(json.loads((directory / CKPT_STATE).read_text())["step"])
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    spec = DistributedSpec.from_dict(config["spec"])
+    torch.set_num_threads(spec.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes = all_gather_strings(node_id)
+    local = group_by_node(nodes)[node_id]
+    leader = local[0] == rank
+
+    # -- base placement: once per node ---------------------------------------------------------
+    pss_before = pss_bytes()
+    materialized = False
+    shm_file: Path | None = None
+    if spec.base_placement == "shared_memory":
+        shm_file = shm_path_for(spec.job_name, node_id)
+        if leader and not shm_file.exists():
+            write_shared_base(spec.base_dir, shm_file, dtype=torch.float32)
+            materialized = True
+        dist.barrier()
+        model = load_shared_base(spec.base_dir, shm_file)
+    else:
+        model, _ = load_base(spec.base_dir)
+    tokenizer = load_tokenizer(spec.base_dir)
+    pss_after = pss_bytes()
+
+    train_examples = load_dataset(spec.data_path, tokenizer, seq_len=spec.train.seq_len)
+    eval_examples = (
+        load_dataset(spec.eval_path, tokenizer, seq_len=spec.train.seq_len)
+        if spec.eval_path
+        else train_examples[:64]
+    )
+    reducer = FlatAllReduce()
+    recipe = LoraFinetuneRecipe(
+        model,
+        spec.lora,
+        spec.train,
+        pad_id=tokenizer.pad_token_id,
+        world=world,
+        rank=rank,
+        all_reduce=reducer,
+    )
+    recipe.setup()
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            restore_checkpoint(recipe, Path(d))
+        resumed_from = recipe.step
+    eval_initial = recipe.evaluate(eval_examples) if resumed_from is None else None
+
+    # -- steps -----------------------------------------------------------------------------------
+    grad_bytes = sum(p.numel() * p.element_size() for p in recipe.params)
+    bytes_before = reducer.stats.bytes
+    t0 = time.perf_counter()
+    tokens = 0
+    last_eval = None
+    while recipe.step < spec.train.max_steps:
+        if spec.fail_at_step is not None and rank == min(1, world - 1):
+            marker = Path(spec.fail_marker or "/tmp/lorafleet-fail-marker")
+            if recipe.step == spec.fail_at_step and not marker.exists():
+                marker.write_text("failed once")
+                os._exit(1)  # a crash, not an exception: what a killed worker looks like
+        comm_before = reducer.stats.bytes
+        report = recipe.train_step(train_examples)
+        step_comm = reducer.stats.bytes - comm_before
+        tokens += report.tokens
+        last = recipe.step == spec.train.max_steps
+        if last or (spec.train.eval_every and recipe.step % spec.train.eval_every == 0):
+            report.eval_loss = last_eval = recipe.evaluate(eval_examples)
+        metrics = {**asdict(report), "allreduce_bytes": step_comm, "lora_grad_bytes": grad_bytes}
+        due = last or (spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0)
+        if due:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_checkpoint(recipe, Path(tmp))
+                ray.train.report(
+                    metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None
+                )
+        else:
+            ray.train.report(metrics)
+    elapsed = time.perf_counter() - t0
+
+    # -- results -------------------------------------------------------------------------------
+    stats = {
+        "rank": rank,
+        "node_id": node_id,
+        "materialized_base": materialized,
+        "pss_before_setup": pss_before,
+        "pss_after_setup": pss_after,
+        "lora_checksum": lora_checksum(model),
+        "allreduce_calls": reducer.stats.calls,
+        "allreduce_bytes": reducer.stats.bytes - bytes_before,
+        "steps_run": spec.train.max_steps - (resumed_from or 0),
+    }
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, stats)
+    if rank == 0:
+        out = save_adapter(model, spec.lora, spec.out_dir, base_model_name_or_path=spec.base_dir)
+        summary = {
+            "job_name": spec.job_name,
+            "world_size": world,
+            "nodes": len(set(nodes)),
+            "steps": spec.train.max_steps,
+            "resumed_from_step": resumed_from,
+            "eval_loss_initial": eval_initial,
+            "eval_loss_final": last_eval,
+            "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+            "lora_grad_bytes": grad_bytes,
+            "dataset_sha256": file_sha256(spec.data_path),
+            "lora": spec.lora.as_dict(),
+            "train": asdict(spec.train),
+            "workers": gathered,
+        }
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist.barrier()
+    if leader and shm_file is not None:
+        shm_file.unlink(missing_ok=True)
