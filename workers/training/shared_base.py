@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from workers.base_model import load_base, load_base_config
+from workers.base_model import load_base_config
 from workers.errors import BaseModelError
 
 log = logging.getLogger(__name__)
@@ -57,39 +56,71 @@ def params_on_meta() -> Iterator[None]:
 
 
 def shm_path_for(job: str, node_id: str, directory: Path = SHM_DIR) -> Path:
-    """The node-local file of one job's base (node id in the name: simulated nodes share /dev/shm)."""
+    """The node-local base file of one job (the node id is in the name: simulated nodes on one
+    machine share /dev/shm)."""
     safe_job = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)[:80]
     return directory / f"lorafleet-base-{safe_job}-{node_id[:16]}.safetensors"
 
 
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
 def write_shared_base(base_dir: str | Path, path: Path, *, dtype: torch.dtype) -> Path:
-    """Load the base once and write its tensors to ``path`` (atomically) for mapping."""
-    model, _ = load_base(base_dir, dtype=dtype)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    # Tied weights share storage; safetensors refuses duplicates, so keep the first name.
-    seen: dict[int, str] = {}
-    unique = {}
-    aliases = {}
-    for k, v in state.items():
-        ptr = v.data_ptr()
-        if ptr in seen:
-            aliases[k] = seen[ptr]
-        else:
-            seen[ptr] = k
-            unique[k] = v
+    """Stream the base's float tensors into one safetensors file at ``path`` (atomically).
+
+    Tensors are read one at a time with plain reads (no mmap, no model): the writer's peak
+    memory is about one tensor, never a private copy of the base.
+    """
+    from storage.fingerprint import tensor_index
+
+    index = tensor_index(Path(base_dir))
+    names = sorted(index)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in names:
+        t = index[name]
+        src_dtype = _DTYPES.get(t.dtype)
+        if src_dtype is None:
+            raise BaseModelError(f"{base_dir}: unsupported dtype {t.dtype} for tensor {name}")
+        out_dtype = dtype if src_dtype.is_floating_point else src_dtype
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=out_dtype).element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[out_dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(unique, str(tmp), metadata={"aliases": json.dumps(aliases)})
-    os.replace(tmp, path)
-    del model, state, unique
+    try:
+        with open(tmp, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            for name in names:
+                t = index[name]
+                with open(Path(base_dir) / t.file, "rb") as src:
+                    raw = os.pread(src.fileno(), t.end - t.begin, t.begin)
+                src_dtype = _DTYPES[t.dtype]
+                tensor = torch.frombuffer(bytearray(raw), dtype=src_dtype)
+                if src_dtype.is_floating_point and src_dtype != dtype:
+                    tensor = tensor.to(dtype)
+                out.write(tensor.view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def map_safetensors_read_only(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def map_safetensors_read_only(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file as read-only views of one shared ``mmap``."""
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(n))
-    meta = header.pop("__metadata__", {}) or {}
+    header.pop("__metadata__", None)
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     out: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
@@ -102,7 +133,7 @@ def map_safetensors_read_only(path: Path) -> tuple[dict[str, torch.Tensor], dict
         if torch_dtype is None:
             raise BaseModelError(f"{path}: unsupported dtype {dt} for tensor {name}")
         out[name] = raw[8 + n + begin : 8 + n + end].view(torch_dtype).view(info["shape"])
-    return out, json.loads(meta.get("aliases", "{}"))
+    return out
 
 
 def load_shared_base(base_dir: str | Path, path: Path) -> nn.Module:
@@ -112,15 +143,19 @@ def load_shared_base(base_dir: str | Path, path: Path) -> nn.Module:
     config = load_base_config(base_dir)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    tensors, aliases = map_safetensors_read_only(path)
-    for alias, target in aliases.items():
-        tensors[alias] = tensors[target]
+    tensors = map_safetensors_read_only(path)
     result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
         raise BaseModelError(
-            f"shared base {path} does not fit the model: missing {result.missing_keys[:5]}, "
+            f"shared base {path} does not fit the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+    if result.missing_keys:  # tied weights (e.g. lm_head = embed_tokens) are not in the file
+        model.tie_weights()
     for name, p in model.named_parameters():
         if p.device.type == "meta":
             raise BaseModelError(f"parameter {name} was not filled from {path}")
