@@ -79,3 +79,26 @@ def registry(
         catalog.dispose()
         if url_cm is not None:
             url_cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """Two simulated nodes × 2 CPUs (own raylet and object store each), one per test session.
+
+    The head has no CPUs, so every training worker lands on a worker node: 4 workers are
+    2 per node, as on two real machines.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False},
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

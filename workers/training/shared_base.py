@@ -173,6 +173,41 @@ def pss_bytes(pid: int | str = "self") -> int:
     raise RuntimeError("no Pss line in smaps_rollup")
 
 
+def private_bytes(pid: int | str = "self") -> int:
+    """Memory only this process holds (private clean + dirty pages, anonymous or file)."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class PeakSampler:
+    """Samples ``private_bytes`` in a thread; ``peak`` is the highest value seen."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        import threading
+
+        self.interval_s = interval_s
+        self.peak = private_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, private_bytes())
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, private_bytes())
+
+
 def describe(model: nn.Module) -> dict[str, Any]:
     """How many parameter bytes a model holds (for logs and tests)."""
     return {"param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}

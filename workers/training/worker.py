@@ -28,7 +28,9 @@ from workers.training.collectives import FlatAllReduce, all_gather_strings, grou
 from workers.training.distributed_spec import DistributedSpec
 from workers.training.recipe import LoraFinetuneRecipe
 from workers.training.shared_base import (
+    PeakSampler,
     load_shared_base,
+    private_bytes,
     pss_bytes,
     shm_path_for,
     write_shared_base,
@@ -87,20 +89,22 @@ def train_worker(config: dict[str, Any]) -> None:
     leader = local[0] == rank
 
     # -- base placement: once per node ---------------------------------------------------------
-    pss_before = pss_bytes()
+    pss_before, private_before = pss_bytes(), private_bytes()
     materialized = False
     shm_file: Path | None = None
-    if spec.base_placement == "shared_memory":
-        shm_file = shm_path_for(spec.job_name, node_id)
-        if leader and not shm_file.exists():
-            write_shared_base(spec.base_dir, shm_file, dtype=torch.float32)
-            materialized = True
-        dist.barrier()
-        model = load_shared_base(spec.base_dir, shm_file)
-    else:
-        model, _ = load_base(spec.base_dir)
-    tokenizer = load_tokenizer(spec.base_dir)
+    with PeakSampler() as sampler:
+        if spec.base_placement == "shared_memory":
+            shm_file = shm_path_for(spec.job_name, node_id)
+            if leader and not shm_file.exists():
+                write_shared_base(spec.base_dir, shm_file, dtype=torch.float32)
+                materialized = True
+            dist.barrier()
+            model = load_shared_base(spec.base_dir, shm_file)
+        else:
+            model, _ = load_base(spec.base_dir)
+        tokenizer = load_tokenizer(spec.base_dir)
     pss_after = pss_bytes()
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     train_examples = load_dataset(spec.data_path, tokenizer, seq_len=spec.train.seq_len)
     eval_examples = (
@@ -133,6 +137,7 @@ def train_worker(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     tokens = 0
     last_eval = None
+    curve: list[dict[str, Any]] = []
     while recipe.step < spec.train.max_steps:
         if spec.fail_at_step is not None and rank == min(1, world - 1):
             marker = Path(spec.fail_marker or "/tmp/lorafleet-fail-marker")
@@ -147,6 +152,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if last or (spec.train.eval_every and recipe.step % spec.train.eval_every == 0):
             report.eval_loss = last_eval = recipe.evaluate(eval_examples)
         metrics = {**asdict(report), "allreduce_bytes": step_comm, "lora_grad_bytes": grad_bytes}
+        curve.append({"step": report.step, "loss": report.loss, "allreduce_bytes": step_comm})
         due = last or (spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0)
         if due:
             with tempfile.TemporaryDirectory() as tmp:
@@ -166,6 +172,8 @@ def train_worker(config: dict[str, Any]) -> None:
         "materialized_base": materialized,
         "pss_before_setup": pss_before,
         "pss_after_setup": pss_after,
+        "private_peak_growth_setup": sampler.peak - private_before,
+        "base_param_bytes": base_bytes,
         "lora_checksum": lora_checksum(model),
         "allreduce_calls": reducer.stats.calls,
         "allreduce_bytes": reducer.stats.bytes - bytes_before,
@@ -189,6 +197,7 @@ def train_worker(config: dict[str, Any]) -> None:
             "lora": spec.lora.as_dict(),
             "train": asdict(spec.train),
             "workers": gathered,
+            "curve": curve,
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
