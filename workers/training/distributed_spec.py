@@ -23,7 +23,7 @@ class DistributedSpec:
         storage_path: Ray Train's persistent storage for checkpoints (a shared path or URI).
         workers: total workers; ``nodes`` > 1 asks Ray to spread them.
         base_placement: ``shared_memory`` (base once per node in /dev/shm) or ``private``
-            (each worker loads its own copy: the baseline that benchmarks compare against).
+            (each worker holds its own copy: the baseline that benchmarks compare against).
         checkpoint_every: steps between checkpoints (0: only at the end).
         max_failures: worker-group restarts Ray Train may do before the run fails.
         fail_at_step: test hook — rank 1 dies once at this step.

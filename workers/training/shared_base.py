@@ -173,6 +173,25 @@ def pss_bytes(pid: int | str = "self") -> int:
     raise RuntimeError("no Pss line in smaps_rollup")
 
 
+def mapping_pss(path: Path, pid: int | str = "self") -> int:
+    """PSS of this process's mappings of ``path``: its share of the shared base's pages.
+
+    Summed over every process that maps the file, this is the file's resident size counted
+    exactly once — the direct proof that a node holds the base once.
+    """
+    total, inside = 0, False
+    target = str(path)
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping header line
+                parts = line.split()
+                inside = len(parts) >= 6 and parts[5] == target
+            elif inside and first == "Pss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def private_bytes(pid: int | str = "self") -> int:
     """Memory only this process holds (private clean + dirty pages, anonymous or file)."""
     total = 0

@@ -30,6 +30,7 @@ from workers.training.recipe import LoraFinetuneRecipe
 from workers.training.shared_base import (
     PeakSampler,
     load_shared_base,
+    mapping_pss,
     private_bytes,
     pss_bytes,
     shm_path_for,
@@ -102,6 +103,11 @@ def train_worker(config: dict[str, Any]) -> None:
             model = load_shared_base(spec.base_dir, shm_file)
         else:
             model, _ = load_base(spec.base_dir)
+            # transformers maps safetensors files copy-on-write, so an untouched model shares
+            # the page cache; the baseline is what a worker that owns its weights holds.
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data = p.data.clone()
         tokenizer = load_tokenizer(spec.base_dir)
     pss_after = pss_bytes()
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -166,12 +172,16 @@ def train_worker(config: dict[str, Any]) -> None:
     elapsed = time.perf_counter() - t0
 
     # -- results -------------------------------------------------------------------------------
+    pss_end = pss_bytes()  # after training every mapped page has been touched and counted
+    base_pss = mapping_pss(shm_file) if shm_file is not None else 0
     stats = {
         "rank": rank,
         "node_id": node_id,
         "materialized_base": materialized,
         "pss_before_setup": pss_before,
         "pss_after_setup": pss_after,
+        "pss_after_training": pss_end,
+        "base_mapping_pss": base_pss,
         "private_peak_growth_setup": sampler.peak - private_before,
         "base_param_bytes": base_bytes,
         "lora_checksum": lora_checksum(model),
