@@ -119,8 +119,16 @@ def train_cmd(
     grad_accum: int = typer.Option(1, help="Micro-batches per step."),
     seq_len: int = typer.Option(128, help="Maximum tokens per example."),
     seed: int = typer.Option(0, help="Seed for LoRA init and data order."),
+    workers: int = typer.Option(1, help="Data-parallel workers (> 1 runs on Ray Train)."),
+    nodes: int = typer.Option(1, help="Nodes to spread the workers over."),
+    checkpoint_every: int = typer.Option(0, help="Steps between checkpoints (distributed)."),
+    max_failures: int = typer.Option(0, help="Worker-group restarts allowed (distributed)."),
 ) -> None:
-    """Fine-tune a LoRA adapter in this process; writes the adapter and metrics.json."""
+    """Fine-tune a LoRA adapter; writes the adapter and metrics.json.
+
+    One worker trains in this process; more run data-parallel on Ray Train (a local Ray
+    instance, or the cluster at LORAFLEET_RAY_ADDRESS) with the base once per node.
+    """
     from workers.lora import LoraConfig
     from workers.training.recipe import TrainConfig
     from workers.training.single import train_single
@@ -136,6 +144,11 @@ def train_cmd(
         seq_len=seq_len,
         seed=seed,
     )
+    if workers > 1 or nodes > 1:
+        _train_on_ray(
+            base, data, out, eval_data, lcfg, tcfg, workers, nodes, checkpoint_every, max_failures
+        )
+        return
     with train_progress(max_steps) as on_report:
         output = train_single(
             base_dir=base,
@@ -151,6 +164,63 @@ def train_cmd(
         f"adapter written to [bold]{output.adapter_dir}[/] — eval loss "
         f"{res.eval_loss_initial:.3f} → {res.eval_loss_final:.3f}, "
         f"{res.tokens_per_s:,.0f} tokens/s"
+    )
+
+
+def _train_on_ray(
+    base: Path,
+    data: Path,
+    out: Path,
+    eval_data: Path | None,
+    lcfg: object,
+    tcfg: object,
+    workers: int,
+    nodes: int,
+    checkpoint_every: int,
+    max_failures: int,
+) -> None:
+    import uuid
+
+    import ray
+
+    from storage.settings import load_settings
+    from workers.base_model import check_base_dir
+    from workers.datasets import read_jsonl
+    from workers.training.distributed_spec import DistributedSpec
+    from workers.training.ray_train import train_distributed
+
+    check_base_dir(base)  # fail before starting Ray on plain input mistakes
+    read_jsonl(data)
+    settings = load_settings()
+    spec = DistributedSpec(
+        job_name=f"train-{uuid.uuid4().hex[:8]}",
+        base_dir=str(base.resolve()),
+        data_path=str(data.resolve()),
+        eval_path=str(eval_data.resolve()) if eval_data else None,
+        out_dir=str(out.resolve()),
+        storage_path=str(settings.home / "ray_results"),
+        lora=lcfg,  # type: ignore[arg-type]
+        train=tcfg,  # type: ignore[arg-type]
+        workers=workers,
+        nodes=nodes,
+        checkpoint_every=checkpoint_every,
+        max_failures=max_failures,
+    )
+    address = settings.ray_address or "local"
+    with console.status(f"starting Ray ({address}) and {workers} workers…"):
+        ray.init(
+            address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+        )
+    try:
+        with console.status(f"training on {workers} workers ({spec.job_name})…"):
+            result = train_distributed(spec)
+    finally:
+        ray.shutdown()
+    m = result.metrics
+    console.print(
+        f"adapter written to [bold]{result.adapter_dir}[/] — {m['world_size']} workers on "
+        f"{m['nodes']} node(s), eval loss {m['eval_loss_initial']:.3f} → "
+        f"{m['eval_loss_final']:.3f}, {m['tokens_per_s']:,.0f} tokens/s"
     )
 
 

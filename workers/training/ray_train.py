@@ -67,14 +67,14 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
             storage_path=spec.storage_path,
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": _worker_env()},  # type: ignore[call-arg]
         ),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray's TrainingFailedError wraps the worker's error
-        cause = exc
+        cause: BaseException = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
         raise TrainingError(

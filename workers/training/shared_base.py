@@ -48,7 +48,7 @@ def params_on_meta() -> Iterator[None]:
             kwargs = {"requires_grad": p.requires_grad}
             module._parameters[name] = type(p)(p.to("meta"), **kwargs)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
