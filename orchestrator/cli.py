@@ -209,7 +209,10 @@ def _train_on_ray(
     address = settings.ray_address or "local"
     with console.status(f"starting Ray ({address}) and {workers} workers…"):
         ray.init(
-            address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
         )
     try:
         with console.status(f"training on {workers} workers ({spec.job_name})…"):
