@@ -140,3 +140,52 @@ def test_exceeding_max_failures_is_a_clear_error(ray_cluster, tiny_base_dir, tmp
                 fail_marker=str(tmp_path / "died"),
             )
         )
+
+
+def test_sharded_base_hsdp_on_two_nodes(ray_cluster, tiny_base_dir, tmp_path):
+    """shard_per_node: FSDP2 on a nodes × workers mesh; base all-gathers stay in a node."""
+    steps = 5
+    train = TrainConfig(max_steps=steps, batch_size=2, seq_len=64, eval_every=0)
+    res = train_distributed(
+        _spec(
+            tmp_path,
+            tiny_base_dir,
+            workers=4,
+            nodes=2,
+            train=train,
+            base_placement="shard_per_node",
+        )
+    )
+    workers = res.metrics["workers"]
+    assert len({w["lora_checksum"] for w in workers}) == 1
+
+    model, tok = load_base(tiny_base_dir)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    by_node: dict[str, list[dict]] = {}
+    for w in workers:
+        by_node.setdefault(w["node_id"], []).append(w)
+    assert len(by_node) == 2
+    for ws in by_node.values():  # each node holds the base exactly once, in shards
+        assert sum(w["base_param_bytes"] for w in ws) == full_bytes
+        assert all(w["base_param_bytes"] < 0.6 * full_bytes for w in ws)
+
+    lora_bytes = res.metrics["lora_grad_bytes"]
+    for w in workers:
+        coll = w["collectives"]
+        spanning = {k: v for k, v in coll.items() if "spans nodes" in k}
+        assert set(spanning) == {"all_reduce (spans nodes)"}, coll
+        # LoRA gradients (+ a 16-byte loss/token count) per step, nothing base-sized
+        assert spanning["all_reduce (spans nodes)"]["bytes"] <= steps * (lora_bytes + 64)
+        assert coll.get("all_gather_single (within a node)", {}).get("calls", 0) > 0, coll
+
+    examples = load_dataset(TRAIN_FILE, tok, seq_len=64)
+    recipe = LoraFinetuneRecipe(
+        model,
+        LORA,
+        TrainConfig(max_steps=steps, batch_size=8, seq_len=64, eval_every=0),
+        pad_id=tok.pad_token_id,
+    )
+    recipe.setup()
+    single = [r.loss for r in recipe.train(examples).curve]
+    sharded = [p["loss"] for p in res.metrics["curve"]]
+    assert max(abs(a - b) for a, b in zip(single, sharded, strict=True)) < 1e-4

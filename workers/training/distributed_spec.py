@@ -9,7 +9,7 @@ from workers.errors import TrainingError
 from workers.lora import LoraConfig
 from workers.training.recipe import TrainConfig
 
-BasePlacement = Literal["shared_memory", "private"]
+BasePlacement = Literal["shared_memory", "shard_per_node", "private"]
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,11 @@ class DistributedSpec:
         out_dir: where rank 0 writes the PEFT adapter and ``metrics.json``.
         storage_path: Ray Train's persistent storage for checkpoints (a shared path or URI).
         workers: total workers; ``nodes`` > 1 asks Ray to spread them.
-        base_placement: ``shared_memory`` (base once per node in /dev/shm) or ``private``
-            (each worker holds its own copy: the baseline that benchmarks compare against).
+        base_placement: ``shared_memory`` (the CPU default: base once per node in /dev/shm,
+            mapped read-only by every worker), ``shard_per_node`` (the GPU default: FSDP2 on a
+            nodes × workers mesh, base sharded within a node, HSDP), or ``private`` (each
+            worker holds its own copy: the baseline that benchmarks compare against).
+            ``None`` picks the default for ``use_gpu``.
         checkpoint_every: steps between checkpoints (0: only at the end).
         max_failures: worker-group restarts Ray Train may do before the run fails.
         fail_at_step: test hook — rank 1 dies once at this step.
@@ -41,7 +44,7 @@ class DistributedSpec:
     nodes: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    base_placement: BasePlacement = "shared_memory"
+    base_placement: BasePlacement | None = None
     checkpoint_every: int = 0
     max_failures: int = 0
     threads_per_worker: int = 1
@@ -53,7 +56,10 @@ class DistributedSpec:
             raise TrainingError(f"workers: must be ≥ 1, got {self.workers}")
         if self.nodes < 1 or self.workers % self.nodes:
             raise TrainingError(f"nodes: must divide workers ({self.workers}), got {self.nodes}")
-        if self.base_placement not in ("shared_memory", "private"):
+        if self.base_placement is None:
+            default = "shard_per_node" if self.use_gpu else "shared_memory"
+            object.__setattr__(self, "base_placement", default)
+        if self.base_placement not in ("shared_memory", "shard_per_node", "private"):
             raise TrainingError(f"base_placement: unknown placement {self.base_placement!r}")
         if self.checkpoint_every < 0 or self.max_failures < 0:
             raise TrainingError("checkpoint_every and max_failures must be ≥ 0")

@@ -67,6 +67,8 @@ def _plain_frozen_head(model: nn.Module) -> nn.Linear | None:
     head = get_head() if callable(get_head) else None
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
         return None
+    if type(head.weight).__name__ == "DTensor":  # sharded (FSDP): only model() unshards it
+        return None
     config = getattr(model, "config", None)
     for attr in _LOGIT_TRANSFORMS:
         value = getattr(config, attr, None)

@@ -25,8 +25,10 @@ from workers.base_model import load_base, load_tokenizer
 from workers.datasets import file_sha256, load_dataset
 from workers.lora import lora_modules, lora_state_dict, save_adapter
 from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
+from workers.training.comm_audit import record_collectives, summarize
 from workers.training.distributed_spec import DistributedSpec
 from workers.training.recipe import LoraFinetuneRecipe
+from workers.training.sharded_base import load_sharded_base, local_base_bytes
 from workers.training.shared_base import (
     PeakSampler,
     load_shared_base,
@@ -94,7 +96,10 @@ def train_worker(config: dict[str, Any]) -> None:
     materialized = False
     shm_file: Path | None = None
     with PeakSampler() as sampler:
-        if spec.base_placement == "shared_memory":
+        if spec.base_placement == "shard_per_node":
+            torch.manual_seed(spec.train.seed)  # LoRA init as in the other placements
+            model, _mesh = load_sharded_base(spec.base_dir, spec.lora, nodes)
+        elif spec.base_placement == "shared_memory":
             shm_file = shm_path_for(spec.job_name, node_id)
             if leader and not shm_file.exists():
                 write_shared_base(spec.base_dir, shm_file, dtype=torch.float32)
@@ -110,7 +115,12 @@ def train_worker(config: dict[str, Any]) -> None:
                     p.data = p.data.clone()
         tokenizer = load_tokenizer(spec.base_dir)
     pss_after = pss_bytes()
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sharded = spec.base_placement == "shard_per_node"
+    base_bytes = (
+        local_base_bytes(model)
+        if sharded
+        else sum(p.numel() * p.element_size() for p in model.parameters())
+    )
 
     train_examples = load_dataset(spec.data_path, tokenizer, seq_len=spec.train.seq_len)
     eval_examples = (
@@ -128,7 +138,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         all_reduce=reducer,
     )
-    recipe.setup()
+    recipe.setup(inject=not sharded)
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
     if checkpoint is not None:
@@ -144,32 +154,37 @@ def train_worker(config: dict[str, Any]) -> None:
     tokens = 0
     last_eval = None
     curve: list[dict[str, Any]] = []
-    while recipe.step < spec.train.max_steps:
-        if spec.fail_at_step is not None and rank == min(1, world - 1):
-            marker = Path(spec.fail_marker or "/tmp/lorafleet-fail-marker")
-            if recipe.step == spec.fail_at_step and not marker.exists():
-                marker.write_text("failed once")
-                os._exit(1)  # a crash, not an exception: what a killed worker looks like
-        comm_before = reducer.stats.bytes
-        report = recipe.train_step(train_examples)
-        step_comm = reducer.stats.bytes - comm_before
-        tokens += report.tokens
-        last = recipe.step == spec.train.max_steps
-        if last or (spec.train.eval_every and recipe.step % spec.train.eval_every == 0):
-            report.eval_loss = last_eval = recipe.evaluate(eval_examples)
-        metrics = {**asdict(report), "allreduce_bytes": step_comm, "lora_grad_bytes": grad_bytes}
-        curve.append({"step": report.step, "loss": report.loss, "allreduce_bytes": step_comm})
-        due = last or (spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0)
-        if due:
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_checkpoint(recipe, Path(tmp))
-                ray.train.report(
-                    metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None
-                )
-        else:
-            ray.train.report(metrics)
-    elapsed = time.perf_counter() - t0
+    with record_collectives(nodes) as collectives:
+        while recipe.step < spec.train.max_steps:
+            if spec.fail_at_step is not None and rank == min(1, world - 1):
+                marker = Path(spec.fail_marker or "/tmp/lorafleet-fail-marker")
+                if recipe.step == spec.fail_at_step and not marker.exists():
+                    marker.write_text("failed once")
+                    os._exit(1)  # a crash, not an exception: what a killed worker looks like
+            comm_before = reducer.stats.bytes
+            report = recipe.train_step(train_examples)
+            step_comm = reducer.stats.bytes - comm_before
+            tokens += report.tokens
+            last = recipe.step == spec.train.max_steps
+            if last or (spec.train.eval_every and recipe.step % spec.train.eval_every == 0):
+                report.eval_loss = last_eval = recipe.evaluate(eval_examples)
+            metrics = {
+                **asdict(report),
+                "allreduce_bytes": step_comm,
+                "lora_grad_bytes": grad_bytes,
+            }
+            curve.append({"step": report.step, "loss": report.loss, "allreduce_bytes": step_comm})
+            due = last or (spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0)
+            if due:
+                with tempfile.TemporaryDirectory() as tmp:
+                    if rank == 0:
+                        save_checkpoint(recipe, Path(tmp))
+                    ray.train.report(
+                        metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None
+                    )
+            else:
+                ray.train.report(metrics)
+        elapsed = time.perf_counter() - t0
 
     # -- results -------------------------------------------------------------------------------
     pss_end = pss_bytes()  # after training every mapped page has been touched and counted
@@ -188,6 +203,8 @@ def train_worker(config: dict[str, Any]) -> None:
         "allreduce_calls": reducer.stats.calls,
         "allreduce_bytes": reducer.stats.bytes - bytes_before,
         "steps_run": spec.train.max_steps - (resumed_from or 0),
+        "placement": spec.base_placement,
+        "collectives": summarize(collectives),
     }
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, stats)
