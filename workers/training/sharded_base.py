@@ -48,7 +48,8 @@ def node_mesh_layout(node_ids: list[str]) -> list[list[int]]:
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise BaseModelError("shard_per_node needs a decoder with a `layers` list (Llama-like)")
@@ -78,7 +79,7 @@ def load_sharded_base(
     model.requires_grad_(False)
     torch.manual_seed(0)
     inject_lora(model, lora)
-    ignored = set(lora_parameters(model))
+    ignored: set[nn.Parameter] = {p for p in lora_parameters(model) if isinstance(p, nn.Parameter)}
     # HSDP: replicate over dim 0 (nodes), shard over dim 1 (a node's workers).
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
