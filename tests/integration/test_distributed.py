@@ -130,16 +130,12 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_base_dir, tmp_p
 
 
 def test_exceeding_max_failures_is_a_clear_error(ray_cluster, tiny_base_dir, tmp_path):
+    spec = _spec(
+        tmp_path, tiny_base_dir, max_failures=0, fail_at_step=2, fail_marker=str(tmp_path / "died")
+    )
     with pytest.raises(TrainingError, match="failed"):
-        train_distributed(
-            _spec(
-                tmp_path,
-                tiny_base_dir,
-                max_failures=0,
-                fail_at_step=2,
-                fail_marker=str(tmp_path / "died"),
-            )
-        )
+        train_distributed(spec)
+    assert not list(Path("/dev/shm").glob(f"lorafleet-base-{spec.job_name}-*"))
 
 
 def test_sharded_base_hsdp_on_two_nodes(ray_cluster, tiny_base_dir, tmp_path):
@@ -189,3 +185,25 @@ def test_sharded_base_hsdp_on_two_nodes(ray_cluster, tiny_base_dir, tmp_path):
     single = [r.loss for r in recipe.train(examples).curve]
     sharded = [p["loss"] for p in res.metrics["curve"]]
     assert max(abs(a - b) for a, b in zip(single, sharded, strict=True)) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_gpu_hsdp_bf16(tiny_base_dir, tmp_path):
+    """The GPU path: shard_per_node with NCCL and bf16 autocast, one worker per GPU."""
+    import ray
+
+    n = torch.cuda.device_count()
+    if not ray.is_initialized():
+        ray.init(address="local", num_gpus=n, include_dashboard=False)
+    res = train_distributed(
+        _spec(
+            tmp_path,
+            tiny_base_dir,
+            workers=n,
+            use_gpu=True,
+            base_placement="shard_per_node",
+            cpus_per_worker=1,
+        )
+    )
+    assert res.metrics["eval_loss_final"] < res.metrics["eval_loss_initial"]
+    assert len({w["lora_checksum"] for w in res.metrics["workers"]}) == 1

@@ -15,6 +15,7 @@ from typing import Any
 
 from workers.errors import TrainingError
 from workers.training.distributed_spec import DistributedSpec
+from workers.training.shared_base import SHM_DIR, shm_path_for
 from workers.training.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,13 @@ def _worker_env() -> dict[str, str]:
         if key in os.environ:
             env[key] = os.environ[key]
     return env
+
+
+def _remove_shared_bases(job_name: str) -> None:
+    """Workers remove their node's /dev/shm base at the end; after a crash nobody did, so the
+    driver removes what it can see (its own node, and every simulated node of a test cluster)."""
+    for leftover in SHM_DIR.glob(shm_path_for(job_name, "*").name + "*"):
+        leftover.unlink(missing_ok=True)
 
 
 def train_distributed(spec: DistributedSpec) -> DistributedResult:
@@ -81,6 +89,8 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
             f"training {spec.job_name} failed (max_failures={spec.max_failures}): "
             f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
         ) from exc
+    finally:
+        _remove_shared_bases(spec.job_name)
     if result.error is not None:
         raise TrainingError(f"training {spec.job_name} failed: {result.error}")
     out = Path(spec.out_dir)

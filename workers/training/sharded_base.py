@@ -57,7 +57,11 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def load_sharded_base(
-    base_dir: str | Path, lora: LoraConfig, node_ids: list[str], *, device: str = "cpu"
+    base_dir: str | Path,
+    lora: LoraConfig,
+    node_ids: list[str],
+    *,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, object]:
     """Build the LoRA model with its frozen base sharded within each node.
 
@@ -70,7 +74,8 @@ def load_sharded_base(
     from transformers import AutoModelForCausalLM
 
     layout = node_mesh_layout(node_ids)
-    mesh = DeviceMesh(device, torch.tensor(layout), mesh_dim_names=("node", "local"))
+    device = torch.device(device)
+    mesh = DeviceMesh(device.type, torch.tensor(layout), mesh_dim_names=("node", "local"))
     config = load_base_config(base_dir)
     if getattr(config, "tie_word_embeddings", False):
         raise BaseModelError("shard_per_node does not support tied input/output embeddings yet")
@@ -79,6 +84,8 @@ def load_sharded_base(
     model.requires_grad_(False)
     torch.manual_seed(0)
     inject_lora(model, lora)
+    for p in lora_parameters(model):  # LoRA lives outside FSDP, replicated on each device
+        p.data = p.data.to(device)
     ignored: set[nn.Parameter] = {p for p in lora_parameters(model) if isinstance(p, nn.Parameter)}
     # HSDP: replicate over dim 0 (nodes), shard over dim 1 (a node's workers).
     for layer in _decoder_layers(model):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from workers.base_model import load_base, load_tokenizer
 from workers.datasets import file_sha256, load_dataset
+from workers.errors import TrainingError
 from workers.lora import lora_modules, lora_state_dict, save_adapter
 from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
 from workers.training.comm_audit import record_collectives, summarize
@@ -90,6 +91,13 @@ def train_worker(config: dict[str, Any]) -> None:
     nodes = all_gather_strings(node_id)
     local = group_by_node(nodes)[node_id]
     leader = local[0] == rank
+    device = torch.device("cpu")
+    if spec.use_gpu:
+        import ray.train.torch as ray_torch
+
+        device = ray_torch.get_device()
+        if spec.base_placement == "shared_memory":
+            raise TrainingError("shared_memory placement is for CPU nodes; use shard_per_node")
 
     # -- base placement: once per node ---------------------------------------------------------
     pss_before, private_before = pss_bytes(), private_bytes()
@@ -98,7 +106,7 @@ def train_worker(config: dict[str, Any]) -> None:
     with PeakSampler() as sampler:
         if spec.base_placement == "shard_per_node":
             torch.manual_seed(spec.train.seed)  # LoRA init as in the other placements
-            model, _mesh = load_sharded_base(spec.base_dir, spec.lora, nodes)
+            model, _mesh = load_sharded_base(spec.base_dir, spec.lora, nodes, device=device)
         elif spec.base_placement == "shared_memory":
             shm_file = shm_path_for(spec.job_name, node_id)
             if leader and not shm_file.exists():
@@ -107,7 +115,7 @@ def train_worker(config: dict[str, Any]) -> None:
             dist.barrier()
             model = load_shared_base(spec.base_dir, shm_file)
         else:
-            model, _ = load_base(spec.base_dir)
+            model, _ = load_base(spec.base_dir, device=device)
             # transformers maps safetensors files copy-on-write, so an untouched model shares
             # the page cache; the baseline is what a worker that owns its weights holds.
             with torch.no_grad():
@@ -137,6 +145,7 @@ def train_worker(config: dict[str, Any]) -> None:
         world=world,
         rank=rank,
         all_reduce=reducer,
+        device=device,
     )
     recipe.setup(inject=not sharded)
     checkpoint = ray.train.get_checkpoint()
