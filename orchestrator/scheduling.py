@@ -1,0 +1,170 @@
+"""Admission decisions: which queued jobs start now, and why the others wait (pure).
+
+Order: higher priority first; among equal priorities, the namespace with the fewest active
+jobs goes next (so two teams share the cluster instead of the earlier submitter taking it
+all), then submission time. A job is admitted only if its whole gang fits at once — every
+worker on the requested number of distinct nodes — and its namespace stays within its limits
+(concurrent jobs, total CPUs, total GPUs). A job that is blocked by cluster resources holds
+back every lower-priority job (no starvation of large jobs by a stream of small ones); a job
+that can never fit the cluster waits with that reason and blocks nobody.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Gang:
+    """What a job needs: ``nodes`` nodes, each running ``workers_per_node`` workers."""
+
+    nodes: int = 1
+    workers_per_node: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    @property
+    def cpus(self) -> float:
+        return self.nodes * self.workers_per_node * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.nodes * self.workers_per_node * self.gpus_per_worker
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    id: str
+    namespace: str
+    priority: int
+    submitted_at: float
+    gang: Gang
+
+
+@dataclass(frozen=True)
+class ActiveJob:
+    id: str
+    namespace: str
+    gang: Gang
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-namespace quota; None means unlimited."""
+
+    max_concurrent_jobs: int | None = None
+    max_cpus: float | None = None
+    max_gpus: float | None = None
+
+
+@dataclass(frozen=True)
+class NodeFree:
+    """Free resources on one node now, and its total capacity."""
+
+    cpus: float
+    gpus: float = 0.0
+    total_cpus: float | None = None
+    total_gpus: float | None = None
+
+
+@dataclass
+class Decision:
+    admit: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)  # job id → reason
+
+
+def _place(gang: Gang, nodes: list[NodeFree]) -> list[int] | None:
+    """Indices of ``gang.nodes`` distinct nodes that can each hold ``workers_per_node``."""
+    need_c = gang.workers_per_node * gang.cpus_per_worker
+    need_g = gang.workers_per_node * gang.gpus_per_worker
+    fits = [i for i, n in enumerate(nodes) if n.cpus >= need_c - 1e-9 and n.gpus >= need_g - 1e-9]
+    fits.sort(key=lambda i: (nodes[i].gpus, nodes[i].cpus))  # best fit: keep big nodes free
+    return fits[: gang.nodes] if len(fits) >= gang.nodes else None
+
+
+def _ever_fits(gang: Gang, nodes: list[NodeFree]) -> bool:
+    total = [
+        NodeFree(
+            n.total_cpus if n.total_cpus is not None else n.cpus,
+            n.total_gpus if n.total_gpus is not None else n.gpus,
+        )
+        for n in nodes
+    ]
+    return _place(gang, total) is not None
+
+
+def decide(
+    queued: list[QueuedJob],
+    active: list[ActiveJob],
+    nodes: list[NodeFree],
+    limits: dict[str, Limits] | None = None,
+) -> Decision:
+    """Choose the jobs to start now; give every other queued job a reason."""
+    limits = limits or {}
+    free = [NodeFree(n.cpus, n.gpus, n.total_cpus, n.total_gpus) for n in nodes]
+    count = Counter(j.namespace for j in active)
+    cpus: dict[str, float] = defaultdict(float)
+    gpus: dict[str, float] = defaultdict(float)
+    for j in active:
+        cpus[j.namespace] += j.gang.cpus
+        gpus[j.namespace] += j.gang.gpus
+    decision = Decision()
+    pending = sorted(queued, key=lambda j: (-j.priority, j.submitted_at))
+    blocked_below: int | None = None  # priority under which nothing may jump a blocked job
+    while pending:
+        top = pending[0].priority
+        same = [j for j in pending if j.priority == top]
+        job = min(same, key=lambda j: (count[j.namespace], j.submitted_at))
+        pending.remove(job)
+        if blocked_below is not None and job.priority < blocked_below:
+            decision.waiting[job.id] = "behind a higher-priority job waiting for resources"
+            continue
+        lim = limits.get(job.namespace, Limits())
+        g = job.gang
+        if lim.max_concurrent_jobs is not None and count[job.namespace] >= lim.max_concurrent_jobs:
+            decision.waiting[job.id] = (
+                f"namespace {job.namespace} is at its limit of {lim.max_concurrent_jobs} "
+                "concurrent job(s)"
+            )
+            continue
+        if lim.max_cpus is not None and cpus[job.namespace] + g.cpus > lim.max_cpus:
+            decision.waiting[job.id] = (
+                f"namespace {job.namespace} CPU quota: {cpus[job.namespace]:g} in use + "
+                f"{g.cpus:g} > {lim.max_cpus:g}"
+            )
+            continue
+        if lim.max_gpus is not None and gpus[job.namespace] + g.gpus > lim.max_gpus:
+            decision.waiting[job.id] = (
+                f"namespace {job.namespace} GPU quota: {gpus[job.namespace]:g} in use + "
+                f"{g.gpus:g} > {lim.max_gpus:g}"
+            )
+            continue
+        if not _ever_fits(g, nodes):
+            decision.waiting[job.id] = (
+                f"cannot fit the cluster: needs {g.nodes} node(s) with "
+                f"{g.workers_per_node * g.cpus_per_worker:g} CPU and "
+                f"{g.workers_per_node * g.gpus_per_worker:g} GPU each"
+            )
+            continue
+        placement = _place(g, free)
+        if placement is None:
+            decision.waiting[job.id] = (
+                f"waiting for resources: {g.cpus:g} CPU / {g.gpus:g} GPU as {g.nodes} × "
+                f"{g.workers_per_node} workers"
+            )
+            blocked_below = job.priority
+            continue
+        for i in placement:
+            n = free[i]
+            free[i] = NodeFree(
+                n.cpus - g.workers_per_node * g.cpus_per_worker,
+                n.gpus - g.workers_per_node * g.gpus_per_worker,
+                n.total_cpus,
+                n.total_gpus,
+            )
+        decision.admit.append(job.id)
+        count[job.namespace] += 1
+        cpus[job.namespace] += g.cpus
+        gpus[job.namespace] += g.gpus
+    return decision

@@ -1,0 +1,180 @@
+"""The fine-tune job spec: what a user submits (YAML or JSON), validated at the boundary.
+
+Unknown fields are rejected and every error names the field's path (``training.lr``), so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from storage.names import NAME_RE, parse_ref
+
+
+class SpecError(ValueError):
+    """A job spec is invalid; ``field`` is the dotted path of the first offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (alpha/r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module names, 'all-linear', or 're:<regex>'.",
+    )
+    rslora: bool = False
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and (not v or not all(isinstance(t, str) and t for t in v)):
+            raise ValueError("must be a non-empty list of module names")
+        if isinstance(v, str) and not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class TrainingSpec(_Strict):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(3e-3, gt=0, lt=1)
+    batch_size: int = Field(16, ge=1, description="Examples per worker per micro-step.")
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(128, ge=2, le=131072)
+    seed: int = 0
+    warmup_steps: int = Field(10, ge=0)
+    eval_every: int = Field(50, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainingSpec:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give max_steps or epochs, not both")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    nodes: int = Field(1, ge=1)
+    workers_per_node: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+
+    @property
+    def workers(self) -> int:
+        return self.nodes * self.workers_per_node
+
+    @property
+    def total_gpus(self) -> float:
+        return self.workers * self.gpus_per_worker
+
+    @property
+    def total_cpus(self) -> float:
+        return self.workers * self.cpus_per_worker
+
+
+class JobSpec(_Strict):
+    """A fine-tune job."""
+
+    name: str = Field(description="Job name (names the run).")
+    namespace: str = Field(description="Team that owns the job and its adapter.")
+    base_model: str = Field(description="A registered base name, or a local model directory.")
+    training_data: str = Field(description="JSONL dataset: a local path or file:// URI.")
+    validation_data: str | None = None
+    output_adapter: str = Field(description="namespace/name to publish the adapter under.")
+    lora: LoraSpec = Field(default_factory=lambda: LoraSpec())
+    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec())
+    resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec())
+    priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
+    max_failures: int = Field(0, ge=0, le=100)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=128)
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(
+                "use 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("output_adapter")
+    @classmethod
+    def _adapter(cls, v: str, info: ValidationInfo) -> str:
+        ref = parse_ref(v)  # InvalidReference is a ValueError: pydantic reports it on the field
+        if ref.version is not None or ref.alias is not None:
+            raise ValueError("must be namespace/name (versions are assigned on publish)")
+        namespace = info.data.get("namespace")
+        if namespace is not None and ref.namespace != namespace:
+            raise ValueError(f"must be in the job's namespace {namespace!r}")
+        return v
+
+    def canonical_json(self) -> str:
+        """Stable JSON of the spec (what idempotency compares)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _first_error(exc: ValidationError) -> SpecError:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"])
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    message = message.removeprefix("Value error, ")
+    return SpecError(path, message)
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a decoded spec (a dict).
+
+    Raises:
+        SpecError: naming the first offending field's path.
+    """
+    if not isinstance(data, dict):
+        raise SpecError("", "a job spec must be a mapping of fields")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML or JSON spec file.
+
+    Raises:
+        SpecError: unreadable file, malformed YAML/JSON, or an invalid field.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError("", f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(
+            "", f"{p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}"
+        ) from None
+    return parse_spec(data)

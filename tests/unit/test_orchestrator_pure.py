@@ -1,0 +1,131 @@
+"""Job specs, the job state machine and admission decisions (pure, no Ray, no database)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import yaml
+
+from orchestrator.lifecycle import STATES, TERMINAL, IllegalTransition, check_transition
+from orchestrator.scheduling import ActiveJob, Gang, Limits, NodeFree, QueuedJob, decide
+from orchestrator.spec import SpecError, load_spec, parse_spec
+
+BASE = dict(
+    name="j", namespace="team", base_model="tiny", training_data="d.jsonl", output_adapter="team/a"
+)
+
+
+@pytest.mark.parametrize("path", ["examples/digits.yaml", "examples/chat-7b-multinode.yaml"])
+def test_examples_are_valid(path):
+    spec = load_spec(path)
+    assert spec.output_adapter.startswith(spec.namespace + "/")
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"trainig": {}}, "trainig"),
+        ({"training": {"lr": 2}}, "training.lr"),
+        ({"training": {"max_steps": 5, "epochs": 1}}, "training"),
+        ({"lora": {"r": 0}}, "lora.r"),
+        ({"lora": {"targets": []}}, "lora.targets"),
+        ({"resources": {"gpus": 1}}, "resources.gpus"),
+        ({"name": "../x"}, "name"),
+        ({"output_adapter": "other/a"}, "output_adapter"),
+        ({"output_adapter": "team/a:2"}, "output_adapter"),
+        ({"priority": 1000}, "priority"),
+    ],
+)
+def test_bad_specs_name_the_field(patch, field):
+    with pytest.raises(SpecError) as info:
+        parse_spec({**BASE, **patch})
+    assert info.value.field == field
+
+
+def test_missing_field_and_bad_files(tmp_path):
+    with pytest.raises(SpecError, match=r"^namespace: Field required"):
+        parse_spec({"name": "x"})
+    (tmp_path / "s.yaml").write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "s.yaml")
+    (tmp_path / "s.json").write_text(json.dumps(BASE))
+    assert load_spec(tmp_path / "s.json").name == "j"
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(["a", "list"]))
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(tmp_path / "t.yaml")
+
+
+def test_canonical_json_ignores_key_order():
+    a = parse_spec({**BASE, "priority": 1})
+    b = parse_spec(dict(reversed(list({**BASE, "priority": 1}.items()))))
+    assert a.canonical_json() == b.canonical_json()
+    assert a.canonical_json() != parse_spec({**BASE, "priority": 2}).canonical_json()
+
+
+def test_state_machine():
+    path = ["queued", "starting", "running", "retrying", "starting", "running", "succeeded"]
+    for cur, nxt in itertools.pairwise(path):
+        check_transition("j", cur, nxt)
+    for terminal in TERMINAL:
+        for target in STATES:
+            with pytest.raises(IllegalTransition):
+                check_transition("j", terminal, target)
+    with pytest.raises(IllegalTransition, match="queued to running"):
+        check_transition("j", "queued", "running")
+    for state in ("queued", "starting", "running", "retrying"):
+        check_transition("j", state, "cancelled")
+
+
+def _q(i, ns="a", prio=0, t=None, **gang):  # type: ignore[no-untyped-def]
+    return QueuedJob(f"j{i}", ns, prio, float(i if t is None else t), Gang(**gang))
+
+
+def test_priority_then_submission_order():
+    d = decide([_q(1), _q(2, prio=5), _q(3)], [], [NodeFree(cpus=1)])
+    assert d.admit == ["j2"]
+    assert "waiting for resources" in d.waiting["j1"]
+
+
+def test_namespace_concurrency_limit_serialises_jobs():
+    limits = {"a": Limits(max_concurrent_jobs=1)}
+    d = decide([_q(1), _q(2), _q(3)], [], [NodeFree(cpus=8)], limits)
+    assert d.admit == ["j1"] and "limit of 1" in d.waiting["j2"]
+    d = decide([_q(2), _q(3)], [ActiveJob("j1", "a", Gang())], [NodeFree(cpus=7)], limits)
+    assert d.admit == []
+
+
+def test_two_namespaces_share_fairly():
+    queued = [_q(i, "a") for i in range(4)] + [_q(10 + i, "b", t=100 + i) for i in range(4)]
+    d = decide(queued, [], [NodeFree(cpus=4)])
+    assert sorted(d.admit) == ["j0", "j1", "j10", "j11"]
+
+
+def test_gang_must_fit_whole_and_on_distinct_nodes():
+    big = _q(1, nodes=2, workers_per_node=2)
+    d = decide([big], [], [NodeFree(cpus=4), NodeFree(cpus=1, total_cpus=2)])
+    assert d.admit == [] and "waiting for resources" in d.waiting["j1"]
+    d = decide([big], [], [NodeFree(cpus=2), NodeFree(cpus=2)])
+    assert d.admit == ["j1"]
+
+
+def test_job_that_never_fits_blocks_nobody():
+    huge = _q(1, prio=9, gpus_per_worker=8)
+    d = decide([huge, _q(2)], [], [NodeFree(cpus=4, gpus=1)])
+    assert d.admit == ["j2"] and "cannot fit the cluster" in d.waiting["j1"]
+
+
+def test_blocked_high_priority_holds_back_lower_priority():
+    d = decide(
+        [_q(1, prio=5, workers_per_node=3), _q(2, prio=0)], [], [NodeFree(cpus=2, total_cpus=4)]
+    )
+    assert d.admit == [] and "higher-priority" in d.waiting["j2"]
+
+
+def test_gpu_quota():
+    limits = {"a": Limits(max_gpus=1)}
+    d = decide(
+        [_q(1, gpus_per_worker=1, workers_per_node=2)], [], [NodeFree(cpus=8, gpus=8)], limits
+    )
+    assert d.admit == [] and "GPU quota" in d.waiting["j1"]
