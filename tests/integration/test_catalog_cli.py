@@ -40,7 +40,7 @@ def test_catalog_commands(home, tiny_base_dir, tmp_path):
     inject_lora(model, cfg)
     save_adapter(model, cfg, tmp_path / "ad")
 
-    assert "→ 0001" in _ok("db", "upgrade")
+    assert "catalog schema: empty → 0" in _ok("db", "upgrade")
     assert "up to date" in _ok("db", "status")
     assert "fingerprint" in _ok("base", "register", "tiny", tiny_base_dir)
     assert "team/x:1" in _ok(

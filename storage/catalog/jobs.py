@@ -1,0 +1,257 @@
+"""Job rows and job events: creation with idempotency keys, compare-and-set state changes.
+
+The state machine itself belongs to the orchestrator (``orchestrator.lifecycle``); this module
+only guarantees that a change happens atomically from an allowed state, so two actors racing
+to move one job can never both win.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import select, update
+
+from storage.catalog.db import Catalog
+from storage.catalog.models import JobEventRow, JobRow, NamespaceRow, utcnow
+from storage.catalog.repository import _namespace_row
+from storage.errors import NotFound, StorageError
+from storage.names import validate_name
+
+
+class JobNotFound(NotFound):
+    """No such job (or not in the caller's namespace)."""
+
+
+class IdempotencyConflict(StorageError):
+    """The idempotency key was used before with a different spec."""
+
+
+class JobStateConflict(StorageError):
+    """The job was not in an expected state when a change was attempted."""
+
+    def __init__(self, job_id: str, current: str, wanted_from: Iterable[str], target: str):
+        super().__init__(
+            f"job {job_id} is {current}; cannot move to {target} "
+            f"(only from {', '.join(sorted(wanted_from))})"
+        )
+        self.current = current
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    namespace: str
+    name: str
+    spec: dict[str, Any]
+    state: str
+    priority: int
+    attempts: int
+    max_failures: int
+    idempotency_key: str | None
+    error: str | None
+    status_reason: str | None
+    checkpoint_uri: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    job_id: str
+    ts: datetime
+    kind: str
+    data: dict[str, Any]
+
+
+def _job(row: JobRow, namespace: str) -> Job:
+    return Job(
+        id=row.id, namespace=namespace, name=row.name, spec=dict(row.spec), state=row.state,
+        priority=row.priority, attempts=row.attempts, max_failures=row.max_failures,
+        idempotency_key=row.idempotency_key, error=row.error, status_reason=row.status_reason,
+        checkpoint_uri=row.checkpoint_uri, created_at=row.created_at, started_at=row.started_at,
+        finished_at=row.finished_at,
+    )  # fmt: skip
+
+
+def new_job_id() -> str:
+    return f"ftjob-{uuid.uuid4().hex[:24]}"
+
+
+def create_job(
+    db: Catalog,
+    *,
+    namespace: str,
+    name: str,
+    spec: dict[str, Any],
+    priority: int = 0,
+    max_failures: int = 0,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Create a queued job, or return the one an idempotency key already made.
+
+    Returns:
+        (job, created): ``created`` is False when the key matched an existing job.
+
+    Raises:
+        IdempotencyConflict: the key exists with a different spec.
+    """
+    validate_name(namespace, kind="namespace")
+    validate_name(name, kind="job name")
+    with db.session() as s:
+        ns = _namespace_row(s, namespace, create=True)
+        if idempotency_key is not None:
+            existing = s.scalar(
+                select(JobRow).where(
+                    JobRow.namespace_id == ns.id, JobRow.idempotency_key == idempotency_key
+                )
+            )
+            if existing is not None:
+                return _check_same(existing, spec, namespace), False
+        row = JobRow(
+            id=new_job_id(), namespace_id=ns.id, name=name, spec=spec, state="queued",
+            priority=priority, attempts=0, max_failures=max_failures,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
+        try:
+            with s.begin_nested():
+                s.add(row)
+                s.flush()
+                s.add(JobEventRow(job_id=row.id, kind="state", data={"state": "queued"}))
+                s.flush()
+        except sa_exc.IntegrityError:
+            # Another submission with the same key won the race: return its job.
+            s.expire_all()
+            winner = s.scalar(
+                select(JobRow).where(
+                    JobRow.namespace_id == ns.id, JobRow.idempotency_key == idempotency_key
+                )
+            )
+            if winner is None:
+                raise
+            return _check_same(winner, spec, namespace), False
+        return _job(row, namespace), True
+
+
+def _check_same(row: JobRow, spec: dict[str, Any], namespace: str) -> Job:
+    if row.spec != spec:
+        raise IdempotencyConflict(
+            f"idempotency key {row.idempotency_key!r} was used for job {row.id} with a "
+            "different spec"
+        )
+    return _job(row, namespace)
+
+
+def get_job(db: Catalog, *, job_id: str, namespace: str | None = None) -> Job:
+    """A job by id; with ``namespace``, a job of another namespace is ``JobNotFound`` too."""
+    with db.session() as s:
+        row = s.get(JobRow, job_id)
+        ns = s.get(NamespaceRow, row.namespace_id) if row is not None else None
+        if row is None or ns is None or (namespace is not None and ns.name != namespace):
+            raise JobNotFound(f"job {job_id} not found")
+        return _job(row, ns.name)
+
+
+def list_jobs(
+    db: Catalog, *, namespace: str | None = None, states: Iterable[str] | None = None
+) -> list[Job]:
+    """Jobs, newest first, optionally filtered by namespace and states."""
+    with db.session() as s:
+        q = select(JobRow, NamespaceRow.name).join(
+            NamespaceRow, NamespaceRow.id == JobRow.namespace_id
+        )
+        if namespace is not None:
+            q = q.where(NamespaceRow.name == namespace)
+        if states is not None:
+            q = q.where(JobRow.state.in_(list(states)))
+        q = q.order_by(JobRow.created_at.desc(), JobRow.id)
+        return [_job(row, ns) for row, ns in s.execute(q).all()]
+
+
+def transition_job(
+    db: Catalog,
+    *,
+    job_id: str,
+    allowed_from: Iterable[str],
+    to: str,
+    error: str | None = None,
+    status_reason: str | None = None,
+    count_attempt: bool = False,
+) -> Job:
+    """Move a job to ``to`` if (and only if) it is in one of ``allowed_from``; log an event.
+
+    Raises:
+        JobNotFound, JobStateConflict.
+    """
+    allowed = list(allowed_from)
+    now = utcnow()
+    values: dict[str, Any] = {"state": to, "status_reason": status_reason, "updated_at": now}
+    if error is not None:
+        values["error"] = error
+    if to == "running":
+        values["started_at"] = now
+    if to in ("succeeded", "failed", "cancelled"):
+        values["finished_at"] = now
+    if count_attempt:
+        values["attempts"] = JobRow.attempts + 1
+    with db.session() as s:
+        changed = s.execute(
+            update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(allowed)).values(**values)
+        ).rowcount  # type: ignore[attr-defined]
+        row = s.get(JobRow, job_id)
+        if row is None:
+            raise JobNotFound(f"job {job_id} not found")
+        if not changed:
+            raise JobStateConflict(job_id, row.state, allowed, to)
+        data: dict[str, Any] = {"state": to}
+        if error:
+            data["error"] = error
+        s.add(JobEventRow(job_id=job_id, kind="state", data=data))
+        s.flush()
+        s.refresh(row)
+        ns = s.get(NamespaceRow, row.namespace_id)
+        assert ns is not None
+        return _job(row, ns.name)
+
+
+def update_job(
+    db: Catalog,
+    *,
+    job_id: str,
+    status_reason: str | None = None,
+    checkpoint_uri: str | None = None,
+) -> None:
+    """Set informational fields (why it waits, where its last checkpoint is)."""
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if status_reason is not None:
+        values["status_reason"] = status_reason
+    if checkpoint_uri is not None:
+        values["checkpoint_uri"] = checkpoint_uri
+    with db.session() as s:
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+
+def add_event(db: Catalog, *, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    """Append a timestamped event (a metrics report, a log line, a checkpoint)."""
+    with db.session() as s:
+        s.add(JobEventRow(job_id=job_id, kind=kind, data=data))
+
+
+def list_events(
+    db: Catalog, *, job_id: str, after_id: int = 0, limit: int = 1000
+) -> list[JobEvent]:
+    """Events of a job in order, after ``after_id`` (for polling and event streams)."""
+    with db.session() as s:
+        rows = s.scalars(
+            select(JobEventRow)
+            .where(JobEventRow.job_id == job_id, JobEventRow.id > after_id)
+            .order_by(JobEventRow.id)
+            .limit(limit)
+        )
+        return [JobEvent(r.id, r.job_id, r.ts, r.kind, dict(r.data)) for r in rows]

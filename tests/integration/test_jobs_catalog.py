@@ -1,0 +1,108 @@
+"""Jobs in the catalog on SQLite and PostgreSQL: idempotency, atomic transitions, events."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from storage.catalog import jobs
+from storage.catalog.db import open_catalog
+
+SPEC = {"name": "j", "namespace": "team", "training": {"lr": 0.001}}
+
+
+@pytest.fixture()
+def catalog(catalog_url):  # type: ignore[no-untyped-def]
+    cat = open_catalog(catalog_url, auto_upgrade=True)
+    yield cat
+    cat.dispose()
+
+
+def _run_threads(n, fn):  # type: ignore[no-untyped-def]
+    results, errors = [], []
+    barrier = threading.Barrier(n)
+
+    def go() -> None:
+        barrier.wait()
+        try:
+            results.append(fn())
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_fifty_concurrent_submissions_with_one_key_make_one_job(catalog):
+    results, errors = _run_threads(
+        50,
+        lambda: jobs.create_job(
+            catalog, namespace="team", name="j", spec=SPEC, idempotency_key="k-1"
+        ),
+    )
+    assert errors == []
+    assert len({job.id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert len(jobs.list_jobs(catalog, namespace="team")) == 1
+
+
+def test_same_key_different_spec_conflicts(catalog):
+    jobs.create_job(catalog, namespace="team", name="j", spec=SPEC, idempotency_key="k")
+    with pytest.raises(jobs.IdempotencyConflict, match="different spec"):
+        jobs.create_job(
+            catalog, namespace="team", name="j", spec={**SPEC, "x": 1}, idempotency_key="k"
+        )
+    # keys are per namespace
+    _, created = jobs.create_job(
+        catalog, namespace="other", name="j", spec=SPEC, idempotency_key="k"
+    )
+    assert created
+
+
+def test_transitions_are_compare_and_set(catalog):
+    job, _ = jobs.create_job(catalog, namespace="team", name="j", spec=SPEC)
+    results, errors = _run_threads(
+        8,
+        lambda: jobs.transition_job(
+            catalog, job_id=job.id, allowed_from={"queued"}, to="starting", count_attempt=True
+        ),
+    )
+    assert len(results) == 1 and len(errors) == 7
+    assert all(isinstance(e, jobs.JobStateConflict) for e in errors)
+    running = jobs.transition_job(catalog, job_id=job.id, allowed_from={"starting"}, to="running")
+    assert running.attempts == 1 and running.started_at is not None
+    done = jobs.transition_job(
+        catalog, job_id=job.id, allowed_from={"running"}, to="failed", error="boom"
+    )
+    assert done.state == "failed" and done.error == "boom" and done.finished_at is not None
+    states = [e.data["state"] for e in jobs.list_events(catalog, job_id=job.id)]
+    assert states == ["queued", "starting", "running", "failed"]
+
+
+def test_events_scoping_and_listing(catalog):
+    job, _ = jobs.create_job(catalog, namespace="team", name="j", spec=SPEC, priority=3)
+    for step in range(3):
+        jobs.add_event(catalog, job_id=job.id, kind="metrics", data={"step": step, "loss": 1.0})
+    events = jobs.list_events(catalog, job_id=job.id)
+    assert [e.kind for e in events] == ["state", "metrics", "metrics", "metrics"]
+    later = jobs.list_events(catalog, job_id=job.id, after_id=events[1].id)
+    assert [e.data.get("step") for e in later] == [1, 2]
+    assert jobs.get_job(catalog, job_id=job.id, namespace="team").priority == 3
+    with pytest.raises(jobs.JobNotFound):
+        jobs.get_job(catalog, job_id=job.id, namespace="someone-else")
+    jobs.update_job(
+        catalog,
+        job_id=job.id,
+        status_reason="waiting for resources",
+        checkpoint_uri="file:///ckpt/3",
+    )
+    shown = jobs.get_job(catalog, job_id=job.id)
+    assert shown.status_reason == "waiting for resources"
+    assert shown.checkpoint_uri == "file:///ckpt/3"
+    assert [j.id for j in jobs.list_jobs(catalog, states={"queued"})] == [job.id]
+    assert jobs.list_jobs(catalog, states={"running"}) == []
