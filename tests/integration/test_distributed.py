@@ -74,10 +74,16 @@ def test_allreduce_carries_only_lora_gradients(uninterrupted):
         assert 1.0 <= ratio <= 1.05, point
 
 
-def test_four_workers_on_two_nodes_share_the_base(ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def big_base(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A ~69 MB base: large enough that a private copy would stand out of the PSS noise."""
     from workers.tiny_base import TinySpec, create_tiny_base
 
-    big = create_tiny_base(tmp_path / "base", TinySpec(layers=4, hidden=512, heads=8))
+    return create_tiny_base(tmp_path_factory.mktemp("big"), TinySpec(layers=4, hidden=512, heads=8))
+
+
+def test_four_workers_on_two_nodes_share_the_base(ray_cluster, tmp_path, big_base):
+    big = big_base
     res = train_distributed(
         _spec(
             tmp_path,
@@ -138,14 +144,14 @@ def test_exceeding_max_failures_is_a_clear_error(ray_cluster, tiny_base_dir, tmp
     assert not list(Path("/dev/shm").glob(f"lorafleet-base-{spec.job_name}-*"))
 
 
-def test_sharded_base_hsdp_on_two_nodes(ray_cluster, tiny_base_dir, tmp_path):
+def test_sharded_base_hsdp_on_two_nodes(ray_cluster, big_base, tmp_path):
     """shard_per_node: FSDP2 on a nodes × workers mesh; base all-gathers stay in a node."""
-    steps = 5
+    steps = 4
     train = TrainConfig(max_steps=steps, batch_size=2, seq_len=64, eval_every=0)
     res = train_distributed(
         _spec(
             tmp_path,
-            tiny_base_dir,
+            big_base,
             workers=4,
             nodes=2,
             train=train,
@@ -155,8 +161,12 @@ def test_sharded_base_hsdp_on_two_nodes(ray_cluster, tiny_base_dir, tmp_path):
     workers = res.metrics["workers"]
     assert len({w["lora_checksum"] for w in workers}) == 1
 
-    model, tok = load_base(tiny_base_dir)
+    model, tok = load_base(big_base)
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for w in workers:  # built from the meta device: no rank ever held the whole base
+        assert w["private_peak_growth_setup"] < 0.75 * full_bytes, w
+    growth = sum(w["pss_after_training"] - w["pss_before_setup"] for w in workers)
+    assert growth < 4 * full_bytes, growth / full_bytes
     by_node: dict[str, list[dict]] = {}
     for w in workers:
         by_node.setdefault(w["node_id"], []).append(w)

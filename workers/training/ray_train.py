@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 # Each ray.train.report waits up to one health-check interval (2 s by default): with a report
 # per step that would dominate step time. Workers inherit this through the runtime env.
 REPORT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05"}
+# glibc raises its mmap threshold after the first large free, after which freed all-gather
+# buffers (FSDP unshards a layer per step) stay in the heap and the process only grows. A
+# fixed threshold keeps large blocks mmapped, so freeing them returns the memory.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 @dataclass
@@ -34,7 +38,7 @@ class DistributedResult:
 
 
 def _worker_env() -> dict[str, str]:
-    env = {k: os.environ.get(k, v) for k, v in REPORT_ENV.items()}
+    env = {k: os.environ.get(k, v) for k, v in {**REPORT_ENV, **ALLOCATOR_ENV}.items()}
     for key in ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"):
         if key in os.environ:
             env[key] = os.environ[key]
