@@ -392,3 +392,22 @@ def live_object_prefixes(db: Catalog) -> set[str]:
             select(AdapterVersionRow.object_prefix).where(AdapterVersionRow.state != DELETED)
         )
         return set(rows)
+
+
+def set_namespace_limits(
+    db: Catalog,
+    *,
+    namespace: str,
+    max_concurrent_jobs: int | None = None,
+    max_cpus: float | None = None,
+    max_gpus: float | None = None,
+) -> Namespace:
+    """Set a namespace's quota (None lifts a limit)."""
+    validate_name(namespace, kind="namespace")
+    with db.session() as s:
+        row = _namespace_row(s, namespace, create=True)
+        row.max_concurrent_jobs = max_concurrent_jobs
+        row.max_cpus = max_cpus
+        row.max_gpus = max_gpus
+        s.flush()
+        return _ns(row)

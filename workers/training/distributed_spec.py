@@ -30,6 +30,8 @@ class DistributedSpec:
         checkpoint_every: steps between checkpoints (0: only at the end).
         max_failures: worker-group restarts Ray Train may do before the run fails.
         fail_at_step: test hook — rank 1 dies once at this step.
+        event_sink: ``{"catalog_url", "job_id"}``: rank 0 appends a metrics event per step.
+        resume_from: a checkpoint directory to start from (a job resumed by the scheduler).
     """
 
     job_name: str
@@ -50,6 +52,8 @@ class DistributedSpec:
     threads_per_worker: int = 1
     fail_at_step: int | None = None
     fail_marker: str | None = None
+    event_sink: dict[str, str] | None = None
+    resume_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -52,6 +52,16 @@ def _remove_shared_bases(job_name: str) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def latest_checkpoint(storage_path: str, run_prefix: str) -> str | None:
+    """The newest complete checkpoint persisted by any run named ``run_prefix*``."""
+    found = [
+        p
+        for p in Path(storage_path).glob(f"{run_prefix}*/checkpoint_*")
+        if (p / "trainer_state.json").is_file()
+    ]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
 def train_distributed(spec: DistributedSpec) -> DistributedResult:
     """Run data-parallel LoRA training on the connected Ray cluster (``ray.init`` first).
 

@@ -77,6 +77,22 @@ def restore_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
     recipe.step = int(json.loads((directory / CKPT_STATE).read_text())["step"])
 
 
+def _event_sink(spec: DistributedSpec) -> Any:
+    """A function appending job events to the catalog, or None without a sink."""
+    if not spec.event_sink:
+        return None
+    from storage.catalog.db import Catalog
+    from storage.catalog.jobs import add_event
+
+    catalog = Catalog(spec.event_sink["catalog_url"])
+    job_id = spec.event_sink["job_id"]
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        add_event(catalog, job_id=job_id, kind=kind, data=data)
+
+    return emit
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
     import ray
@@ -150,11 +166,17 @@ def train_worker(config: dict[str, Any]) -> None:
     recipe.setup(inject=not sharded)
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
-    if checkpoint is not None:
+    if checkpoint is not None:  # Ray restarted this run's worker group
         with checkpoint.as_directory() as d:
             restore_checkpoint(recipe, Path(d))
         resumed_from = recipe.step
+    elif spec.resume_from:  # a new run continuing an earlier attempt of the same job
+        restore_checkpoint(recipe, Path(spec.resume_from))
+        resumed_from = recipe.step
     eval_initial = recipe.evaluate(eval_examples) if resumed_from is None else None
+    emit = _event_sink(spec) if rank == 0 else None
+    if emit is not None and resumed_from is not None:
+        emit("resumed", {"from_step": resumed_from})
 
     # -- steps -----------------------------------------------------------------------------------
     grad_bytes = sum(p.numel() * p.element_size() for p in recipe.params)
@@ -183,6 +205,11 @@ def train_worker(config: dict[str, Any]) -> None:
                 "lora_grad_bytes": grad_bytes,
             }
             curve.append({"step": report.step, "loss": report.loss, "allreduce_bytes": step_comm})
+            if emit is not None:
+                emit(
+                    "metrics",
+                    {k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s", "eval_loss")},
+                )
             due = last or (spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0)
             if due:
                 with tempfile.TemporaryDirectory() as tmp:

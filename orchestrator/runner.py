@@ -1,0 +1,205 @@
+"""Run one admitted job: train on Ray Train, record events, publish the adapter with lineage.
+
+``run_job`` is plain Python; ``JobRunner`` is the thin Ray actor the scheduler starts for it
+(detached and named after the job, so a restarted scheduler can find it or see it is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from orchestrator.service import job_spec
+from orchestrator.spec import JobSpec
+from storage.catalog import jobs
+from storage.catalog import repository as repo
+from storage.errors import NotFound, StorageError
+from storage.registry import Registry
+from storage.settings import Settings
+from workers.errors import WorkerError
+from workers.lora import LoraConfig
+from workers.training.distributed_spec import DistributedSpec
+from workers.training.ray_train import latest_checkpoint, train_distributed
+from workers.training.recipe import TrainConfig
+
+log = logging.getLogger(__name__)
+RAY_NAMESPACE = "lorafleet"
+
+
+def runner_name(job_id: str) -> str:
+    return f"lorafleet-runner-{job_id}"
+
+
+def _local_path(uri: str) -> str:
+    return uri.removeprefix("file://")
+
+
+def resolve_base(registry: Registry, spec: JobSpec) -> tuple[str, str]:
+    """(local base directory, registered base name); a local path is registered on the fly."""
+    try:
+        base = repo.get_base_model(registry.catalog, name=spec.base_model)
+        return base.source, base.name
+    except NotFound:
+        path = Path(_local_path(spec.base_model)).expanduser()
+        if not path.is_dir():
+            raise WorkerError(
+                f"base_model {spec.base_model!r} is neither a registered base nor a directory"
+            ) from None
+        name = f"{path.name.lower()[:40]}-{abs(hash(str(path.resolve()))) % 10**8}"
+        registered = registry.register_base(
+            name="".join(c if c.isalnum() or c in "._-" else "-" for c in name), path=path
+        )
+        return registered.source, registered.name
+
+
+def _train_config(spec: JobSpec, n_rows: int, workers: int) -> TrainConfig:
+    t = spec.training
+    steps = t.max_steps
+    if steps is None:
+        per_step = t.batch_size * t.grad_accum * workers
+        steps = max(1, int((t.epochs or 1.0) * n_rows / per_step))
+    return TrainConfig(
+        max_steps=steps, lr=t.lr, warmup_steps=min(t.warmup_steps, steps), batch_size=t.batch_size,
+        grad_accum=t.grad_accum, seq_len=t.seq_len, seed=t.seed, eval_every=t.eval_every,
+    )  # fmt: skip
+
+
+def build_distributed_spec(
+    job: jobs.Job, settings: Settings, registry: Registry
+) -> DistributedSpec:
+    """Translate a job into the distributed training run of its current attempt."""
+    from workers.datasets import read_jsonl
+
+    spec = job_spec(job)
+    base_dir, _ = resolve_base(registry, spec)
+    data = _local_path(spec.training_data)
+    rows = len(read_jsonl(data))
+    raw = spec.lora.targets
+    targets: Any = raw.removeprefix("re:") if isinstance(raw, str) else tuple(raw)
+    storage = str(settings.home / "ray_results")
+    return DistributedSpec(
+        job_name=f"{job.id}-a{job.attempts}",
+        base_dir=base_dir,
+        data_path=data,
+        eval_path=_local_path(spec.validation_data) if spec.validation_data else None,
+        out_dir=str(settings.home / "jobs" / job.id / f"attempt-{job.attempts}"),
+        storage_path=storage,
+        lora=LoraConfig(r=spec.lora.r, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
+                        target_modules=targets, use_rslora=spec.lora.rslora),
+        train=_train_config(spec, rows, spec.resources.workers),
+        workers=spec.resources.workers,
+        nodes=spec.resources.nodes,
+        cpus_per_worker=spec.resources.cpus_per_worker,
+        use_gpu=spec.resources.gpus_per_worker > 0,
+        checkpoint_every=spec.training.checkpoint_every,
+        max_failures=spec.max_failures,
+        event_sink={"catalog_url": settings.catalog_url, "job_id": job.id},
+        resume_from=latest_checkpoint(storage, job.id),
+    )  # fmt: skip
+
+
+def run_job(job_id: str, settings: Settings) -> str:
+    """Drive one job from ``starting`` to a terminal state; returns that state."""
+    registry = Registry.from_settings(settings)
+    db = registry.catalog
+    job = jobs.get_job(db, job_id=job_id)
+    try:
+        dspec = build_distributed_spec(job, settings, registry)
+        jobs.transition_job(db, job_id=job_id, allowed_from={"starting"}, to="running")
+        jobs.update_job(
+            db, job_id=job_id, checkpoint_uri=str(Path(dspec.storage_path) / dspec.job_name)
+        )
+        result = train_distributed(dspec)
+    except (WorkerError, StorageError, ValueError) as exc:
+        return _fail(db, job_id, str(exc))
+    current = jobs.get_job(db, job_id=job_id)
+    if current.state != "running":  # cancelled meanwhile: publish nothing
+        return current.state
+    spec = job_spec(job)
+    _, base_name = resolve_base(registry, spec)
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("workers", "curve")}
+    version = registry.publish(
+        adapter_dir=result.adapter_dir,
+        ref=spec.output_adapter,
+        base_model=base_name,
+        job_id=job_id,
+        dataset_sha256=result.metrics.get("dataset_sha256"),
+        metrics=metrics,
+        hyperparameters={
+            "lora": spec.lora.model_dump(mode="json"),
+            "training": asdict(dspec.train),
+            "resources": spec.resources.model_dump(mode="json"),
+        },
+        tags=spec.tags,
+        created_by=f"job:{job_id}",
+    )
+    jobs.add_event(db, job_id=job_id, kind="adapter", data={"ref": version.ref})
+    jobs.transition_job(db, job_id=job_id, allowed_from={"running"}, to="succeeded")
+    return "succeeded"
+
+
+def _fail(db: Any, job_id: str, message: str) -> str:
+    log.warning("job %s failed: %s", job_id, message)
+    with contextlib.suppress(jobs.JobStateConflict):  # cancelled meanwhile: that stands
+        jobs.transition_job(
+            db,
+            job_id=job_id,
+            allowed_from={"starting", "running", "retrying"},
+            to="failed",
+            error=message,
+        )
+    return jobs.get_job(db, job_id=job_id).state
+
+
+def start_runner(job_id: str, settings: Settings) -> None:
+    """Start the detached runner actor of a job (no CPU of its own: Ray Train's workers have)."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class JobRunner:
+        def run(self, job_id: str, settings_json: str) -> str:
+            from storage.settings import Settings as S
+
+            try:
+                return run_job(job_id, S.model_validate_json(settings_json))
+            finally:
+                ray.actor.exit_actor()
+
+    actor = JobRunner.options(  # type: ignore[attr-defined]
+        name=runner_name(job_id), namespace=RAY_NAMESPACE, lifetime="detached"
+    ).remote()
+    actor.run.remote(job_id, _settings_json(settings))
+
+
+def _settings_json(settings: Settings) -> str:
+    data = settings.model_dump(mode="json")
+    if settings.api_token is not None:
+        data["api_token"] = settings.api_token.get_secret_value()
+    import json
+
+    return json.dumps(data)
+
+
+def runner_alive(job_id: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(runner_name(job_id), namespace=RAY_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def kill_runner(job_id: str) -> bool:
+    """Kill a job's runner (and with it its Ray Train run); False if there was none."""
+    import ray
+
+    try:
+        actor = ray.get_actor(runner_name(job_id), namespace=RAY_NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=True)
+    return True

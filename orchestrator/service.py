@@ -1,0 +1,65 @@
+"""Job operations shared by the REST API, the CLI and the scheduler (plain Python, no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.lifecycle import ACTIVE, STATES, TERMINAL, check_transition
+from orchestrator.scheduling import Gang
+from orchestrator.spec import JobSpec, parse_spec
+from storage.catalog import jobs
+from storage.catalog.db import Catalog
+from storage.catalog.jobs import Job
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    created: bool
+
+
+def submit_job(db: Catalog, spec: JobSpec, *, idempotency_key: str | None = None) -> Submitted:
+    """Queue a job; the same idempotency key with the same spec returns the first job.
+
+    Raises:
+        IdempotencyConflict: the key was used with a different spec.
+    """
+    key = idempotency_key or spec.idempotency_key
+    job, created = jobs.create_job(
+        db,
+        namespace=spec.namespace,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        priority=spec.priority,
+        max_failures=spec.max_failures,
+        idempotency_key=key,
+    )
+    return Submitted(job, created)
+
+
+def cancel_job(db: Catalog, *, job_id: str, namespace: str | None = None) -> Job:
+    """Mark a job cancelled (the scheduler stops its runner within a tick). Idempotent.
+
+    Raises:
+        JobNotFound; JobStateConflict if the job already succeeded or failed.
+    """
+    job = jobs.get_job(db, job_id=job_id, namespace=namespace)
+    if job.state == "cancelled":
+        return job
+    check_transition(job.id, job.state, "cancelled")
+    allowed = [s for s in STATES if s not in TERMINAL]
+    return jobs.transition_job(db, job_id=job.id, allowed_from=allowed, to="cancelled")
+
+
+def job_spec(job: Job) -> JobSpec:
+    """The validated spec stored with a job."""
+    return parse_spec(job.spec)
+
+
+def gang_of(spec: JobSpec) -> Gang:
+    r = spec.resources
+    return Gang(r.nodes, r.workers_per_node, r.cpus_per_worker, r.gpus_per_worker)
+
+
+def active_jobs(db: Catalog) -> list[Job]:
+    return jobs.list_jobs(db, states=ACTIVE)
