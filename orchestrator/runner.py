@@ -193,6 +193,22 @@ def runner_alive(job_id: str) -> bool:
     return True
 
 
+def release_placement_groups(catalog: Any, job_id: str) -> int:
+    """Remove the placement groups a job's training runs recorded; returns how many."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    for event in jobs.list_events(catalog, job_id=job_id):
+        if event.kind != "placement_group":
+            continue
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(event.data["id"])))
+        with contextlib.suppress(Exception):  # already gone: nothing to release
+            remove_placement_group(pg)
+            removed += 1
+    return removed
+
+
 def kill_runner(job_id: str) -> bool:
     """Kill a job's runner (and with it its Ray Train run); False if there was none."""
     import ray

@@ -23,6 +23,9 @@ from storage.settings import Settings
 
 log = logging.getLogger(__name__)
 SCHEDULER_NAME = "lorafleet-scheduler"
+# A lost runner (its node died, it was killed) is not the job's fault: such attempts are
+# resumed from the last checkpoint up to this many times beyond the job's own max_failures.
+MAX_RUNNER_RESUMES = 3
 
 
 @dataclass
@@ -32,6 +35,7 @@ class ClusterHooks:
     start_runner: Callable[[str], None]
     runner_alive: Callable[[str], bool]
     kill_runner: Callable[[str], bool]
+    release: Callable[[str], int]  # free what a killed run still holds (placement groups)
     nodes: Callable[[], list[NodeFree]]
 
 
@@ -55,6 +59,7 @@ class SchedulerCore:
         for job in jobs.list_jobs(self.catalog, states={"cancelled"}):
             if self.hooks.runner_alive(job.id):
                 self.hooks.kill_runner(job.id)
+                self.hooks.release(job.id)
                 jobs.add_event(
                     self.catalog,
                     job_id=job.id,
@@ -103,7 +108,7 @@ class SchedulerCore:
 
     def _resume(self, job: jobs.Job) -> None:
         """running/retrying/starting without a runner → retrying → starting, new runner."""
-        if job.attempts > job.max_failures:
+        if job.attempts > job.max_failures + MAX_RUNNER_RESUMES:
             jobs.transition_job(
                 self.catalog,
                 job_id=job.id,
@@ -131,6 +136,7 @@ class SchedulerCore:
                 )
         except jobs.JobStateConflict:
             return
+        self.hooks.release(job.id)  # the dead run's placement group would block the new one
         log.info("resuming job %s from its last checkpoint", job.id)
         self._seen_starting[job.id] = time.monotonic()
         self.hooks.start_runner(job.id)
@@ -141,7 +147,15 @@ def ray_hooks(settings: Settings) -> ClusterHooks:
     import ray
     from ray._private import state as ray_state
 
-    from orchestrator.runner import kill_runner, runner_alive, start_runner
+    from orchestrator.runner import (
+        kill_runner,
+        release_placement_groups,
+        runner_alive,
+        start_runner,
+    )
+    from storage.catalog.db import Catalog as _Catalog
+
+    catalog = _Catalog(settings.catalog_url)
 
     def nodes() -> list[NodeFree]:
         free = ray_state.available_resources_per_node()
@@ -164,6 +178,7 @@ def ray_hooks(settings: Settings) -> ClusterHooks:
         start_runner=lambda job_id: start_runner(job_id, settings),
         runner_alive=runner_alive,
         kill_runner=kill_runner,
+        release=lambda job_id: release_placement_groups(catalog, job_id),
         nodes=nodes,
     )
 

@@ -175,6 +175,12 @@ def train_worker(config: dict[str, Any]) -> None:
         resumed_from = recipe.step
     eval_initial = recipe.evaluate(eval_examples) if resumed_from is None else None
     emit = _event_sink(spec) if rank == 0 else None
+    if emit is not None:
+        # Ray Train's placement group outlives a killed driver (it belongs to the Ray job):
+        # record it so whoever cancels this run can release the resources.
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            emit("placement_group", {"id": pg.id.hex()})
     if emit is not None and resumed_from is not None:
         emit("resumed", {"from_step": resumed_from})
 

@@ -1,0 +1,163 @@
+"""The control plane on a real Ray cluster: admission order, quotas, cancel, failure, recovery."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from orchestrator.runner import kill_runner, runner_alive
+from orchestrator.scheduler import SchedulerCore, SchedulerLoop, ray_hooks
+from orchestrator.service import cancel_job, submit_job
+from orchestrator.spec import parse_spec
+from storage.catalog import jobs
+from storage.catalog import repository as repo
+from storage.registry import Registry
+from storage.settings import load_settings
+from tests.servers import wait_until
+from workers.demo_task import HELDOUT_FILE, TRAIN_FILE
+
+
+@pytest.fixture()
+def env(ray_cluster, tmp_path, tiny_base_dir):  # type: ignore[no-untyped-def]
+    settings = load_settings({"LORAFLEET_HOME": str(tmp_path / "home")})
+    registry = Registry.from_settings(settings)
+    registry.register_base(name="tiny", path=tiny_base_dir)
+    return settings, registry
+
+
+def _spec(name, *, priority=0, steps=6, workers=1, nodes=1, data=TRAIN_FILE, ckpt=0):  # type: ignore[no-untyped-def]
+    return parse_spec({
+        "name": name, "namespace": "team", "base_model": "tiny",
+        "training_data": str(data), "validation_data": str(HELDOUT_FILE),
+        "output_adapter": f"team/{name}", "priority": priority,
+        "training": {"max_steps": steps, "batch_size": 4, "seq_len": 64, "eval_every": 0,
+                     "checkpoint_every": ckpt},
+        "resources": {"nodes": nodes, "workers_per_node": workers},
+    })  # fmt: skip
+
+
+def _loop(settings, registry):  # type: ignore[no-untyped-def]
+    return SchedulerLoop(SchedulerCore(registry.catalog, ray_hooks(settings)), 0.2).start()
+
+
+def _state(registry, job_id):  # type: ignore[no-untyped-def]
+    return jobs.get_job(registry.catalog, job_id=job_id).state
+
+
+def test_limit_priority_order_and_publish(env):
+    settings, registry = env
+    repo.set_namespace_limits(registry.catalog, namespace="team", max_concurrent_jobs=1)
+    a = submit_job(registry.catalog, _spec("low-a")).job
+    b = submit_job(registry.catalog, _spec("low-b")).job
+    c = submit_job(registry.catalog, _spec("high", priority=5)).job
+    loop = _loop(settings, registry)
+    try:
+        wait_until(
+            lambda: all(_state(registry, j.id) == "succeeded" for j in (a, b, c)),
+            timeout_s=240,
+            what="three jobs to succeed",
+        )
+    finally:
+        loop.stop()
+    done = {j.id: jobs.get_job(registry.catalog, job_id=j.id) for j in (a, b, c)}
+    order = sorted(done.values(), key=lambda j: j.started_at)
+    assert [j.name for j in order] == ["high", "low-a", "low-b"]
+    for first, second in itertools.pairwise(order):
+        assert second.started_at >= first.finished_at  # one after another
+    version = registry.resolve("team/high")
+    assert version.job_id == c.id and version.dataset_sha256
+    assert version.base_model.name == "tiny" and "eval_loss_final" in version.metrics
+    kinds = [e.kind for e in jobs.list_events(registry.catalog, job_id=c.id)]
+    assert kinds.count("metrics") == 6 and "adapter" in kinds
+
+
+def test_unfittable_job_waits_with_a_reason(env):
+    settings, registry = env
+    job = submit_job(registry.catalog, _spec("huge", nodes=5)).job
+    core = SchedulerCore(registry.catalog, ray_hooks(settings))
+    core.tick()
+    shown = jobs.get_job(registry.catalog, job_id=job.id)
+    assert shown.state == "queued" and "cannot fit the cluster" in shown.status_reason
+
+
+def test_cancel_running_job(env):
+    import ray
+
+    settings, registry = env
+    job = submit_job(registry.catalog, _spec("long", steps=400, workers=2)).job
+    total = ray.cluster_resources()["CPU"]
+    loop = _loop(settings, registry)
+    try:
+        wait_until(
+            lambda: any(
+                e.kind == "metrics" for e in jobs.list_events(registry.catalog, job_id=job.id)
+            ),
+            timeout_s=120,
+            what="training to start",
+        )
+        t0 = time.monotonic()
+        cancel_job(registry.catalog, job_id=job.id)
+        cancel_job(registry.catalog, job_id=job.id)  # twice is harmless
+        wait_until(lambda: not runner_alive(job.id), timeout_s=10, what="runner to stop")
+        wait_until(
+            lambda: ray.available_resources().get("CPU", 0) >= total,
+            timeout_s=30,
+            what="resources back",
+        )
+        assert time.monotonic() - t0 < 10 + 30
+    finally:
+        loop.stop()
+    assert _state(registry, job.id) == "cancelled"
+    assert registry.list(namespace="team", name="long") == []
+
+
+def test_failing_job_records_the_error(env, tmp_path):
+    settings, registry = env
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"\n')
+    job = submit_job(registry.catalog, _spec("broken", data=bad)).job
+    loop = _loop(settings, registry)
+    try:
+        wait_until(lambda: _state(registry, job.id) == "failed", timeout_s=60, what="failure")
+    finally:
+        loop.stop()
+    assert "bad.jsonl:1" in jobs.get_job(registry.catalog, job_id=job.id).error
+
+
+def test_scheduler_restart_reconciles_exactly_once(env):
+    settings, registry = env
+    job = submit_job(registry.catalog, _spec("survivor", steps=40, ckpt=5)).job
+    loop = _loop(settings, registry)
+    wait_until(
+        lambda: (
+            sum(e.kind == "metrics" for e in jobs.list_events(registry.catalog, job_id=job.id))
+            >= 12
+        ),
+        timeout_s=120,
+        what="a checkpoint to exist",
+    )
+    loop.stop()  # the scheduler dies; the detached runner does not
+    kill_runner(job.id)  # … and here its runner dies too: the job must be resumed, once
+    loop = _loop(settings, registry)  # a new scheduler reconciles from the catalog
+    try:
+        wait_until(
+            lambda: _state(registry, job.id) == "succeeded",
+            timeout_s=180,
+            what="resumed job to succeed",
+        )
+    finally:
+        loop.stop()
+    states = [
+        e.data.get("state")
+        for e in jobs.list_events(registry.catalog, job_id=job.id)
+        if e.kind == "state"
+    ]
+    assert "retrying" in states and states.count("succeeded") == 1
+    resumed = [
+        e.data for e in jobs.list_events(registry.catalog, job_id=job.id) if e.kind == "resumed"
+    ]
+    assert resumed and resumed[0]["from_step"] >= 5  # continued from a checkpoint
+    assert len(registry.list(namespace="team", name="survivor")) == 1
+    assert len(jobs.list_jobs(registry.catalog, namespace="team")) == 1
