@@ -1,0 +1,298 @@
+"""The REST API: fine-tuning jobs (shaped like OpenAI's) and the adapter catalog.
+
+Every route but ``GET /health`` needs a bearer token. A namespace token sees and touches only
+its namespace — another namespace's jobs and adapters are 404, as if they did not exist; the
+admin token (``LORAFLEET_API_TOKEN``) sees everything. Errors are ``{"error": {"message",
+"field"}}`` with a 4xx status; HTTP exists only in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator.lifecycle import TERMINAL, IllegalTransition
+from orchestrator.service import cancel_job, submit_job
+from orchestrator.spec import JobSpec, SpecError
+from storage.catalog import jobs
+from storage.catalog import repository as repo
+from storage.catalog.domain import AdapterVersion
+from storage.errors import InvalidName, NotFound, StorageError
+from storage.registry import Registry
+from storage.settings import Settings
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+@dataclass(frozen=True)
+class Principal:
+    namespace: str | None  # None: the admin, who sees every namespace
+
+    def can_see(self, namespace: str) -> bool:
+        return self.namespace is None or self.namespace == namespace
+
+
+class PromoteBody(BaseModel):
+    alias: str
+
+
+def job_object(job: jobs.Job, adapter: str | None = None) -> dict[str, Any]:
+    """A job as the API shows it (OpenAI's field names where they fit)."""
+    spec = job.spec
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "namespace": job.namespace,
+        "name": job.name,
+        "status": job.state,
+        "status_reason": job.status_reason,
+        "model": spec.get("base_model"),
+        "training_file": spec.get("training_data"),
+        "validation_file": spec.get("validation_data"),
+        "hyperparameters": {"lora": spec.get("lora"), "training": spec.get("training")},
+        "resources": spec.get("resources"),
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "error": job.error,
+        "fine_tuned_model": adapter,
+        "created_at": int(job.created_at.timestamp()),
+        "started_at": int(job.started_at.timestamp()) if job.started_at else None,
+        "finished_at": int(job.finished_at.timestamp()) if job.finished_at else None,
+    }
+
+
+def adapter_object(v: AdapterVersion) -> dict[str, Any]:
+    return {
+        "id": v.ref,
+        "object": "adapter",
+        "namespace": v.namespace,
+        "name": v.name,
+        "version": v.version,
+        "state": v.state,
+        "aliases": list(v.aliases),
+        "tags": list(v.tags),
+        "base_model": {"name": v.base_model.name, "fingerprint": v.base_model.fingerprint},
+        "lora": {"r": v.r, "alpha": v.alpha, "target_modules": v.target_modules,
+                 "use_rslora": v.use_rslora},
+        "lineage": {"job_id": v.job_id, "dataset_sha256": v.dataset_sha256,
+                    "hyperparameters": v.hyperparameters, "created_by": v.created_by},
+        "metrics": v.metrics,
+        "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in v.files],
+        "created_at": int(v.created_at.timestamp()) if v.created_at else None,
+    }  # fmt: skip
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
+    """The API app over the configured catalog and object store."""
+    reg = registry or Registry.from_settings(settings)
+    db = reg.catalog
+    admin = settings.api_token.get_secret_value() if settings.api_token else None
+    app = FastAPI(title="lorafleet", version="0.1.0")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": {"message": exc.message, "field": exc.field}}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path", "header")]
+        field = ".".join(loc) or None
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        return JSONResponse(
+            {"error": {"message": f"{field}: {msg}" if field else msg, "field": field}}, 422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(exc.detail), "field": None}}, exc.status_code)
+
+    def principal(authorization: str | None = Header(default=None)) -> Principal:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise ApiError(401, "missing bearer token")
+        token = authorization.split(" ", 1)[1].strip()
+        if admin is not None and hmac.compare_digest(token, admin):
+            return Principal(None)
+        ns = repo.namespace_for_token(db, token=token)
+        if ns is None:
+            raise ApiError(401, "invalid token")
+        return Principal(ns.name)
+
+    def visible_job(job_id: str, who: Principal) -> jobs.Job:
+        try:
+            job = jobs.get_job(db, job_id=job_id)
+        except NotFound:
+            raise ApiError(404, f"job {job_id} not found") from None
+        if not who.can_see(job.namespace):
+            raise ApiError(404, f"job {job_id} not found")
+        return job
+
+    def adapter_of(job: jobs.Job) -> str | None:
+        for e in jobs.list_events(db, job_id=job.id):
+            if e.kind == "adapter":
+                return str(e.data.get("ref"))
+        return None
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/fine_tuning/jobs", status_code=201)
+    def create_job(
+        spec: JobSpec,
+        who: Principal = Depends(principal),
+        idempotency_key: str | None = Header(default=None, max_length=128),
+    ) -> JSONResponse:
+        if not who.can_see(spec.namespace):
+            raise ApiError(403, f"token may not submit to namespace {spec.namespace}", "namespace")
+        try:
+            result = submit_job(db, spec, idempotency_key=idempotency_key)
+        except jobs.IdempotencyConflict as exc:
+            raise ApiError(409, str(exc), "idempotency_key") from None
+        return JSONResponse(job_object(result.job), 201 if result.created else 200)
+
+    @app.get("/v1/fine_tuning/jobs")
+    def list_jobs(
+        namespace: str | None = None, state: str | None = None, who: Principal = Depends(principal)
+    ) -> dict[str, Any]:
+        if who.namespace is not None:
+            if namespace not in (None, who.namespace):
+                return {"object": "list", "data": []}
+            namespace = who.namespace
+        states = [state] if state else None
+        data = [job_object(j) for j in jobs.list_jobs(db, namespace=namespace, states=states)]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    def get_job(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        job = visible_job(job_id, who)
+        return job_object(job, adapter_of(job))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        job = visible_job(job_id, who)
+        try:
+            return job_object(cancel_job(db, job_id=job.id))
+        except (IllegalTransition, jobs.JobStateConflict) as exc:
+            raise ApiError(409, str(exc), "status") from None
+
+    def event_object(e: jobs.JobEvent) -> dict[str, Any]:
+        return {"id": e.id, "object": "fine_tuning.job.event", "created_at": e.ts.timestamp(),
+                "type": e.kind, "data": e.data}  # fmt: skip
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=None)
+    def events(
+        job_id: str,
+        request: Request,
+        stream: bool = False,
+        after: int = 0,
+        who: Principal = Depends(principal),
+    ) -> dict[str, Any] | StreamingResponse:
+        job = visible_job(job_id, who)
+        if stream or "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(sse(job.id, after), media_type="text/event-stream")
+        data = [event_object(e) for e in jobs.list_events(db, job_id=job.id, after_id=after)]
+        return {"object": "list", "data": data}
+
+    async def sse(job_id: str, after: int) -> AsyncIterator[str]:
+        last = after
+        while True:
+            batch = await asyncio.to_thread(jobs.list_events, db, job_id=job_id, after_id=last)
+            for e in batch:
+                last = e.id
+                yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(event_object(e))}\n\n"
+            state = (await asyncio.to_thread(jobs.get_job, db, job_id=job_id)).state
+            if state in TERMINAL and not batch:
+                yield f"event: end\ndata: {json.dumps({'status': state})}\n\n"
+                return
+            await asyncio.sleep(0.25)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    def checkpoints(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        job = visible_job(job_id, who)
+        found = []
+        if job.checkpoint_uri:
+            root = Path(job.checkpoint_uri).parent
+            for p in sorted(root.glob(f"{job.id}-a*/checkpoint_*")):
+                state = p / "trainer_state.json"
+                if state.is_file():
+                    step = json.loads(state.read_text()).get("step")
+                    found.append(
+                        {
+                            "object": "fine_tuning.job.checkpoint",
+                            "step_number": step,
+                            "uri": p.as_uri(),
+                        }
+                    )
+        return {"object": "list", "data": found}
+
+    # -- the adapter catalog -------------------------------------------------------------------
+    def resolve_visible(namespace: str, ref: str, who: Principal) -> AdapterVersion:
+        if not who.can_see(namespace):
+            raise ApiError(404, f"adapter {namespace}/{ref} not found")
+        try:
+            return reg.resolve(f"{namespace}/{ref}")
+        except InvalidName as exc:
+            raise ApiError(400, str(exc), "ref") from None
+        except NotFound as exc:
+            raise ApiError(404, str(exc)) from None
+
+    @app.get("/v1/adapters")
+    def list_adapters(
+        namespace: str | None = None,
+        base_model: str | None = None,
+        tag: str | None = None,
+        who: Principal = Depends(principal),
+    ) -> dict[str, Any]:
+        if who.namespace is not None:
+            if namespace not in (None, who.namespace):
+                return {"object": "list", "data": []}
+            namespace = who.namespace
+        versions = reg.list(namespace=namespace, base_model=base_model, tag=tag)
+        return {"object": "list", "data": [adapter_object(v) for v in versions]}
+
+    @app.get("/v1/adapters/{namespace}/{ref}")
+    def show_adapter(namespace: str, ref: str, who: Principal = Depends(principal)) -> dict:
+        return adapter_object(resolve_visible(namespace, ref, who))
+
+    @app.post("/v1/adapters/{namespace}/{ref}/promote")
+    def promote(
+        namespace: str, ref: str, body: PromoteBody, who: Principal = Depends(principal)
+    ) -> dict[str, Any]:
+        v = resolve_visible(namespace, ref, who)
+        try:
+            return adapter_object(reg.promote(v.ref, body.alias))
+        except InvalidName as exc:
+            raise ApiError(422, str(exc), "alias") from None
+
+    @app.delete("/v1/adapters/{namespace}/{ref}")
+    def delete_adapter(namespace: str, ref: str, who: Principal = Depends(principal)) -> dict:
+        v = resolve_visible(namespace, ref, who)
+        return adapter_object(reg.delete(v.ref))
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        status = 404 if isinstance(exc, NotFound) else 400
+        return JSONResponse({"error": {"message": str(exc), "field": None}}, status)
+
+    @app.exception_handler(SpecError)
+    async def _spec(_: Request, exc: SpecError) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(exc), "field": exc.field}}, 422)
+
+    return app
