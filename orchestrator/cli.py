@@ -11,6 +11,7 @@ from rich.table import Table
 
 from orchestrator.cli_catalog import adapters_app, db_app, gc, register_base
 from orchestrator.cli_common import console, fmt_bytes, train_progress, user_errors
+from orchestrator.cli_jobs import jobs_app, server, submit
 from workers.errors import WorkerError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -21,6 +22,9 @@ app.add_typer(lora_app, name="lora")
 app.add_typer(db_app, name="db")
 app.add_typer(adapters_app, name="adapters")
 app.command("gc")(user_errors(gc))
+app.add_typer(jobs_app, name="jobs")
+app.command("submit")(submit)
+app.command("server")(server)
 base_app.command("register")(user_errors(register_base))
 
 

@@ -17,6 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from orchestrator.lifecycle import IllegalTransition
+from orchestrator.spec import SpecError
 from storage.errors import StorageError
 from workers.errors import WorkerError
 from workers.lora.errors import LoraError
@@ -30,6 +32,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     WorkerError,
     LoraError,
     StorageError,
+    SpecError,
+    IllegalTransition,
     KeyError,
     FileNotFoundError,
 )

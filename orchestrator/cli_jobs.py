@@ -1,0 +1,212 @@
+"""``lorafleet submit|jobs|server``: the control plane from the shell."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from orchestrator.cli_common import console, err_console, user_errors
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from storage.settings import load_settings
+
+    return load_settings()
+
+
+def _registry(settings: Any):  # type: ignore[no-untyped-def]
+    from storage.registry import Registry
+
+    return Registry.from_settings(settings)
+
+
+def _total_steps(job: Any) -> int | None:
+    return (job.spec.get("training") or {}).get("max_steps")
+
+
+def follow(catalog: Any, job_id: str, *, total: int | None) -> str:
+    """Show a job's progress until it ends; returns the final state."""
+    from orchestrator.lifecycle import TERMINAL
+    from storage.catalog import jobs
+
+    last, state, adapter = 0, "queued", None
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn(),
+        console=console,
+    )  # fmt: skip
+    task = progress.add_task(job_id, total=total, loss="-", tps="-")
+    with progress:
+        while True:
+            for e in jobs.list_events(catalog, job_id=job_id, after_id=last):
+                last = e.id
+                if e.kind == "metrics":
+                    progress.update(
+                        task,
+                        completed=e.data.get("step", 0),
+                        loss=f"{e.data.get('loss', 0):.4f}",
+                        tps=f"{e.data.get('tokens_per_s', 0):,.0f}",
+                    )
+                elif e.kind == "state":
+                    state = e.data["state"]
+                    msg = f"{job_id}: {state}"
+                    if e.data.get("error"):
+                        msg += f" — {e.data['error']}"
+                    progress.console.print(msg, highlight=False)
+                elif e.kind == "adapter":
+                    adapter = e.data.get("ref")
+                elif e.kind == "resumed":
+                    progress.console.print(f"resumed from step {e.data.get('from_step')}")
+            if state in TERMINAL:
+                break
+            time.sleep(0.5)
+    if adapter:
+        console.print(f"adapter [bold]{adapter}[/]")
+    return state
+
+
+@user_errors
+def submit(
+    spec_file: Path = typer.Argument(..., help="Job spec (YAML or JSON)."),
+    follow_: bool = typer.Option(False, "--follow", help="Show live progress until it ends."),
+) -> None:
+    """Submit a fine-tune job. Embedded (no LORAFLEET_RAY_ADDRESS): runs it here, followed."""
+    import ray
+
+    from orchestrator.scheduler import (
+        SchedulerCore,
+        SchedulerLoop,
+        ray_hooks,
+        start_scheduler_actor,
+    )
+    from orchestrator.service import submit_job
+    from orchestrator.spec import load_spec
+
+    settings = _settings()
+    registry = _registry(settings)
+    spec = load_spec(spec_file)
+    result = submit_job(registry.catalog, spec)
+    verb = "submitted" if result.created else "already submitted (same idempotency key)"
+    console.print(f"{verb}: [bold]{result.job.id}[/] ({spec.namespace}/{spec.name})")
+    embedded = settings.ray_address is None
+    ray.init(address=settings.ray_address or "local", include_dashboard=False,
+             logging_level=logging.ERROR, log_to_driver=False)  # fmt: skip
+    loop = None
+    try:
+        if embedded:
+            console.print("embedded mode: the job runs in this process (set LORAFLEET_RAY_ADDRESS "
+                          "to submit to a cluster)")  # fmt: skip
+            loop = SchedulerLoop(SchedulerCore(registry.catalog, ray_hooks(settings)), 0.5)
+            loop.start()
+        else:
+            start_scheduler_actor(settings)
+        if not (follow_ or embedded):
+            return
+        state = follow(registry.catalog, result.job.id, total=_total_steps(result.job))
+    finally:
+        if loop is not None:
+            loop.stop()
+        ray.shutdown()
+    if state != "succeeded":
+        err_console.print(f"[bold red]job {result.job.id} {state}[/]")
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(
+    namespace: str | None = typer.Option(None, help="Only this namespace."),
+    state: str | None = typer.Option(None, help="Only jobs in this state."),
+) -> None:
+    """List jobs, newest first."""
+    from storage.catalog import jobs
+
+    rows = jobs.list_jobs(_registry(_settings()).catalog, namespace=namespace,
+                          states=[state] if state else None)  # fmt: skip
+    table = Table("id", "namespace", "name", "state", "priority", "attempts", "created", "reason")
+    for j in rows:
+        table.add_row(
+            j.id,
+            j.namespace,
+            j.name,
+            j.state,
+            str(j.priority),
+            str(j.attempts),
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            j.status_reason or "",
+        )
+    console.print(table)
+
+
+@jobs_app.command("show")
+@user_errors
+def jobs_show(job_id: str = typer.Argument(...)) -> None:
+    """Show one job: state, why it waits, error, checkpoint, adapter."""
+    from storage.catalog import jobs
+
+    catalog = _registry(_settings()).catalog
+    j = jobs.get_job(catalog, job_id=job_id)
+    adapter = next((e.data.get("ref") for e in jobs.list_events(catalog, job_id=job_id)
+                    if e.kind == "adapter"), None)  # fmt: skip
+    table = Table(title=j.id, show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in (
+        ("namespace/name", f"{j.namespace}/{j.name}"),
+        ("state", j.state),
+        ("reason", j.status_reason or "-"),
+        ("error", j.error or "-"),
+        ("priority", str(j.priority)),
+        ("attempts", str(j.attempts)),
+        ("checkpoint", j.checkpoint_uri or "-"),
+        ("adapter", adapter or "-"),
+        ("created", str(j.created_at)),
+        ("finished", str(j.finished_at or "-")),
+    ):
+        table.add_row(k, v)
+    console.print(table)
+
+
+@jobs_app.command("events")
+@user_errors
+def jobs_events(job_id: str = typer.Argument(...)) -> None:
+    """Print a job's events (state changes, metrics, adapter)."""
+    from storage.catalog import jobs
+
+    for e in jobs.list_events(_registry(_settings()).catalog, job_id=job_id):
+        console.print(f"{e.ts:%H:%M:%S} {e.kind:10s} {e.data}", highlight=False)
+
+
+@jobs_app.command("cancel")
+@user_errors
+def jobs_cancel(job_id: str = typer.Argument(...)) -> None:
+    """Cancel a job (harmless if it is already cancelled)."""
+    from orchestrator.service import cancel_job
+
+    job = cancel_job(_registry(_settings()).catalog, job_id=job_id)
+    console.print(f"{job.id}: {job.state}")
+
+
+@user_errors
+def server(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port."),
+) -> None:
+    """Serve the REST API (GET /health is the only route open without a token)."""
+    import uvicorn
+
+    from orchestrator.api import create_app
+
+    settings = _settings()
+    if settings.api_token is None:
+        err_console.print("warning: LORAFLEET_API_TOKEN is not set: only namespace tokens work")
+    console.print(f"lorafleet API on http://{host}:{port}")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")

@@ -1,0 +1,59 @@
+"""``lorafleet submit --follow`` end to end on embedded defaults, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import yaml
+
+from workers.demo_task import HELDOUT_FILE, TRAIN_FILE
+
+
+def _cli(args, home, timeout=300):  # type: ignore[no-untyped-def]
+    env = {**os.environ, "LORAFLEET_HOME": str(home), "COLUMNS": "200"}
+    env.pop("LORAFLEET_RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _spec(tmp_path, tiny_base_dir, data=TRAIN_FILE, **extra):  # type: ignore[no-untyped-def]
+    spec = {"name": "digits", "namespace": "demo", "base_model": str(tiny_base_dir),
+            "training_data": str(data), "validation_data": str(HELDOUT_FILE),
+            "output_adapter": "demo/digits",
+            "training": {"max_steps": 20, "batch_size": 8, "seq_len": 64, "eval_every": 10},
+            "resources": {"workers_per_node": 2}, **extra}  # fmt: skip
+    path = tmp_path / f"job-{len(list(tmp_path.glob('job-*')))}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_submit_follow_publishes_the_adapter(tmp_path, tiny_base_dir):
+    home = tmp_path / "home"
+    r = _cli(["submit", _spec(tmp_path, tiny_base_dir), "--follow"], home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "succeeded" in r.stdout and "adapter demo/digits:1" in r.stdout
+    listed = _cli(["jobs", "list"], home)
+    assert "succeeded" in listed.stdout
+    shown = _cli(["adapters", "show", "demo/digits"], home)
+    assert shown.returncode == 0 and "ftjob-" in shown.stdout
+
+
+def test_bad_spec_and_failing_job_exit_non_zero(tmp_path, tiny_base_dir):
+    home = tmp_path / "home"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "namespace": "demo", "trainig": {}}))
+    r = _cli(["submit", bad], home, timeout=60)
+    assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": 1}\n')
+    r = _cli(["submit", _spec(tmp_path, tiny_base_dir, data=broken), "--follow"], home)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed" in r.stdout + r.stderr and "broken.jsonl:1" in r.stdout
