@@ -102,7 +102,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     reg = registry or Registry.from_settings(settings)
     db = reg.catalog
     admin = settings.api_token.get_secret_value() if settings.api_token else None
-    app = FastAPI(title="lorafleet", version="0.1.0")
+    # The schema is served behind the token like everything else (only /health is open).
+    app = FastAPI(title="lorafleet", version="0.1.0", docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -152,6 +154,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/v1/openapi.json")
+    def openapi(who: Principal = Depends(principal)) -> dict[str, Any]:
+        return app.openapi()
 
     @app.post("/v1/fine_tuning/jobs", status_code=201)
     def create_job(

@@ -161,3 +161,90 @@ def test_scheduler_restart_reconciles_exactly_once(env):
     assert resumed and resumed[0]["from_step"] >= 5  # continued from a checkpoint
     assert len(registry.list(namespace="team", name="survivor")) == 1
     assert len(jobs.list_jobs(registry.catalog, namespace="team")) == 1
+
+
+def test_scheduler_actor_restarted_by_ray_mid_job(env):
+    """The detached scheduler actor is killed while a job runs; Ray restarts it; one result."""
+    import ray
+
+    from orchestrator.scheduler import start_scheduler_actor
+
+    settings, registry = env
+    actor = start_scheduler_actor(settings, interval_s=0.2)
+    job = submit_job(registry.catalog, _spec("steady", steps=20)).job
+    try:
+        wait_until(lambda: _state(registry, job.id) == "running", timeout_s=120, what="running")
+        ray.kill(actor, no_restart=False)  # max_restarts=-1: Ray brings it back
+        wait_until(
+            lambda: _state(registry, job.id) == "succeeded", timeout_s=180, what="job to succeed"
+        )
+        assert ray.get(actor.ticks.remote(), timeout=30) >= 0  # the restarted actor answers
+    finally:
+        ray.kill(actor, no_restart=True)
+    states = [
+        e.data.get("state")
+        for e in jobs.list_events(registry.catalog, job_id=job.id)
+        if e.kind == "state"
+    ]
+    assert states.count("succeeded") == 1 and "retrying" not in states
+    assert len(registry.list(namespace="team", name="steady")) == 1
+
+
+def test_killed_worker_is_retried_and_the_job_succeeds(env):
+    import os
+    import signal
+
+    settings, registry = env
+    spec = _spec("sturdy", steps=30, ckpt=5)
+    spec = spec.model_copy(update={"max_failures": 1})
+    job = submit_job(registry.catalog, spec).job
+    loop = _loop(settings, registry)
+    try:
+        wait_until(
+            lambda: (
+                sum(e.kind == "metrics" for e in jobs.list_events(registry.catalog, job_id=job.id))
+                >= 8
+            ),
+            timeout_s=120,
+            what="a checkpoint",
+        )
+        pid = next(
+            e.data["rank0_pid"]
+            for e in jobs.list_events(registry.catalog, job_id=job.id)
+            if e.kind == "placement_group"
+        )
+        os.kill(pid, signal.SIGKILL)  # the worker dies; Ray Train restarts the group
+        wait_until(
+            lambda: _state(registry, job.id) == "succeeded",
+            timeout_s=180,
+            what="job to succeed after the worker died",
+        )
+    finally:
+        loop.stop()
+    kinds = [e.kind for e in jobs.list_events(registry.catalog, job_id=job.id)]
+    assert "resumed" in kinds
+    assert len(registry.list(namespace="team", name="sturdy")) == 1
+
+
+def test_two_namespaces_share_the_cluster(env):
+    """Four 2-worker jobs from two teams on 4 CPUs: the first two to run are one per team."""
+    settings, registry = env
+    specs = []
+    for ns in ("red", "red", "blue", "blue"):
+        s = _spec(f"{ns}-{len(specs)}", workers=2, steps=4).model_dump()
+        s.update(namespace=ns, output_adapter=f"{ns}/{s['name']}")
+        specs.append(parse_spec(s))
+    submitted = [submit_job(registry.catalog, s).job for s in specs]
+    core = SchedulerCore(registry.catalog, ray_hooks(settings))
+    decision = core.tick()
+    admitted = {jobs.get_job(registry.catalog, job_id=j).namespace for j in decision.admit}
+    assert admitted == {"red", "blue"}
+    loop = SchedulerLoop(core, 0.2).start()
+    try:
+        wait_until(
+            lambda: all(_state(registry, j.id) == "succeeded" for j in submitted),
+            timeout_s=240,
+            what="all four jobs",
+        )
+    finally:
+        loop.stop()

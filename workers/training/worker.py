@@ -180,7 +180,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # record it so whoever cancels this run can release the resources.
         pg = ray.util.get_current_placement_group()
         if pg is not None:
-            emit("placement_group", {"id": pg.id.hex()})
+            emit("placement_group", {"id": pg.id.hex(), "rank0_pid": os.getpid()})
     if emit is not None and resumed_from is not None:
         emit("resumed", {"from_step": resumed_from})
 
