@@ -15,8 +15,6 @@ from typing import Any
 
 from workers.errors import TrainingError
 from workers.training.distributed_spec import DistributedSpec
-from workers.training.shared_base import SHM_DIR, shm_path_for
-from workers.training.worker import train_worker
 
 log = logging.getLogger(__name__)
 # Each ray.train.report waits up to one health-check interval (2 s by default): with a report
@@ -45,9 +43,19 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on each worker. Imports the worker code there, not here: the
+    driver (often a freshly started runner process) never needs transformers."""
+    from workers.training.worker import train_worker
+
+    train_worker(config)
+
+
 def _remove_shared_bases(job_name: str) -> None:
     """Workers remove their node's /dev/shm base at the end; after a crash nobody did, so the
     driver removes what it can see (its own node, and every simulated node of a test cluster)."""
+    from workers.training.shared_base import SHM_DIR, shm_path_for
+
     for leftover in SHM_DIR.glob(shm_path_for(job_name, "*").name + "*"):
         leftover.unlink(missing_ok=True)
 
@@ -76,7 +84,7 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
     if not ray.is_initialized():
         raise TrainingError("no Ray cluster: call ray.init() (or set LORAFLEET_RAY_ADDRESS)")
     trainer = TorchTrainer(
-        train_worker,
+        train_loop,
         train_loop_config={"spec": spec.to_dict()},
         scaling_config=ScalingConfig(
             num_workers=spec.workers,
