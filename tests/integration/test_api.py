@@ -21,8 +21,18 @@ ADMIN = "admin-secret-token"
 
 
 @pytest.fixture()
-def api(tmp_path, tiny_base_dir):  # type: ignore[no-untyped-def]
-    s = load_settings({"LORAFLEET_HOME": str(tmp_path / "home"), "LORAFLEET_API_TOKEN": ADMIN})
+def api(tmp_path, tiny_base_dir, catalog_url):  # type: ignore[no-untyped-def]
+    """The app on each catalog engine (SQLite and PostgreSQL)."""
+    from storage.catalog.db import Catalog
+
+    Catalog(catalog_url).upgrade()
+    s = load_settings(
+        {
+            "LORAFLEET_HOME": str(tmp_path / "home"),
+            "LORAFLEET_API_TOKEN": ADMIN,
+            "LORAFLEET_CATALOG_URL": catalog_url,
+        }
+    )
     registry = Registry.from_settings(s)
     registry.register_base(name="tiny", path=tiny_base_dir)
     client = TestClient(create_app(s, registry))
