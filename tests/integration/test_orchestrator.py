@@ -235,6 +235,14 @@ def test_two_namespaces_share_the_cluster(env):
         s.update(namespace=ns, output_adapter=f"{ns}/{s['name']}")
         specs.append(parse_spec(s))
     submitted = [submit_job(registry.catalog, s).job for s in specs]
+    import ray
+
+    total = ray.cluster_resources()["CPU"]  # earlier tests' runs release their groups async
+    wait_until(
+        lambda: ray.available_resources().get("CPU", 0) >= total,
+        timeout_s=60,
+        what="an idle cluster",
+    )
     core = SchedulerCore(registry.catalog, ray_hooks(settings))
     decision = core.tick()
     admitted = {jobs.get_job(registry.catalog, job_id=j).namespace for j in decision.admit}
