@@ -19,6 +19,7 @@ def generate_mixed(
     slots: list[int],
     *,
     max_new_tokens: int = 32,
+    min_new_tokens: int = 0,
 ) -> list[str]:
     """Complete every prompt with the adapter in its slot, all rows in one batched decode.
 
@@ -35,6 +36,7 @@ def generate_mixed(
         out = model.generate(  # type: ignore[operator]
             **enc,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
