@@ -194,7 +194,15 @@ def runner_alive(job_id: str) -> bool:
 
 
 def release_placement_groups(catalog: Any, job_id: str) -> int:
-    """Remove the placement groups a job's training runs recorded; returns how many."""
+    """Free what a killed run of the job still holds; returns how many groups were removed.
+
+    Its placement groups (recorded as job events by rank 0) and its node-local /dev/shm base
+    files (those on this node: a killed driver never reached its own clean-up).
+    """
+    from workers.training.shared_base import SHM_DIR
+
+    for leftover in SHM_DIR.glob(f"lorafleet-base-{job_id}-*"):
+        leftover.unlink(missing_ok=True)
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,7 @@ def test_cancel_running_job(env):
         loop.stop()
     assert _state(registry, job.id) == "cancelled"
     assert registry.list(namespace="team", name="long") == []
+    assert not list(Path("/dev/shm").glob(f"lorafleet-base-{job.id}-*"))
 
 
 def test_failing_job_records_the_error(env, tmp_path):
