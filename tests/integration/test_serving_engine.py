@@ -1,0 +1,89 @@
+"""The serving engine over a real catalog: exact mixed batches, aliases, corrupt adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from storage.objects import LocalObjectStore
+from storage.registry import Registry
+from storage.settings import load_settings
+from workers.base_model import load_base
+from workers.generate import greedy_generate
+from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
+from workers.serving.engine import ServingEngine
+
+PROMPTS = ["spell 1 2 =", "spell 7 =", "hello", "spell 3 3 ="]
+
+
+def _publish(registry, tiny_base_dir, tmp_path, name, seed, r=4):  # type: ignore[no-untyped-def]
+    model, _ = load_base(tiny_base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
+    inject_lora(model, cfg)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.normal_(0, 0.2)
+    out = save_adapter(model, cfg, tmp_path / f"{name}-{seed}")
+    registry.publish(adapter_dir=out, ref=f"team/{name}", base_model="tiny")
+    return out
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_base_dir):  # type: ignore[no-untyped-def]
+    registry = Registry.from_settings(load_settings({"LORAFLEET_HOME": str(tmp_path / "home")}))
+    registry.register_base(name="tiny", path=tiny_base_dir)
+    dirs = {n: _publish(registry, tiny_base_dir, tmp_path, n, i) for i, n in enumerate("abc")}
+    engine = ServingEngine(tiny_base_dir, registry, slots=2, max_rank=8, alias_ttl_s=0.0)
+    return registry, engine, dirs
+
+
+def _peft(tiny_base_dir, adapter_dir, prompt):  # type: ignore[no-untyped-def]
+    base, tok = load_base(tiny_base_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir else base
+    return greedy_generate(model, tok, [prompt], max_new_tokens=8)[0]
+
+
+def test_mixed_batch_equals_peft_per_adapter(setup, tiny_base_dir):
+    _, engine, dirs = setup
+    refs = ["team/a", "team/b", None, "team/a:1"]
+    out = engine.complete(list(zip(PROMPTS, refs, strict=True)), max_new_tokens=8)
+    for prompt, ref, c in zip(PROMPTS, refs, out, strict=True):
+        assert c.error is None, c
+        expected = _peft(tiny_base_dir, dirs[ref[5]] if ref else None, prompt)
+        assert c.text == expected
+    assert [c.adapter for c in out] == ["team/a:1", "team/b:1", None, "team/a:1"]
+    # three adapters through two slots: the third evicts the least recently used
+    more = engine.complete([(PROMPTS[0], "team/c"), (PROMPTS[1], "team/a")], max_new_tokens=4)
+    assert all(c.error is None for c in more)
+    assert engine.slots.stats.evictions >= 1
+
+
+def test_alias_promotion_moves_traffic(setup, tiny_base_dir, tmp_path):
+    registry, engine, _ = setup
+    registry.promote("team/a:1", "production")
+    assert engine.complete([(PROMPTS[0], "team/a@production")])[0].adapter == "team/a:1"
+    _publish(registry, tiny_base_dir, tmp_path, "a", 9)
+    registry.promote("team/a:2", "production")
+    assert engine.complete([(PROMPTS[0], "team/a@production")])[0].adapter == "team/a:2"
+
+
+def test_corrupt_and_unknown_adapters_fail_alone(setup):
+    registry, engine, _ = setup
+    v = registry.resolve("team/b")
+    store = registry.store
+    assert isinstance(store, LocalObjectStore)
+    path = store.root / f"{v.object_prefix}/adapter_model.safetensors"
+    path.chmod(0o644)
+    data = path.read_bytes()
+    path.write_bytes(data[:-4] + b"\0\0\0\0")
+    registry.cache.remove(v)
+    out = engine.complete(
+        [(PROMPTS[0], "team/b"), (PROMPTS[1], "team/a"), (PROMPTS[2], "team/nope")],
+        max_new_tokens=4,
+    )
+    assert "IntegrityError" in out[0].error
+    assert out[1].error is None and out[1].text is not None
+    assert "AdapterNotFound" in out[2].error
+    assert "team/b:1" not in engine.slots.resident()
