@@ -144,7 +144,6 @@ class SchedulerCore:
 
 def ray_hooks(settings: Settings) -> ClusterHooks:
     """Cluster hooks backed by the connected Ray cluster."""
-    import ray
     from ray._private import state as ray_state
 
     from orchestrator.runner import (
@@ -153,9 +152,8 @@ def ray_hooks(settings: Settings) -> ClusterHooks:
         runner_alive,
         start_runner,
     )
-    from storage.catalog.db import Catalog as _Catalog
 
-    catalog = _Catalog(settings.catalog_url)
+    catalog = Catalog(settings.catalog_url)
 
     def nodes() -> list[NodeFree]:
         free = ray_state.available_resources_per_node()
@@ -173,7 +171,6 @@ def ray_hooks(settings: Settings) -> ClusterHooks:
             )
         return out
 
-    del ray
     return ClusterHooks(
         start_runner=lambda job_id: start_runner(job_id, settings),
         runner_alive=runner_alive,
