@@ -21,11 +21,6 @@ from rich.table import Table
 console = Console()
 
 
-def lorafleet_home() -> Path:
-    """``LORAFLEET_HOME`` or ``~/.lorafleet``."""
-    return Path(os.environ.get("LORAFLEET_HOME", Path.home() / ".lorafleet")).expanduser()
-
-
 @dataclass
 class QuickstartResult:
     """What the quickstart measured."""
@@ -56,6 +51,7 @@ def _ensure_tiny_base(base_dir: Path) -> bool:
 def run_quickstart(*, home: Path | None = None, max_steps: int = 300) -> QuickstartResult:
     """Run every stage; returns the measurements (the caller decides what is a failure)."""
     from orchestrator.cli_common import train_progress
+    from storage.settings import load_settings
     from workers.base_model import load_base
     from workers.datasets import load_dataset, read_jsonl
     from workers.demo_task import HELDOUT_FILE, TRAIN_FILE, exact_match
@@ -65,7 +61,7 @@ def run_quickstart(*, home: Path | None = None, max_steps: int = 300) -> Quickst
     from workers.training.recipe import TrainConfig
     from workers.training.single import train_single
 
-    root = (home or lorafleet_home()) / "quickstart"
+    root = (home or load_settings().home) / "quickstart"
     base_dir, adapter_dir, merged_dir = root / "tiny-base", root / "adapter", root / "merged"
     root.mkdir(parents=True, exist_ok=True)
 

@@ -13,7 +13,6 @@ Every error names the file and line number.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,15 +103,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise DatasetError(f"dataset {p} has no rows")
     return rows
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (the dataset digest recorded in lineage)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:

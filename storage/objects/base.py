@@ -101,7 +101,7 @@ def has_digest(store: ObjectStore, key: str, sha256: str) -> bool:
     return h.hexdigest() == sha256
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     """SHA-256 of a local file."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:

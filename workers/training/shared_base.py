@@ -117,9 +117,9 @@ def write_shared_base(base_dir: str | Path, path: Path, *, dtype: torch.dtype) -
 
 def map_safetensors_read_only(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file as read-only views of one shared ``mmap``."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+    from storage.fingerprint import read_safetensors_header
+
+    header, data_start = read_safetensors_header(path)
     header.pop("__metadata__", None)
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     out: dict[str, torch.Tensor] = {}
@@ -132,7 +132,7 @@ def map_safetensors_read_only(path: Path) -> dict[str, torch.Tensor]:
         torch_dtype = _DTYPES.get(dt)
         if torch_dtype is None:
             raise BaseModelError(f"{path}: unsupported dtype {dt} for tensor {name}")
-        out[name] = raw[8 + n + begin : 8 + n + end].view(torch_dtype).view(info["shape"])
+        out[name] = raw[data_start + begin : data_start + end].view(torch_dtype).view(info["shape"])
     return out
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from storage.objects import file_sha256
 from workers.base_model import load_base
-from workers.datasets import file_sha256, load_dataset
+from workers.datasets import load_dataset
 from workers.lora import LoraConfig, save_adapter
 from workers.training.recipe import LoraFinetuneRecipe, StepReport, TrainConfig, TrainResult
 

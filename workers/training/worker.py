@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from storage.objects import file_sha256
 from workers.base_model import load_base, load_tokenizer
-from workers.datasets import file_sha256, load_dataset
+from workers.datasets import load_dataset
 from workers.errors import TrainingError
 from workers.lora import lora_modules, lora_state_dict, save_adapter
 from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
