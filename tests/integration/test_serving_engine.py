@@ -12,7 +12,7 @@ from storage.settings import load_settings
 from workers.base_model import load_base
 from workers.generate import greedy_generate
 from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
-from workers.serving.engine import ServingEngine
+from workers.serving.engine import GenRequest, ServingEngine
 
 PROMPTS = ["spell 1 2 =", "spell 7 =", "hello", "spell 3 3 ="]
 
@@ -79,11 +79,11 @@ def test_corrupt_and_unknown_adapters_fail_alone(setup):
     data = path.read_bytes()
     path.write_bytes(data[:-4] + b"\0\0\0\0")
     registry.cache.remove(v)
-    out = engine.complete(
-        [(PROMPTS[0], "team/b"), (PROMPTS[1], "team/a"), (PROMPTS[2], "team/nope")],
-        max_new_tokens=4,
-    )
-    assert "IntegrityError" in out[0].error
+    out = engine.generate(
+        [GenRequest(PROMPTS[0], "team/b", 4), GenRequest(PROMPTS[1], "team/a", 4),
+         GenRequest(PROMPTS[2], "team/nope", 4)]
+    )  # fmt: skip
+    assert out[0].status == 502 and "SHA-256 mismatch" in (out[0].error or "")
     assert out[1].error is None and out[1].text is not None
-    assert "AdapterNotFound" in out[2].error
+    assert out[2].status == 404 and "team/nope" in (out[2].error or "")
     assert "team/b:1" not in engine.slots.resident()
