@@ -9,10 +9,8 @@ admin token (``LORAFLEET_API_TOKEN``) sees everything. Errors are ``{"error": {"
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orchestrator.lifecycle import TERMINAL, IllegalTransition
 from orchestrator.service import cancel_job, submit_job
 from orchestrator.spec import JobSpec, SpecError
+from storage.auth import Principal, Unauthorized, authenticate
 from storage.catalog import jobs
-from storage.catalog import repository as repo
 from storage.catalog.domain import AdapterVersion
 from storage.errors import InvalidName, NotFound, StorageError
 from storage.registry import Registry
@@ -37,14 +35,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
-
-
-@dataclass(frozen=True)
-class Principal:
-    namespace: str | None  # None: the admin, who sees every namespace
-
-    def can_see(self, namespace: str) -> bool:
-        return self.namespace is None or self.namespace == namespace
 
 
 class PromoteBody(BaseModel):
@@ -126,15 +116,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return JSONResponse({"error": {"message": str(exc.detail), "field": None}}, exc.status_code)
 
     def principal(authorization: str | None = Header(default=None)) -> Principal:
-        if not authorization or not authorization.lower().startswith("bearer "):
-            raise ApiError(401, "missing bearer token")
-        token = authorization.split(" ", 1)[1].strip()
-        if admin is not None and hmac.compare_digest(token, admin):
-            return Principal(None)
-        ns = repo.namespace_for_token(db, token=token)
-        if ns is None:
-            raise ApiError(401, "invalid token")
-        return Principal(ns.name)
+        try:
+            return authenticate(db, admin, authorization)
+        except Unauthorized as exc:
+            raise ApiError(401, str(exc)) from None
 
     def visible_job(job_id: str, who: Principal) -> jobs.Job:
         try:

@@ -12,6 +12,7 @@ from rich.table import Table
 from orchestrator.cli_catalog import adapters_app, db_app, gc, register_base
 from orchestrator.cli_common import console, fmt_bytes, train_progress, user_errors
 from orchestrator.cli_jobs import jobs_app, server, submit
+from orchestrator.cli_serve import serve
 from workers.errors import WorkerError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -25,6 +26,7 @@ app.command("gc")(user_errors(gc))
 app.add_typer(jobs_app, name="jobs")
 app.command("submit")(submit)
 app.command("server")(server)
+app.command("serve")(serve)
 base_app.command("register")(user_errors(register_base))
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -16,9 +17,9 @@ from orchestrator.service import job_spec
 from orchestrator.spec import JobSpec
 from storage.catalog import jobs
 from storage.catalog import repository as repo
-from storage.errors import NotFound, StorageError
+from storage.errors import InvalidName, NotFound, StorageError
 from storage.registry import Registry
-from storage.settings import Settings
+from storage.settings import Settings, settings_to_json
 from workers.errors import WorkerError
 from workers.lora import LoraConfig
 from workers.training.distributed_spec import DistributedSpec
@@ -37,18 +38,20 @@ def _local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-def resolve_base(registry: Registry, spec: JobSpec) -> tuple[str, str]:
+def resolve_base(registry: Registry, base_model: str) -> tuple[str, str]:
     """(local base directory, registered base name); a local path is registered on the fly."""
     try:
-        base = repo.get_base_model(registry.catalog, name=spec.base_model)
+        base = repo.get_base_model(registry.catalog, name=base_model)
         return base.source, base.name
-    except NotFound:
-        path = Path(_local_path(spec.base_model)).expanduser()
+    except (NotFound, InvalidName):
+        path = Path(_local_path(base_model)).expanduser()
         if not path.is_dir():
             raise WorkerError(
-                f"base_model {spec.base_model!r} is neither a registered base nor a directory"
+                f"base model {base_model!r} is neither a registered base nor a directory"
             ) from None
-        name = f"{path.name.lower()[:40]}-{abs(hash(str(path.resolve()))) % 10**8}"
+        # a stable name per directory (hash() is salted per process, so not that)
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+        name = f"{path.name.lower()[:40]}-{digest}"
         registered = registry.register_base(
             name="".join(c if c.isalnum() or c in "._-" else "-" for c in name), path=path
         )
@@ -74,7 +77,7 @@ def build_distributed_spec(
     from workers.datasets import read_jsonl
 
     spec = job_spec(job)
-    base_dir, _ = resolve_base(registry, spec)
+    base_dir, _ = resolve_base(registry, spec.base_model)
     data = _local_path(spec.training_data)
     rows = len(read_jsonl(data))
     raw = spec.lora.targets
@@ -119,7 +122,7 @@ def run_job(job_id: str, settings: Settings) -> str:
     if current.state != "running":  # cancelled meanwhile: publish nothing
         return current.state
     spec = job_spec(job)
-    _, base_name = resolve_base(registry, spec)
+    _, base_name = resolve_base(registry, spec.base_model)
     metrics = {k: v for k, v in result.metrics.items() if k not in ("workers", "curve")}
     version = registry.publish(
         adapter_dir=result.adapter_dir,
@@ -171,16 +174,7 @@ def start_runner(job_id: str, settings: Settings) -> None:
     actor = JobRunner.options(  # type: ignore[attr-defined]
         name=runner_name(job_id), namespace=RAY_NAMESPACE, lifetime="detached"
     ).remote()
-    actor.run.remote(job_id, _settings_json(settings))
-
-
-def _settings_json(settings: Settings) -> str:
-    data = settings.model_dump(mode="json")
-    if settings.api_token is not None:
-        data["api_token"] = settings.api_token.get_secret_value()
-    import json
-
-    return json.dumps(data)
+    actor.run.remote(job_id, settings_to_json(settings))
 
 
 def runner_alive(job_id: str) -> bool:

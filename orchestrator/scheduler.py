@@ -212,7 +212,8 @@ def start_scheduler_actor(settings: Settings, *, interval_s: float = 0.5) -> obj
     """Get or create the detached, named scheduler actor (restartable by Ray)."""
     import ray
 
-    from orchestrator.runner import RAY_NAMESPACE, _settings_json
+    from orchestrator.runner import RAY_NAMESPACE
+    from storage.settings import settings_to_json
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
     class SchedulerActor:
@@ -229,4 +230,4 @@ def start_scheduler_actor(settings: Settings, *, interval_s: float = 0.5) -> obj
 
     return SchedulerActor.options(  # type: ignore[attr-defined]
         name=SCHEDULER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(_settings_json(settings), interval_s)
+    ).remote(settings_to_json(settings), interval_s)

@@ -19,6 +19,7 @@ The toml file is ``LORAFLEET_CONFIG`` if set, else ``./lorafleet.toml``, else
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -120,3 +121,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise SettingsError(f"configuration {field}: {err['msg']}") from None
+
+
+def settings_to_json(settings: Settings) -> str:
+    """The settings as JSON for another process (a Ray actor); the token travels in clear."""
+    data = settings.model_dump(mode="json")
+    if settings.api_token is not None:
+        data["api_token"] = settings.api_token.get_secret_value()
+    return json.dumps(data)

@@ -168,7 +168,7 @@ def decode_batch(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                        past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
+                        cache=out.cache, use_cache=True)  # fmt: skip
     finally:
         set_batch_slots(layers, None)
     return outputs

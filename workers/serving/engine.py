@@ -44,6 +44,7 @@ from workers.lora.io import (
 from workers.lora.merge import merge_lora
 from workers.serving.decode import DecodeRow, decode_batch
 from workers.serving.multi_lora import BASE_SLOT, MultiLoraLinear, to_multi_lora
+from workers.serving.resolver import RefResolver
 from workers.serving.slots import AdapterSlots, NoFreeSlot
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,8 @@ class ServingEngine:
         self.model, self.tokenizer = load_base(base_dir)
         self.model.eval()
         self.fingerprint = fingerprint_model_dir(base_dir).sha256
-        self.alias_ttl_s = alias_ttl_s
+        self.resolve = RefResolver(registry.resolve, ttl_s=alias_ttl_s)
         self.host_capacity = host_adapters
-        self._resolved: dict[str, tuple[float, AdapterVersion]] = {}
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()
         self._staging: dict[str, Future[HostAdapter]] = {}
         self._host_lock = threading.Lock()
@@ -172,16 +172,6 @@ class ServingEngine:
             self.layers = to_multi_lora(self.model, paths, n_slots=slots, max_rank=max_rank)
 
     # -- adapters ------------------------------------------------------------------------
-    def resolve(self, ref: str) -> AdapterVersion:
-        """Resolve a reference, caching it for ``alias_ttl_s`` (exact versions never change)."""
-        now = time.monotonic()
-        cached = self._resolved.get(ref)
-        if cached is not None and (":" in ref or now - cached[0] < self.alias_ttl_s):
-            return cached[1]
-        version = self.registry.resolve(ref)
-        self._resolved[ref] = (now, version)
-        return version
-
     def stage(self, version: AdapterVersion) -> HostAdapter:
         """Bring ``version`` into host memory (verified, checked); one load per adapter.
 
@@ -362,11 +352,11 @@ class ServingEngine:
     def _forget(self, ref: str | None) -> None:
         if ref is None:
             return
-        cached = self._resolved.get(ref)
-        if cached is not None:
-            self.slots.evict(cached[1].ref)
+        version = self.resolve.cached(ref)
+        if version is not None:
+            self.slots.evict(version.ref)
             with self._host_lock:
-                self._host.pop(cached[1].ref, None)
+                self._host.pop(version.ref, None)
 
     def complete(
         self, requests: list[tuple[str, str | None]], *, max_new_tokens: int = 32

@@ -1,0 +1,73 @@
+"""``lorafleet serve``: the OpenAI-compatible serving app on Ray Serve."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import typer
+
+from orchestrator.cli_common import console, err_console, user_errors
+
+
+@user_errors
+def serve(
+    base: str = typer.Option(..., help="Registered base name, or a base model directory."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port."),
+    replicas: int = typer.Option(1, min=1, help="Model server replicas (each holds the base)."),
+    max_replicas: int | None = typer.Option(
+        None, min=1, help="Autoscale between --replicas and this many replicas."
+    ),
+    slots: int = typer.Option(8, min=1, help="Adapters in one batched forward pass, per replica."),
+    max_rank: int = typer.Option(64, min=1, help="Largest adapter rank the slots hold."),
+    host_adapters: int = typer.Option(64, min=1, help="Adapters kept in host memory per replica."),
+    merged: str | None = typer.Option(
+        None, help="Serve only this adapter, merged into the base (no per-token LoRA cost)."
+    ),
+    alias_ttl: float = typer.Option(2.0, min=0, help="Seconds a resolved @alias is trusted."),
+    cpus_per_replica: float = typer.Option(1.0, min=0, help="Ray CPUs per model replica."),
+) -> None:
+    """Serve the base and every adapter of it in the catalog (Ctrl-C stops)."""
+    import ray
+
+    from orchestrator.runner import resolve_base
+    from storage.registry import Registry
+    from storage.settings import load_settings, settings_to_json
+    from workers.serving.deployments import ServeOptions, start, stop
+
+    settings = load_settings()
+    registry = Registry.from_settings(settings)
+    base_dir, base_name = resolve_base(registry, base)
+    if merged is not None:
+        registry.resolve(merged)  # unknown reference: a clear error before Ray starts
+    opts = ServeOptions(
+        base_dir=base_dir, base_name=base_name, settings_json=settings_to_json(settings),
+        slots=slots, max_rank=max_rank, host_adapters=host_adapters, replicas=replicas,
+        max_replicas=max_replicas, alias_ttl_s=alias_ttl, merged=merged,
+        num_cpus=cpus_per_replica,
+    )  # fmt: skip
+    if settings.api_token is None:
+        err_console.print("warning: LORAFLEET_API_TOKEN is not set: only namespace tokens work")
+    address = settings.ray_address or "local"
+    stopping = threading.Event()
+    with console.status(f"starting Ray ({address}) and {replicas} model replica(s)…"):
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False)  # fmt: skip
+        try:
+            url = start(opts, host=host, port=port)
+        except BaseException:
+            ray.shutdown()
+            raise
+    what = f"{merged} merged into {base_name}" if merged else f"{base_name} + its adapters"
+    console.print(f"serving {what} at [bold]{url}/v1[/] (OpenAI API); Ctrl-C stops")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        stopping.wait()
+    finally:
+        with console.status("stopping…"):
+            stop()
+            ray.shutdown()
+        console.print("stopped")

@@ -1,0 +1,43 @@
+"""Bearer tokens: the admin token sees every namespace, a namespace token only its own.
+
+Shared by the REST API and the serving ingress, so both answer the same token the same way.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from storage.catalog import repository as repo
+from storage.catalog.db import Catalog
+
+
+class Unauthorized(Exception):
+    """No bearer token, or one that matches neither the admin token nor a namespace."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``namespace`` None is the admin."""
+
+    namespace: str | None
+
+    def can_see(self, namespace: str) -> bool:
+        return self.namespace is None or self.namespace == namespace
+
+
+def authenticate(catalog: Catalog, admin_token: str | None, authorization: str | None) -> Principal:
+    """The principal for an ``Authorization`` header.
+
+    Raises:
+        Unauthorized: missing or unknown token.
+    """
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise Unauthorized("missing bearer token")
+    token = authorization.split(" ", 1)[1].strip()
+    if admin_token is not None and hmac.compare_digest(token, admin_token):
+        return Principal(None)
+    ns = repo.namespace_for_token(catalog, token=token)
+    if ns is None:
+        raise Unauthorized("invalid token")
+    return Principal(ns.name)

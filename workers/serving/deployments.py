@@ -1,0 +1,177 @@
+"""The Ray Serve app: an OpenAI-compatible ingress in front of ``LoraModelServer`` replicas.
+
+A thin shell around ``ServingEngine``:
+
+- the ingress (FastAPI) authenticates, resolves ``model`` to an exact adapter version (TTL
+  cache, so an alias promotion moves traffic without a redeploy) and calls a replica with
+  ``multiplexed_model_id`` = that version, so Ray Serve routes the request to a replica that
+  already holds the adapter;
+- a replica stages the adapter through ``@serve.multiplexed`` (which also reports residency to
+  the router) and hands the request to ``@serve.batch``, which collects concurrent requests —
+  for any mix of adapters and the bare base — into one ``engine.generate`` call: one batched
+  forward pass per decoding step. Text streams back step by step.
+
+Nothing here is numerics; everything it calls is plain Python tested without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "lorafleet"
+
+
+class ServeOptions(BaseModel):
+    """Everything a deployment needs, serialisable so replicas can rebuild it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_dir: str
+    base_name: str
+    settings_json: str
+    slots: int = Field(default=4, ge=1, le=1024)
+    max_rank: int = Field(default=64, ge=1, le=1024)
+    host_adapters: int = Field(default=64, ge=1)
+    replicas: int = Field(default=1, ge=1)
+    max_replicas: int | None = Field(default=None, ge=1)  # set: autoscale replicas..max
+    alias_ttl_s: float = Field(default=2.0, ge=0)
+    merged: str | None = None
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+
+
+class _Staged:
+    """What ``@serve.multiplexed`` caches per adapter: the (possibly running) host load."""
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+
+
+def _server_class(opts: ServeOptions) -> Any:
+    from ray import serve
+
+    from storage.registry import Registry
+    from storage.settings import Settings
+    from workers.serving.engine import GenRequest, ServingEngine, error_status
+
+    @serve.deployment(max_ongoing_requests=512, health_check_period_s=2)
+    class LoraModelServer:
+        """One replica: the base once, adapter slots, batched decoding."""
+
+        def __init__(self, options_json: str) -> None:
+            self.opts = ServeOptions.model_validate_json(options_json)
+            registry = Registry.from_settings(Settings.model_validate_json(self.opts.settings_json))
+            self.engine = ServingEngine(
+                self.opts.base_dir, registry, slots=self.opts.slots, max_rank=self.opts.max_rank,
+                alias_ttl_s=self.opts.alias_ttl_s, host_adapters=self.opts.host_adapters,
+                merged=self.opts.merged,
+            )  # fmt: skip
+
+        @serve.multiplexed(max_num_models_per_replica=opts.host_adapters)
+        async def _adapter(self, ref: str) -> _Staged:
+            # Return at once with the load running in a thread: Ray's multiplexer loads under
+            # one lock, and loads of different adapters should overlap.
+            loop = asyncio.get_running_loop()
+            return _Staged(loop.run_in_executor(None, self._stage_sync, ref))
+
+        def _stage_sync(self, ref: str) -> None:
+            self.engine.stage(self.engine.resolve(ref))
+
+        async def _ensure_staged(self, ref: str) -> None:
+            staged = await self._adapter(ref)
+            if staged.future.done() and staged.future.exception() is not None:
+                loop = asyncio.get_running_loop()  # a failed load is retried, never cached
+                staged.future = loop.run_in_executor(None, self._stage_sync, ref)
+            await asyncio.shield(staged.future)
+
+        async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            """Stream ``{"ready"}``, then ``{"delta"}``s, then ``{"result"}`` (or ``{"error"}``)."""
+            req = GenRequest(**payload)
+            if req.adapter is not None and self.engine.merged is None:
+                try:
+                    await self._ensure_staged(req.adapter)
+                except Exception as exc:  # reported to this request only
+                    yield {"error": str(exc), "status": error_status(exc)}
+                    return
+            yield {"ready": True}
+            async for item in self._batched(req):
+                if item is not None:
+                    yield item
+
+        @serve.batch(max_batch_size=opts.max_batch_size,
+                     batch_wait_timeout_s=opts.batch_wait_timeout_s)  # fmt: skip
+        async def _batched(self, reqs: list[Any]) -> AsyncIterator[list[Any]]:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[list[str | None] | None] = asyncio.Queue()
+
+            def on_step(deltas: list[str | None]) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, deltas)
+
+            done = loop.run_in_executor(None, lambda: self.engine.generate(reqs, on_step=on_step))
+            done.add_done_callback(lambda _: queue.put_nowait(None))
+            while (deltas := await queue.get()) is not None:
+                yield [{"delta": d} if d else None for d in deltas]
+            results = await done
+            yield [{"result": dataclasses.asdict(r)} for r in results]
+
+        async def load(self) -> dict[str, Any]:
+            """Pre-warm the adapter named by the request's multiplexed model id."""
+            ref = serve.get_multiplexed_model_id()
+            await self._ensure_staged(ref)
+            return {"adapter": ref, "host": self.engine.stats()["host"]["resident"]}
+
+        async def unload(self, disk: bool = True) -> bool:
+            ref = serve.get_multiplexed_model_id()
+            return await asyncio.to_thread(self.engine.unload, ref, disk=disk)
+
+        async def stats(self) -> dict[str, Any]:
+            return self.engine.stats()
+
+    return LoraModelServer
+
+
+def build_app(opts: ServeOptions) -> Any:
+    """The bound Ray Serve application (ingress + model servers)."""
+    from workers.serving.ingress import ingress_class
+
+    server = _server_class(opts)
+    scaling: dict[str, Any]
+    if opts.max_replicas is not None and opts.max_replicas > opts.replicas:
+        scaling = {"autoscaling_config": {
+            "min_replicas": opts.replicas, "max_replicas": opts.max_replicas,
+            "target_ongoing_requests": max(4, opts.max_batch_size // 2)}}  # fmt: skip
+    else:
+        scaling = {"num_replicas": opts.replicas}
+    bound = server.options(ray_actor_options={"num_cpus": opts.num_cpus}, **scaling).bind(
+        opts.model_dump_json()
+    )
+    return ingress_class(opts).bind(bound, opts.model_dump_json())
+
+
+def start(opts: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Deploy the app on the connected Ray cluster (``ray.init`` first); returns its URL.
+
+    Returns once every replica is up (``GET /health`` answers).
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def stop() -> None:
+    """Delete the app and stop Serve on the connected cluster."""
+    from ray import serve
+
+    serve.shutdown()

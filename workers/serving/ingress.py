@@ -1,0 +1,227 @@
+"""The OpenAI-compatible HTTP ingress of the serving app (a Ray Serve FastAPI deployment).
+
+``model`` is the served base's name or an adapter reference (``ns/name``, ``ns/name:3``,
+``ns/name@alias``). The ingress resolves it to an exact version (short TTL) and names that
+version in the response's ``model`` field, so every answer carries its lineage. Bearer tokens
+work as in the REST API: a namespace token sees only its namespace (others' adapters are 404),
+``LORAFLEET_API_TOKEN`` is the admin; ``GET /health`` is open.
+"""
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage.auth import Principal, Unauthorized, authenticate
+from storage.errors import InvalidName, NotFound, StorageError
+from storage.fingerprint import fingerprint_model_dir
+from storage.names import parse_ref
+from storage.registry import Registry
+from storage.settings import Settings
+from workers.base_model import load_tokenizer
+from workers.serving.deployments import ServeOptions
+from workers.serving.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    StreamFormatter,
+    chat_prompt_ids,
+    chat_response,
+    completion_response,
+    error_body,
+)
+from workers.serving.resolver import RefResolver
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _app() -> FastAPI:
+    app = FastAPI(title="lorafleet serving", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HttpError)
+    async def _err(_: Request, exc: HttpError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.status, exc.param), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if p not in ("body", "query", "header")]
+        param = ".".join(loc) or None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        return JSONResponse(error_body(f"{param}: {msg}" if param else msg, 400, param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), exc.status_code), exc.status_code)
+
+    return app
+
+
+def ingress_class(opts: ServeOptions) -> Any:
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+
+    app = _app()
+
+    @serve.deployment(max_ongoing_requests=1024)
+    @serve.ingress(app)
+    class OpenAIIngress:
+        def __init__(self, server: DeploymentHandle, options_json: str) -> None:
+            self.opts = ServeOptions.model_validate_json(options_json)
+            self.settings = Settings.model_validate_json(self.opts.settings_json)
+            self.registry = Registry.from_settings(self.settings)
+            token = self.settings.api_token
+            self.admin = token.get_secret_value() if token else None
+            self.server = server
+            self.resolve = RefResolver(self.registry.resolve, ttl_s=self.opts.alias_ttl_s)
+            self.tokenizer = load_tokenizer(self.opts.base_dir)
+            self.fingerprint = fingerprint_model_dir(self.opts.base_dir).sha256
+
+        # -- helpers ---------------------------------------------------------------------
+        # (no `from __future__ import annotations` in this module: FastAPI must see real
+        # annotations on the routes to read the request bodies)
+        def _who(self, authorization: str | None) -> Principal:
+            try:
+                return authenticate(self.registry.catalog, self.admin, authorization)
+            except Unauthorized as exc:
+                raise HttpError(401, str(exc)) from None
+
+        def _target(self, model: str, who: Principal) -> str | None:
+            """The exact adapter version for ``model`` (None: the bare base)."""
+            if model == self.opts.base_name:
+                return None
+            try:
+                ref = parse_ref(model)
+            except InvalidName as exc:
+                raise HttpError(
+                    404, f"model {model!r} is neither the served base ({self.opts.base_name}) "
+                    f"nor an adapter reference: {exc}", "model") from None  # fmt: skip
+            if not who.can_see(ref.namespace):
+                raise HttpError(404, f"adapter {model} not found", "model")
+            try:
+                version = self.resolve(model)
+            except NotFound as exc:
+                raise HttpError(404, str(exc), "model") from None
+            except StorageError as exc:
+                raise HttpError(503, str(exc)) from None
+            return version.ref
+
+        async def _run(self, adapter: str | None, payload: dict[str, Any]) -> AsyncIterator[dict]:
+            handle = self.server.options(multiplexed_model_id=adapter or "", stream=True)
+            gen = handle.generate.remote({**payload, "adapter": adapter})
+            first = await gen.__anext__()
+            if "error" in first:
+                raise HttpError(int(first["status"]), str(first["error"]), "model")
+            return gen
+
+        async def _answer(self, body: CompletionRequest | ChatCompletionRequest,
+                          authorization: str | None, *, chat: bool) -> Any:  # fmt: skip
+            who = self._who(authorization)
+            adapter = self._target(body.model, who)
+            prompt: Any = (
+                chat_prompt_ids(self.tokenizer, body.messages)  # type: ignore[union-attr]
+                if chat
+                else body.text()  # type: ignore[union-attr]
+            )
+            payload = {"prompt": prompt, "max_tokens": body.limit(),
+                       "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+                       "stop": list(body.stops())}  # fmt: skip
+            gen = await self._run(adapter, payload)
+            name = adapter or self.opts.base_name
+            if body.stream:
+                fmt = StreamFormatter(name, chat=chat)
+
+                async def events() -> AsyncIterator[str]:
+                    async for item in gen:
+                        if "delta" in item:
+                            yield fmt.delta(item["delta"])
+                        elif "result" in item:
+                            r = item["result"]
+                            if r["error"]:
+                                yield fmt.delta("")  # the stream is open: end it, say why
+                                yield f"data: {json.dumps(error_body(r['error'], r['status']))}\n\n"
+                                return
+                            yield fmt.finish(r["finish_reason"])
+
+                return StreamingResponse(events(), media_type="text/event-stream")
+            result: dict[str, Any] | None = None
+            async for item in gen:
+                if "result" in item:
+                    result = item["result"]
+            if result is None:
+                raise HttpError(500, "the model server ended the request without an answer")
+            if result["error"]:
+                raise HttpError(int(result["status"]), str(result["error"]), "model")
+            build = chat_response if chat else completion_response
+            return build(name, result["text"], result["finish_reason"], result["prompt_tokens"],
+                         result["completion_tokens"])  # fmt: skip
+
+        # -- routes ----------------------------------------------------------------------
+        @app.get("/health")
+        def health(self) -> dict[str, str]:
+            return {"status": "ok", "base": self.opts.base_name}
+
+        @app.post("/v1/completions")
+        async def completions(
+            self, body: CompletionRequest, authorization: str | None = Header(default=None)
+        ) -> Any:
+            return await self._answer(body, authorization, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(
+            self, body: ChatCompletionRequest, authorization: str | None = Header(default=None)
+        ) -> Any:
+            return await self._answer(body, authorization, chat=True)
+
+        @app.get("/v1/models")
+        def models(self, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+            who = self._who(authorization)
+            now = int(time.time())
+            data: list[dict[str, Any]] = []
+            if self.opts.merged is None:
+                data.append({"id": self.opts.base_name, "object": "model", "created": now,
+                             "owned_by": "lorafleet"})  # fmt: skip
+            for v in self.registry.list(namespace=who.namespace):
+                if v.base_model.fingerprint != self.fingerprint:
+                    continue
+                if self.opts.merged is not None and v.ref != self.resolve(self.opts.merged).ref:
+                    continue
+                created = int(v.created_at.timestamp()) if v.created_at else now
+                for name in (v.ref, *(f"{v.namespace}/{v.name}@{a}" for a in v.aliases)):
+                    data.append({"id": name, "object": "model", "created": created,
+                                 "owned_by": v.namespace, "root": v.ref,
+                                 "parent": self.opts.base_name})  # fmt: skip
+            return {"object": "list", "data": data}
+
+        @app.post("/v1/adapters/{namespace}/{ref}/load")
+        async def load(self, namespace: str, ref: str,
+                       authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
+            adapter = self._target(f"{namespace}/{ref}", self._who(authorization))
+            handle = self.server.options(multiplexed_model_id=adapter or "")
+            try:
+                return dict(await handle.load.remote())
+            except Exception as exc:  # the replica's error, shown to the caller
+                raise HttpError(502, f"could not load {adapter}: {exc}") from None
+
+        @app.post("/v1/adapters/{namespace}/{ref}/unload")
+        async def unload(self, namespace: str, ref: str,
+                         authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
+            adapter = self._target(f"{namespace}/{ref}", self._who(authorization))
+            handle = self.server.options(multiplexed_model_id=adapter or "")
+            return {"adapter": adapter, "unloaded": bool(await handle.unload.remote())}
+
+        @app.get("/v1/serving/stats")
+        async def stats(self, authorization: str | None = Header(default=None)) -> dict:
+            if self._who(authorization).namespace is not None:
+                raise HttpError(403, "serving stats need the admin token")
+            return dict(await self.server.stats.remote())
+
+    return OpenAIIngress

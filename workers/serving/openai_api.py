@@ -1,0 +1,198 @@
+"""The OpenAI wire format: request models, response and stream-chunk builders, chat prompts.
+
+Pure functions and pydantic models, no HTTP and no Ray, so they are unit-tested directly.
+Defaults follow OpenAI's (``max_tokens`` 16, ``temperature`` 1); fields clients send that we
+do not implement are accepted and ignored unless they would change the answer, in which case
+they are refused with a message naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workers.datasets import DEFAULT_CHAT_TEMPLATE
+
+MAX_TOKENS_LIMIT = 4096
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=300)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    logprobs: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v not in (None, False, 0):
+            raise ValueError("logprobs are not supported by this server")
+        return v
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt per request")
+        if not (v if isinstance(v, str) else v[0]):
+            raise ValueError("prompt is empty")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported by this server")
+        return v
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def limit(self) -> int:
+        return self.max_tokens or 16
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+
+    @model_validator(mode="after")
+    def _last_not_assistant(self) -> ChatCompletionRequest:
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must not be the assistant's")
+        return self
+
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 256
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """Render a conversation up to the assistant's turn, as the trainer renders chat rows."""
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    return list(
+        tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages],
+            chat_template=template,
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+    )
+
+
+def _ids(kind: str) -> tuple[str, int]:
+    return f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(
+    model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """A ``text_completion`` object; ``model`` is the exact adapter version used."""
+    rid, created = _ids("cmpl")
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
+                     "logprobs": None}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }  # fmt: skip
+
+
+def chat_response(
+    model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """A ``chat.completion`` object."""
+    rid, created = _ids("chatcmpl")
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }  # fmt: skip
+
+
+class StreamFormatter:
+    """Server-sent-event chunks for one streamed answer (completion or chat)."""
+
+    def __init__(self, model: str, *, chat: bool) -> None:
+        self.model, self.chat = model, chat
+        self.id, self.created = _ids("chatcmpl" if chat else "cmpl")
+        self._first = True
+
+    def _chunk(self, text: str | None, finish_reason: str | None) -> str:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if self._first:
+                delta["role"] = "assistant"
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason,
+                      "logprobs": None}  # fmt: skip
+            obj = "text_completion"
+        self._first = False
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice]}  # fmt: skip
+        return f"data: {json.dumps(body)}\n\n"
+
+    def delta(self, text: str) -> str:
+        return self._chunk(text, None)
+
+    def finish(self, finish_reason: str | None) -> str:
+        return self._chunk(None, finish_reason) + "data: [DONE]\n\n"
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape (the ``openai`` client raises its typed errors from it)."""
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 422: "invalid_request_error"}  # fmt: skip
+    kind = kinds.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
