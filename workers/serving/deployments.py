@@ -7,9 +7,10 @@ A thin shell around ``ServingEngine``:
   ``multiplexed_model_id`` = that version, so Ray Serve routes the request to a replica that
   already holds the adapter;
 - a replica stages the adapter through ``@serve.multiplexed`` (which also reports residency to
-  the router) and hands the request to ``@serve.batch``, which collects concurrent requests —
+  the router) and hands the request to ``MixedBatcher``, which collects concurrent requests —
   for any mix of adapters and the bare base — into one ``engine.generate`` call: one batched
-  forward pass per decoding step. Text streams back step by step.
+  forward pass per decoding step. Text streams back step by step. (``@serve.batch`` is not
+  used: Ray Serve splits its batches by multiplexed model id, see ``batcher.py``.)
 
 Nothing here is numerics; everything it calls is plain Python tested without Ray.
 """
@@ -17,7 +18,6 @@ Nothing here is numerics; everything it calls is plain Python tested without Ray
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -61,6 +61,7 @@ def _server_class(opts: ServeOptions) -> Any:
 
     from storage.registry import Registry
     from storage.settings import Settings
+    from workers.serving.batcher import MixedBatcher
     from workers.serving.engine import GenRequest, ServingEngine, error_status
 
     @serve.deployment(max_ongoing_requests=512, health_check_period_s=2)
@@ -74,6 +75,11 @@ def _server_class(opts: ServeOptions) -> Any:
                 self.opts.base_dir, registry, slots=self.opts.slots, max_rank=self.opts.max_rank,
                 alias_ttl_s=self.opts.alias_ttl_s, host_adapters=self.opts.host_adapters,
                 merged=self.opts.merged,
+            )  # fmt: skip
+            engine = self.engine
+            self.batcher = MixedBatcher(
+                lambda reqs, on_step: engine.generate(reqs, on_step=on_step),
+                max_batch_size=self.opts.max_batch_size, wait_s=self.opts.batch_wait_timeout_s,
             )  # fmt: skip
 
         @serve.multiplexed(max_num_models_per_replica=opts.host_adapters)
@@ -103,25 +109,8 @@ def _server_class(opts: ServeOptions) -> Any:
                     yield {"error": str(exc), "status": error_status(exc)}
                     return
             yield {"ready": True}
-            async for item in self._batched(req):
-                if item is not None:
-                    yield item
-
-        @serve.batch(max_batch_size=opts.max_batch_size,
-                     batch_wait_timeout_s=opts.batch_wait_timeout_s)  # fmt: skip
-        async def _batched(self, reqs: list[Any]) -> AsyncIterator[list[Any]]:
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[list[str | None] | None] = asyncio.Queue()
-
-            def on_step(deltas: list[str | None]) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, deltas)
-
-            done = loop.run_in_executor(None, lambda: self.engine.generate(reqs, on_step=on_step))
-            done.add_done_callback(lambda _: queue.put_nowait(None))
-            while (deltas := await queue.get()) is not None:
-                yield [{"delta": d} if d else None for d in deltas]
-            results = await done
-            yield [{"result": dataclasses.asdict(r)} for r in results]
+            async for item in self.batcher.submit(req):
+                yield item
 
         async def load(self) -> dict[str, Any]:
             """Pre-warm the adapter named by the request's multiplexed model id."""

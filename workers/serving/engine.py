@@ -123,6 +123,10 @@ class TierStats:
     host_hits: int = 0
     host_misses: int = 0
     load_ms: list[float] = field(default_factory=list)
+    batches: int = 0
+    rows: int = 0
+    max_rows: int = 0
+    max_adapters: int = 0  # most distinct adapters (base counted as one) in one forward pass
 
 
 class ServingEngine:
@@ -293,29 +297,67 @@ class ServingEngine:
         requests: Sequence[GenRequest],
         *,
         on_step: Callable[[list[str | None]], None] | None = None,
+        slot_wait_s: float = 30.0,
     ) -> list[GenResult]:
-        """Answer a batch in one decode; ``on_step`` gets a text delta per request per step.
+        """Answer a batch; ``on_step`` gets a text delta per request per decoding step.
 
-        Requests that cannot be served get an error result (and a ``None`` delta) and do
-        not hold the others back.
+        Requests for up to ``slots`` distinct adapters (plus any number for the base) share
+        one decode; requests beyond that wait for the next round. Requests that cannot be
+        served get an error result (and ``None`` deltas) and do not hold the others back.
         """
         results = [GenResult() for _ in requests]
+        ids: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            try:
+                ids[i] = (
+                    list(self.tokenizer(req.prompt)["input_ids"])
+                    if isinstance(req.prompt, str)
+                    else list(req.prompt)
+                )
+                if not ids[i]:
+                    raise RequestRejected("empty prompt")
+            except ValueError as exc:
+                results[i] = GenResult(error=str(exc), status=400)
+                ids.pop(i, None)
+        pending = list(ids)
+        waited_since: float | None = None
+        while pending:
+            deferred = self._round(requests, pending, ids, results, on_step)
+            if len(deferred) == len(pending):  # no slot at all: others' batches pin them all
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > slot_wait_s:
+                    for i in deferred:
+                        results[i] = GenResult(error="no free adapter slot", status=503)
+                    break
+                time.sleep(0.01)
+            else:
+                waited_since = None
+            pending = deferred
+        return results
+
+    def _round(
+        self,
+        requests: Sequence[GenRequest],
+        pending: list[int],
+        ids: dict[int, list[int]],
+        results: list[GenResult],
+        on_step: Callable[[list[str | None]], None] | None,
+    ) -> list[int]:
+        """Decode every pending request that gets a slot; returns those that did not."""
         rows: list[DecodeRow] = []
         index: list[int] = []
         held: list[int] = []
+        deferred: list[int] = []
         try:
-            for i, req in enumerate(requests):
+            for i in pending:
+                req = requests[i]
                 version = None
                 try:
-                    ids = (
-                        list(self.tokenizer(req.prompt)["input_ids"])
-                        if isinstance(req.prompt, str)
-                        else list(req.prompt)
-                    )
-                    if not ids:
-                        raise RequestRejected("empty prompt")
                     slot, version = self._prepare(req)
-                except (StorageError, AdapterMismatch, LoraError, ValueError, NoFreeSlot) as exc:
+                except NoFreeSlot:
+                    deferred.append(i)
+                    continue
+                except (StorageError, AdapterMismatch, LoraError, ValueError) as exc:
                     if version is not None or isinstance(exc, IntegrityError):
                         self._forget(req.adapter)  # never keep bytes that failed
                     results[i] = GenResult(error=str(exc), status=error_status(exc))
@@ -323,31 +365,37 @@ class ServingEngine:
                 if slot != BASE_SLOT:
                     held.append(slot)
                 results[i].adapter = version.ref if version else None
-                results[i].prompt_tokens = len(ids)
+                results[i].prompt_tokens = len(ids[i])
                 index.append(i)
-                rows.append(DecodeRow(ids, slot, req.max_tokens, req.temperature, req.top_p,
+                rows.append(DecodeRow(ids[i], slot, req.max_tokens, req.temperature, req.top_p,
                                       req.seed, tuple(req.stop)))  # fmt: skip
+            if not rows:
+                return deferred
             step_cb = None
             if on_step is not None:
+                n = len(requests)
 
                 def step_cb(deltas: list[str | None]) -> None:
-                    full: list[str | None] = [None] * len(requests)
+                    full: list[str | None] = [None] * n
                     for i, d in zip(index, deltas, strict=True):
                         full[i] = d
                     on_step(full)
 
-            if rows:
-                with self._forward_lock:
-                    outs = decode_batch(self.model, self.tokenizer, self.layers, rows,
-                                        on_step=step_cb)  # fmt: skip
-                for i, o in zip(index, outs, strict=True):
-                    r = results[i]
-                    r.text, r.finish_reason = o.text, o.finish_reason
-                    r.completion_tokens = len(o.token_ids)
+            st = self.tier_stats
+            st.batches += 1
+            st.rows += len(rows)
+            st.max_rows = max(st.max_rows, len(rows))
+            st.max_adapters = max(st.max_adapters, len({r.slot for r in rows}))
+            with self._forward_lock:
+                outs = decode_batch(self.model, self.tokenizer, self.layers, rows, on_step=step_cb)
+            for i, o in zip(index, outs, strict=True):
+                r = results[i]
+                r.text, r.finish_reason = o.text, o.finish_reason
+                r.completion_tokens = len(o.token_ids)
         finally:
             for slot in held:
                 self.slots.release(slot)
-        return results
+        return deferred
 
     def _forget(self, ref: str | None) -> None:
         if ref is None:
@@ -380,4 +428,7 @@ class ServingEngine:
                      "hits": self.tier_stats.host_hits, "misses": self.tier_stats.host_misses,
                      "load_ms_p50": statistics.median(loads) if loads else None},
             "disk": {"downloads": self.registry.cache.downloads},
+            "batches": {"count": self.tier_stats.batches, "rows": self.tier_stats.rows,
+                        "max_rows": self.tier_stats.max_rows,
+                        "max_adapters": self.tier_stats.max_adapters},
         }  # fmt: skip

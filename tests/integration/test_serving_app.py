@@ -1,0 +1,294 @@
+"""The Ray Serve app end to end: the official ``openai`` client, exactness against PEFT, load
+across 20 adapters through 4 slots, alias promotion, faults, namespaces, replica recovery.
+
+One app (1 replica, 4 slots, alias TTL 0.5 s) is deployed on the session's 2-node Ray cluster
+for the whole module; the replica-kill test runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from storage.catalog import repository as repo
+from storage.objects import LocalObjectStore
+from storage.registry import Registry
+from storage.settings import load_settings, settings_to_json
+from tests.servers import free_port, wait_until
+from workers.base_model import load_base
+from workers.demo_task import TRAIN_FILE
+from workers.generate import greedy_generate
+from workers.lora import LoraConfig, inject_lora, load_adapter, lora_modules, save_adapter
+from workers.training.recipe import TrainConfig
+from workers.training.single import train_single
+
+ADMIN = "admin-secret"
+PROMPTS = ["spell 4 2 =", "hello world"]
+N_LOAD = 20
+
+
+@dataclass
+class App:
+    url: str
+    registry: Registry
+    team_token: str
+    dirs: dict[str, Path]
+
+    def client(self, token: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=token or self.team_token,
+                             max_retries=0, timeout=120)  # fmt: skip
+
+    def stats(self) -> dict:
+        r = httpx.get(f"{self.url}/v1/serving/stats", headers={"Authorization": f"Bearer {ADMIN}"})
+        r.raise_for_status()
+        return r.json()
+
+
+def _random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, **kw: object) -> Path:
+    model, _ = load_base(base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", **kw)  # type: ignore[arg-type]
+    inject_lora(model, cfg)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.normal_(0, 0.2)
+    return save_adapter(model, cfg, out)
+
+
+def _peft_adapter(base_dir: Path, out: Path) -> Path:
+    model, _ = load_base(base_dir)
+    torch.manual_seed(123)
+    peft_model = get_peft_model(
+        model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _reference(base_dir: Path, adapter_dir: Path | None, prompts: list[str], n: int) -> list[str]:
+    """Greedy answers on the single-adapter path (our LoraLinear, HF generate)."""
+    model, tok = load_base(base_dir)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    return greedy_generate(model, tok, prompts, max_new_tokens=n)
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster: object, tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+        ) -> Iterator[App]:  # fmt: skip
+    from workers.serving.deployments import ServeOptions, start, stop
+
+    root = tmp_path_factory.mktemp("serving")
+    settings = load_settings({"LORAFLEET_HOME": str(root / "home"), "LORAFLEET_API_TOKEN": ADMIN})
+    registry = Registry.from_settings(settings)
+    registry.register_base(name="tiny", path=tiny_base_dir)
+    dirs: dict[str, Path] = {}
+    trained = train_single(
+        base_dir=tiny_base_dir, data_path=TRAIN_FILE, out_dir=root / "trained",
+        lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")),
+        train=TrainConfig(max_steps=20, batch_size=8, seq_len=48, eval_every=0, warmup_steps=2),
+    )  # fmt: skip
+    dirs["team/trained"] = trained.adapter_dir
+    dirs["team/ours"] = _random_adapter(tiny_base_dir, root / "ours", 1, r=8, use_rslora=True)
+    dirs["team/peft"] = _peft_adapter(tiny_base_dir, root / "peft")
+    dirs["other/secret"] = _random_adapter(tiny_base_dir, root / "secret", 2)
+    for i in range(N_LOAD):
+        dirs[f"load/a{i:02d}"] = _random_adapter(tiny_base_dir, root / f"a{i:02d}", 100 + i)
+    for ref, d in dirs.items():
+        registry.publish(adapter_dir=d, ref=ref, base_model="tiny")
+    token = repo.create_token(registry.catalog, namespace="team", name="ci")
+    repo.create_token(registry.catalog, namespace="load", name="ci")
+    opts = ServeOptions(
+        base_dir=str(tiny_base_dir), base_name="tiny", settings_json=settings_to_json(settings),
+        slots=4, max_rank=16, alias_ttl_s=0.5, num_cpus=0.5, max_batch_size=64,
+        batch_wait_timeout_s=0.02,
+    )  # fmt: skip
+    url = start(opts, port=free_port())
+    try:
+        yield App(url, registry, token, dirs)
+    finally:
+        stop()
+        registry.catalog.dispose()
+
+
+def _complete(client: openai.OpenAI, model: str, prompt: str, n: int = 8) -> tuple[str, str]:
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0)
+    return r.choices[0].text, r.model
+
+
+def test_health_is_open_and_models_are_namespaced(app: App) -> None:
+    assert httpx.get(f"{app.url}/health").json()["status"] == "ok"
+    ids = {m.id for m in app.client().models.list()}
+    assert {"tiny", "team/trained:1", "team/ours:1", "team/peft:1"} <= ids
+    assert not any(i.startswith(("other/", "load/")) for i in ids)
+    admin_ids = {m.id for m in app.client(ADMIN).models.list()}
+    assert "other/secret:1" in admin_ids and "load/a00:1" in admin_ids
+
+
+def test_openai_client_completions_chat_and_stream(app: App, tiny_base_dir: Path) -> None:
+    client = app.client()
+    text, model = _complete(client, "team/ours", PROMPTS[0])
+    assert model == "team/ours:1"  # the response names the exact version (lineage)
+    assert text == _reference(tiny_base_dir, app.dirs["team/ours"], [PROMPTS[0]], 8)[0]
+    chat = client.chat.completions.create(
+        model="team/ours", messages=[{"role": "user", "content": "spell 1 2 ="}],
+        max_tokens=8, temperature=0,
+    )  # fmt: skip
+    assert chat.model == "team/ours:1" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage is not None and chat.usage.completion_tokens >= 1
+    chunks = list(client.completions.create(model="team/ours", prompt=PROMPTS[0], max_tokens=8,
+                                            temperature=0, stream=True))  # fmt: skip
+    assert len(chunks) >= 2
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    chat_chunks = list(client.chat.completions.create(
+        model="team/ours", messages=[{"role": "user", "content": "spell 1 2 ="}],
+        max_tokens=8, temperature=0, stream=True))  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat_chunks)
+    assert streamed == chat.choices[0].message.content
+    # sampling with a seed is reproducible, whatever it is batched with
+    a = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=1.0,
+                                  seed=7)  # fmt: skip
+    b = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=1.0,
+                                  seed=7)  # fmt: skip
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_greedy_answers_equal_peft_for_three_adapters(app: App, tiny_base_dir: Path) -> None:
+    client = app.client()
+    for ref in ("team/trained", "team/ours", "team/peft"):
+        base, tok = load_base(tiny_base_dir)
+        peft_model = PeftModel.from_pretrained(base, app.dirs[ref])
+        expected = greedy_generate(peft_model, tok, PROMPTS, max_new_tokens=8)
+        served = [_complete(client, ref, p)[0] for p in PROMPTS]
+        assert served == expected, ref
+
+
+async def _burst(app: App, jobs: list[tuple[str, str]], token: str, n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(jobs))
+    async with httpx.AsyncClient(base_url=app.url, timeout=300, limits=limits) as http:
+        return await asyncio.gather(*[
+            http.post("/v1/completions", headers={"Authorization": f"Bearer {token}"},
+                      json={"model": m, "prompt": p, "max_tokens": n, "temperature": 0})
+            for m, p in jobs
+        ])  # fmt: skip
+
+
+def test_mixed_batch_gives_each_row_its_solo_answer(app: App) -> None:
+    refs = ["team/trained", "team/ours", "team/peft", "tiny"]
+    solo = {r: _complete(app.client(), r, PROMPTS[0])[0] for r in refs}
+    jobs = [(r, PROMPTS[0]) for r in refs] * 4
+    before = app.stats()["batches"]["max_adapters"]
+    out = asyncio.run(_burst(app, jobs, app.team_token, 8))
+    assert [r.status_code for r in out] == [200] * len(jobs)
+    assert [r.json()["choices"][0]["text"] for r in out] == [solo[r] for r, _ in jobs]
+    # requests for different adapters really shared one forward pass
+    assert max(before, app.stats()["batches"]["max_adapters"]) >= 2
+
+
+def test_200_requests_across_20_adapters_through_4_slots(app: App, tiny_base_dir: Path) -> None:
+    refs = [f"load/a{i:02d}" for i in range(N_LOAD)]
+    expected = {r: _reference(tiny_base_dir, app.dirs[r], [PROMPTS[0]], 6)[0] for r in refs}
+    token = repo.create_token(app.registry.catalog, namespace="load", name="burst")
+    stats0 = app.stats()
+    jobs = [(refs[i % N_LOAD], PROMPTS[0]) for i in range(200)]
+    out = asyncio.run(_burst(app, jobs, token, 6))
+    errors = [r.text for r in out if r.status_code != 200]
+    assert errors == []
+    got = [(r.json()["model"], r.json()["choices"][0]["text"]) for r in out]
+    assert got == [(f"{m}:1", expected[m]) for m, _ in jobs]
+    stats = app.stats()
+    # every adapter was downloaded at most once (2 files each), though 20 went through 4 slots
+    assert stats["disk"]["downloads"] - stats0["disk"]["downloads"] <= 2 * N_LOAD
+    assert stats["slots"]["evictions"] > stats0["slots"]["evictions"]
+    assert len(stats["slots"]["resident"]) <= 4
+    assert stats["batches"]["max_rows"] > 1
+    again = asyncio.run(_burst(app, jobs[:40], token, 6))
+    assert all(r.status_code == 200 for r in again)
+    assert app.stats()["disk"]["downloads"] == stats["disk"]["downloads"]  # host tier: no I/O
+
+
+def test_alias_promotion_moves_traffic_within_ttl(app: App, tiny_base_dir: Path) -> None:
+    client = app.client()
+    app.registry.promote("team/ours:1", "production")
+    assert _complete(client, "team/ours@production", PROMPTS[0])[1] == "team/ours:1"
+    v2 = _random_adapter(tiny_base_dir, app.dirs["team/ours"].parent / "ours-v2", 77, r=8)
+    app.registry.publish(adapter_dir=v2, ref="team/ours", base_model="tiny")
+    app.registry.promote("team/ours:2", "production")
+    promoted = time.monotonic()
+    wait_until(lambda: _complete(client, "team/ours@production", PROMPTS[0])[1] == "team/ours:2",
+               timeout_s=10, what="traffic on team/ours:2")  # fmt: skip
+    assert time.monotonic() - promoted < 0.5 + 5  # the TTL plus request time, no restart
+    assert _complete(client, "team/ours:1", PROMPTS[0])[1] == "team/ours:1"
+
+
+def test_unknown_and_foreign_adapters_are_404_bad_tokens_401(app: App) -> None:
+    client = app.client()
+    with pytest.raises(openai.NotFoundError, match="team/nope"):
+        _complete(client, "team/nope", "x")
+    with pytest.raises(openai.NotFoundError):
+        _complete(client, "other/secret", "x")  # another namespace's adapter does not exist
+    with pytest.raises(openai.NotFoundError):
+        _complete(client, "../../etc/passwd", "x")
+    with pytest.raises(openai.AuthenticationError):
+        _complete(app.client("wrong-token"), "tiny", "x")
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=0)
+    assert _complete(app.client(ADMIN), "other/secret", PROMPTS[0])[1] == "other/secret:1"
+
+
+def test_prewarm_then_corrupt_adapter_fails_alone(app: App) -> None:
+    auth = {"Authorization": f"Bearer {app.team_token}"}
+    r = httpx.post(f"{app.url}/v1/adapters/team/peft/load", headers=auth, timeout=60)
+    assert r.status_code == 200 and "team/peft:1" in r.json()["host"]
+    # corrupt the stored bytes of team/ours:1, then drop every cached copy
+    version = app.registry.resolve("team/ours:1")
+    store = app.registry.store
+    assert isinstance(store, LocalObjectStore)
+    path = store.root / f"{version.object_prefix}/adapter_model.safetensors"
+    path.chmod(0o644)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8] + b"\xff" * 8)
+    r = httpx.post(f"{app.url}/v1/adapters/team/ours:1/unload", headers=auth, timeout=60)
+    assert r.status_code == 200
+    jobs = [("team/ours:1", PROMPTS[0]), ("team/peft", PROMPTS[0]), ("tiny", PROMPTS[0])]
+    out = asyncio.run(_burst(app, jobs, app.team_token, 4))
+    assert out[0].status_code == 502
+    assert "SHA-256 mismatch" in out[0].json()["error"]["message"]
+    assert [r.status_code for r in out[1:]] == [200, 200]
+    again = asyncio.run(_burst(app, jobs[:1], app.team_token, 4))
+    assert again[0].status_code == 502  # still refused: corrupt bytes are never cached
+    path.write_bytes(data)
+
+
+def test_killed_replica_is_restarted_and_serves_again(app: App) -> None:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if "LoraModelServer" in a["name"]]  # fmt: skip
+    assert names
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+    def serves() -> bool:
+        try:
+            return _complete(app.client(), "team/peft", PROMPTS[0])[1] == "team/peft:1"
+        except (openai.APIError, httpx.HTTPError):
+            return False
+
+    wait_until(serves, timeout_s=120, what="a restarted replica")
