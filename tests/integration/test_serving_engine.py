@@ -87,3 +87,24 @@ def test_corrupt_and_unknown_adapters_fail_alone(setup):
     assert out[1].error is None and out[1].text is not None
     assert out[2].status == 404 and "team/nope" in (out[2].error or "")
     assert "team/b:1" not in engine.slots.resident()
+
+
+def test_merged_mode_equals_unmerged_and_serves_only_its_adapter(setup, tiny_base_dir):
+    registry, engine, _ = setup
+    merged = ServingEngine(tiny_base_dir, registry, merged="team/a", alias_ttl_s=0.0)
+    assert merged.layers == {}  # no per-token LoRA work at all
+    reqs = [GenRequest(p, "team/a", 8) for p in PROMPTS]
+    assert [r.text for r in merged.generate(reqs)] == [r.text for r in engine.generate(reqs)]
+    assert merged.generate(reqs[:1])[0].adapter == "team/a:1"
+    other = merged.generate([GenRequest(PROMPTS[0], "team/b", 4), GenRequest(PROMPTS[0], None)])
+    assert [r.status for r in other] == [400, 400]
+    assert "only team/a:1" in (other[0].error or "")
+
+
+def test_more_distinct_adapters_than_slots_in_one_call(setup):
+    _, engine, _ = setup  # 2 slots, 3 adapters + base: served in rounds, every answer right
+    refs = ["team/a", "team/b", "team/c", None, "team/a"]
+    together = engine.generate([GenRequest(PROMPTS[0], r, 6) for r in refs])
+    alone = [engine.generate([GenRequest(PROMPTS[0], r, 6)])[0] for r in refs]
+    assert [r.error for r in together] == [None] * len(refs)
+    assert [r.text for r in together] == [r.text for r in alone]
