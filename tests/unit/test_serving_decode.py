@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from workers.base_model import load_base
 from workers.generate import greedy_generate
 from workers.serving.decode import DecodeRow, TextTracker, decode_batch
 
@@ -31,7 +30,7 @@ def test_text_tracker_waits_for_whole_characters() -> None:
 def test_rows_keep_their_own_length_and_match_generate(base) -> None:  # type: ignore[no-untyped-def]
     model, tok = base
     prompts = ["spell 1 2 =", "hello there", "spell 7 ="]
-    rows = [DecodeRow(tok(p)["input_ids"], max_new_tokens=n) for p, n in zip(prompts, (3, 7, 5))]
+    rows = [DecodeRow(tok(p)["input_ids"], max_new_tokens=n) for p, n in zip(prompts, (3, 7, 5), strict=True)]
     out = decode_batch(model, tok, {}, rows)
     for p, r, o in zip(prompts, rows, out, strict=True):
         assert len(o.token_ids) <= r.max_new_tokens
