@@ -30,7 +30,11 @@ def test_text_tracker_waits_for_whole_characters() -> None:
 def test_rows_keep_their_own_length_and_match_generate(base) -> None:  # type: ignore[no-untyped-def]
     model, tok = base
     prompts = ["spell 1 2 =", "hello there", "spell 7 ="]
-    rows = [DecodeRow(tok(p)["input_ids"], max_new_tokens=n) for p, n in zip(prompts, (3, 7, 5), strict=True)]
+    lengths = (3, 7, 5)
+    rows = [
+        DecodeRow(tok(p)["input_ids"], max_new_tokens=n)
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
     out = decode_batch(model, tok, {}, rows)
     for p, r, o in zip(prompts, rows, out, strict=True):
         assert len(o.token_ids) <= r.max_new_tokens
