@@ -93,4 +93,6 @@ class MixedBatcher(Generic[R]):
 
 
 def _plain(result: Any) -> Any:
-    return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    return result

@@ -77,7 +77,7 @@ def _server_class(opts: ServeOptions) -> Any:
                 merged=self.opts.merged,
             )  # fmt: skip
             engine = self.engine
-            self.batcher = MixedBatcher(
+            self.batcher: MixedBatcher[Any] = MixedBatcher(
                 lambda reqs, on_step: engine.generate(reqs, on_step=on_step),
                 max_batch_size=self.opts.max_batch_size, wait_s=self.opts.batch_wait_timeout_s,
             )  # fmt: skip

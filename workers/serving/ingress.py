@@ -67,7 +67,7 @@ def _app() -> FastAPI:
 
 def ingress_class(opts: ServeOptions) -> Any:
     from ray import serve
-    from ray.serve.handle import DeploymentHandle
+    from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
     app = _app()
 
@@ -114,9 +114,12 @@ def ingress_class(opts: ServeOptions) -> Any:
                 raise HttpError(503, str(exc)) from None
             return version.ref
 
-        async def _run(self, adapter: str | None, payload: dict[str, Any]) -> AsyncIterator[dict]:
+        async def _run(
+            self, adapter: str | None, payload: dict[str, Any]
+        ) -> DeploymentResponseGenerator:
             handle = self.server.options(multiplexed_model_id=adapter or "", stream=True)
             gen = handle.generate.remote({**payload, "adapter": adapter})
+            assert isinstance(gen, DeploymentResponseGenerator)
             first = await gen.__anext__()
             if "error" in first:
                 raise HttpError(int(first["status"]), str(first["error"]), "model")

@@ -25,6 +25,10 @@ BASE_SLOT = -1  # a row that uses no adapter
 class MultiLoraLinear(nn.Module):
     """A frozen linear layer with ``n_slots`` adapter slots applied per row."""
 
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: torch.Tensor
+
     def __init__(self, base_layer: nn.Linear, *, n_slots: int, max_rank: int) -> None:
         super().__init__()
         self.base_layer = base_layer
