@@ -122,7 +122,14 @@ class S3ObjectStore:
         full = self._key(key)
         with verified_destination(Path(dest), key, sha256=sha256, size=size) as out:
             try:
-                self.client.download_fileobj(self.bucket, full, out, Config=self.transfer)
+                if size is not None and size < MULTIPART_BYTES:
+                    # One streamed GET: the transfer manager's HEAD and thread pool would
+                    # cost more than they save on an object this small (most adapters).
+                    body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+                    while chunk := body.read(1 << 20):
+                        out.write(chunk)
+                else:
+                    self.client.download_fileobj(self.bucket, full, out, Config=self.transfer)
             except ClientError as exc:
                 if _is_not_found(exc):
                     raise ObjectNotFound(f"object {key!r} not found in {self.uri}") from None

@@ -116,7 +116,9 @@ def _server_class(opts: ServeOptions) -> Any:
             """Pre-warm the adapter named by the request's multiplexed model id."""
             ref = serve.get_multiplexed_model_id()
             await self._ensure_staged(ref)
-            return {"adapter": ref, "host": self.engine.stats()["host"]["resident"]}
+            slot = await asyncio.to_thread(self.engine.warm, ref)
+            stats = self.engine.stats()
+            return {"adapter": ref, "slot": slot, "host": stats["host"]["resident"]}
 
         async def unload(self, disk: bool = True) -> bool:
             ref = serve.get_multiplexed_model_id()

@@ -34,7 +34,7 @@ from storage.errors import IntegrityError, InvalidName, NotFound, StorageError
 from storage.fingerprint import fingerprint_model_dir
 from storage.registry import Registry
 from workers.base_model import load_base
-from workers.lora import LoraError, load_adapter, match_target_modules
+from workers.lora import LoraError, load_adapter, match_target_modules, remove_lora
 from workers.lora.io import (
     check_adapter_shapes,
     parse_adapter_keys,
@@ -255,6 +255,16 @@ class ServingEngine:
             else:
                 layer.load_slot(slot, pair[0], pair[1], adapter.scaling)
 
+    def warm(self, ref: str) -> int:
+        """Make ``ref`` ready to serve: staged in host memory and loaded into a device slot."""
+        version = self.resolve(ref)
+        if self.merged is not None:
+            return BASE_SLOT
+        adapter = self.stage(version)
+        slot = self.slots.acquire(version.ref, lambda s: self._load_into(adapter, s))
+        self.slots.release(slot)
+        return slot
+
     def unload(self, ref: str, *, disk: bool = False) -> bool:
         """Drop an adapter from the slots and host memory (and the node disk cache)."""
         version = self.resolve(ref)
@@ -272,6 +282,7 @@ class ServingEngine:
         _, directory = self.registry.fetch(version.ref)
         load_adapter(self.model, directory)
         merge_lora(self.model)
+        remove_lora(self.model)  # plain linear layers again: not even a branch per token
         self.merged = version
         log.info("serving %s merged into the base", version.ref)
 
