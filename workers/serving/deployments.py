@@ -145,7 +145,8 @@ def build_app(opts: ServeOptions) -> Any:
     bound = server.options(ray_actor_options={"num_cpus": opts.num_cpus}, **scaling).bind(
         opts.model_dump_json()
     )
-    return ingress_class(opts).bind(bound, opts.model_dump_json())
+    ingress = ingress_class(opts).options(ray_actor_options={"num_cpus": 0})  # I/O only
+    return ingress.bind(bound, opts.model_dump_json())
 
 
 def start(opts: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> str:
