@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install quickstart test lint unit integration e2e bench clean
+.PHONY: install quickstart demo-cluster test lint unit integration e2e bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,9 +32,14 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python -m orchestrator.quickstart
 
+# The same flow on a production-like local stack: 2 Ray nodes (`ray start`), PostgreSQL,
+# SeaweedFS S3. Everything it starts is stopped when it ends.
+demo-cluster: $(STAMP)
+	$(BIN)/python -m infra.local_stack
+
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator workers storage tests bench
-	$(BIN)/ruff format --check orchestrator workers storage tests bench
+	$(BIN)/ruff check orchestrator workers storage tests bench infra
+	$(BIN)/ruff format --check orchestrator workers storage tests bench infra
 	$(BIN)/mypy
 
 test: lint

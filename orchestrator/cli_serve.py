@@ -56,7 +56,7 @@ def serve(
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)  # fmt: skip
         try:
-            url = start(opts, host=host, port=port)
+            url = start(opts, host=host, port=port, quiet=True)
         except BaseException:
             ray.shutdown()
             raise

@@ -189,7 +189,7 @@ def run_quickstart(
             slots=4, max_rank=64, num_cpus=1.0,
         )  # fmt: skip
         with console.status("deploying the serving app…"):
-            url = deployments.start(opts, port=_port(port))
+            url = deployments.start(opts, port=_port(port), quiet=True)
             served = True
         result.url = url
         token = repo.create_token(registry.catalog, namespace="demo",

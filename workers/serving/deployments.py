@@ -149,14 +149,19 @@ def build_app(opts: ServeOptions) -> Any:
     return ingress.bind(bound, opts.model_dump_json())
 
 
-def start(opts: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+def start(
+    opts: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False
+) -> str:
     """Deploy the app on the connected Ray cluster (``ray.init`` first); returns its URL.
 
-    Returns once every replica is up (``GET /health`` answers).
+    Returns once every replica is up (``GET /health`` answers). ``quiet`` keeps Serve's own
+    INFO lines off the console (a CLI that reports progress itself).
     """
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
+    if quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
