@@ -1,0 +1,31 @@
+"""The REST API as a Ray Serve application (for a KubeRay ``RayService`` or ``serve run``).
+
+applications:
+  - name: lorafleet-api
+    route_prefix: /api
+    import_path: orchestrator.api_app:build
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def build(args: dict[str, Any]) -> Any:
+    """One FastAPI ingress deployment over the environment's catalog and object store."""
+    from ray import serve
+
+    replicas = int(args.get("replicas", 1))
+
+    def make_app() -> Any:  # built in the replica: catalog connections do not travel
+        from orchestrator.api import create_app
+        from storage.settings import load_settings
+
+        return create_app(load_settings())
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(make_app)
+    class LorafleetApi:
+        """The jobs and catalog API (``/v1/fine_tuning/jobs``, ``/v1/adapters``)."""
+
+    return LorafleetApi.bind()

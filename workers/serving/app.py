@@ -1,0 +1,57 @@
+"""Ray Serve application builders for a config file or a KubeRay ``RayService``.
+
+``serveConfigV2`` names ``workers.serving.app:build`` as the import path and passes ``args``;
+configuration (catalog, object store, tokens) comes from the ``LORAFLEET_*`` environment of
+the cluster's pods, exactly as for ``lorafleet serve``.
+
+    applications:
+      - name: lorafleet
+        import_path: workers.serving.app:build
+        args: {base: /models/llama-3-8b, slots: 16, replicas: 2}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AppArgs(BaseModel):
+    """The ``args`` of the serving application (the same knobs as ``lorafleet serve``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="Registered base name or a base model directory.")
+    slots: int = Field(default=8, ge=1)
+    max_rank: int = Field(default=64, ge=1)
+    host_adapters: int = Field(default=64, ge=1)
+    replicas: int = Field(default=1, ge=1)
+    max_replicas: int | None = Field(default=None, ge=1)
+    merged: str | None = None
+    alias_ttl_s: float = Field(default=2.0, ge=0)
+    cpus_per_replica: float = Field(default=1.0, ge=0)
+
+
+def options_from(args: AppArgs) -> Any:
+    """``ServeOptions`` for ``args`` under the environment's settings."""
+    from orchestrator.runner import resolve_base
+    from storage.registry import Registry
+    from storage.settings import load_settings, settings_to_json
+    from workers.serving.deployments import ServeOptions
+
+    settings = load_settings()
+    base_dir, base_name = resolve_base(Registry.from_settings(settings), args.base)
+    return ServeOptions(
+        base_dir=base_dir, base_name=base_name, settings_json=settings_to_json(settings),
+        slots=args.slots, max_rank=args.max_rank, host_adapters=args.host_adapters,
+        replicas=args.replicas, max_replicas=args.max_replicas, merged=args.merged,
+        alias_ttl_s=args.alias_ttl_s, num_cpus=args.cpus_per_replica,
+    )  # fmt: skip
+
+
+def build(args: dict[str, Any]) -> Any:
+    """The serving application for ``serve run`` / ``serveConfigV2``."""
+    from workers.serving.deployments import build_app
+
+    return build_app(options_from(AppArgs.model_validate(args)))
