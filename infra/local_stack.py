@@ -32,6 +32,7 @@ from tests.servers import (
     free_port,
     fresh_database,
     postgres_server,
+    processes_with_env,
     seaweedfs_s3,
     set_fake_aws_credentials,
 )
@@ -42,16 +43,7 @@ BUCKET = "lorafleet-demo"
 
 def stack_processes(stack_id: str) -> list[int]:
     """PIDs of live processes started by the stack ``stack_id`` (found by environment)."""
-    needle = f"{MARKER}={stack_id}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if needle in (proc / "environ").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
+    return processes_with_env(f"{MARKER}={stack_id}")
 
 
 def _stop(stack_id: str) -> None:

@@ -28,4 +28,4 @@ def build(args: dict[str, Any]) -> Any:
     class LorafleetApi:
         """The jobs and catalog API (``/v1/fine_tuning/jobs``, ``/v1/adapters``)."""
 
-    return LorafleetApi.bind()
+    return LorafleetApi.bind()  # type: ignore[attr-defined]  # serve.deployment adds bind

@@ -275,3 +275,21 @@ class MotoS3Process:
     def stop(self) -> None:
         self._proc.terminate()
         self._proc.wait(timeout=10)
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """PIDs of live processes whose environment contains ``marker`` (e.g. ``KEY=value``).
+
+    Ray daemons and workers inherit their starter's environment, so this finds every process
+    a run started, wherever it was reparented.
+    """
+    needle = marker.encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if needle in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids

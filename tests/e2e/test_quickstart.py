@@ -17,6 +17,7 @@ from pathlib import Path
 from storage.catalog import jobs
 from storage.registry import Registry
 from storage.settings import load_settings
+from tests.servers import processes_with_env
 
 STEPS = "150"
 
@@ -35,27 +36,13 @@ def _run(home: Path) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def leftover_processes(marker: str) -> list[str]:
-    """Processes whose environment carries ``marker`` (Ray daemons, workers, servers)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (proc / "environ").read_bytes():
-                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
-        except OSError:
-            continue
-    return found
-
-
 def test_quickstart_end_to_end_and_idempotent(tmp_path: Path) -> None:
     home = tmp_path / "home"
     first = _run(home)
     out = first.stdout
     assert first.returncode == 0, out + first.stderr
     assert "quickstart passed" in out and "created tiny Llama base" in out
-    assert leftover_processes(f"LORAFLEET_HOME={home}") == []
+    assert processes_with_env(f"LORAFLEET_HOME={home}") == []
 
     result = json.loads((home / "quickstart" / "result.json").read_text())
     assert result["job_state"] == "succeeded" and result["adapter"] == "demo/digits:1"
@@ -85,4 +72,4 @@ def test_quickstart_end_to_end_and_idempotent(tmp_path: Path) -> None:
     second = _run(home)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "reusing tiny Llama base" in second.stdout and "demo/digits:2" in second.stdout
-    assert leftover_processes(f"LORAFLEET_HOME={home}") == []
+    assert processes_with_env(f"LORAFLEET_HOME={home}") == []

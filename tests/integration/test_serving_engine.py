@@ -108,3 +108,43 @@ def test_more_distinct_adapters_than_slots_in_one_call(setup):
     alone = [engine.generate([GenRequest(PROMPTS[0], r, 6)])[0] for r in refs]
     assert [r.error for r in together] == [None] * len(refs)
     assert [r.text for r in together] == [r.text for r in alone]
+
+
+def test_app_builder_takes_the_base_and_settings_from_the_environment(
+    tmp_path, tiny_base_dir, monkeypatch
+):
+    from pydantic import ValidationError
+
+    from workers.serving.app import AppArgs, options_from
+
+    for key in ("LORAFLEET_CATALOG_URL", "LORAFLEET_OBJECT_STORE", "LORAFLEET_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "app-home"))
+    opts = options_from(AppArgs(base=str(tiny_base_dir), slots=3))
+    assert opts.base_dir == str(tiny_base_dir.resolve()) and opts.slots == 3
+    assert str(tmp_path / "app-home") in opts.settings_json
+    with pytest.raises(ValidationError, match="slotz"):
+        AppArgs.model_validate({"base": "x", "slotz": 1})
+
+
+def test_concurrent_stages_of_one_adapter_share_one_load(setup):
+    import threading
+
+    registry, engine, _ = setup
+    version = registry.resolve("team/c")
+    downloads = registry.cache.downloads
+    barrier = threading.Barrier(8)
+    staged = []
+
+    def stage() -> None:
+        barrier.wait()
+        staged.append(engine.stage(version))
+
+    threads = [threading.Thread(target=stage) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(a) for a in staged}) == 1  # one parsed copy in host memory
+    assert registry.cache.downloads - downloads == len(version.files)  # each file once
+    assert engine.stats()["host"]["misses"] == 1  # the other seven waited for that load

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +56,45 @@ class _Staged:
         self.future = future
 
 
+class _ReplicaMetrics:
+    """Prometheus metrics of one replica (Ray's metrics agent exports them), from engine stats."""
+
+    COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {  # metric -> path in engine.stats()
+        "lorafleet_slot_hits": ("slots", "hits"),
+        "lorafleet_slot_loads": ("slots", "loads"),
+        "lorafleet_slot_evictions": ("slots", "evictions"),
+        "lorafleet_host_hits": ("host", "hits"),
+        "lorafleet_host_misses": ("host", "misses"),
+        "lorafleet_disk_downloads": ("disk", "downloads"),
+        "lorafleet_batched_requests": ("batches", "rows"),
+        "lorafleet_batches": ("batches", "count"),
+    }
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._counters = {n: metrics.Counter(n, description=f"{a}.{b} of the serving engine")
+                          for n, (a, b) in self.COUNTERS.items()}  # fmt: skip
+        self._load_ms = metrics.Histogram(
+            "lorafleet_adapter_load_ms", description="adapter load into host memory (ms)",
+            boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000],
+        )  # fmt: skip
+        self._last: dict[str, int] = dict.fromkeys(self.COUNTERS, 0)
+        self._loads_seen = 0
+
+    def update(self, engine: Any) -> None:
+        stats = engine.stats()
+        for name, (a, b) in self.COUNTERS.items():
+            value = int(stats[a][b])
+            if value > self._last[name]:
+                self._counters[name].inc(value - self._last[name])
+                self._last[name] = value
+        loads = engine.tier_stats.load_ms
+        for ms in loads[self._loads_seen :]:
+            self._load_ms.observe(ms)
+        self._loads_seen = len(loads)
+
+
 def _server_class(opts: ServeOptions) -> Any:
     from ray import serve
 
@@ -76,9 +115,15 @@ def _server_class(opts: ServeOptions) -> Any:
                 alias_ttl_s=self.opts.alias_ttl_s, host_adapters=self.opts.host_adapters,
                 merged=self.opts.merged,
             )  # fmt: skip
-            engine = self.engine
+            engine, replica_metrics = self.engine, _ReplicaMetrics()
+
+            def run(reqs: Any, on_step: Any) -> Any:
+                results = engine.generate(reqs, on_step=on_step)
+                replica_metrics.update(engine)
+                return results
+
             self.batcher: MixedBatcher[Any] = MixedBatcher(
-                lambda reqs, on_step: engine.generate(reqs, on_step=on_step),
+                run,
                 max_batch_size=self.opts.max_batch_size, wait_s=self.opts.batch_wait_timeout_s,
             )  # fmt: skip
 

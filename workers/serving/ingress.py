@@ -7,6 +7,7 @@ work as in the REST API: a namespace token sees only its namespace (others' adap
 ``LORAFLEET_API_TOKEN`` is the admin; ``GET /health`` is open.
 """
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -94,6 +95,11 @@ def ingress_class(opts: ServeOptions) -> Any:
             except Unauthorized as exc:
                 raise HttpError(401, str(exc)) from None
 
+        async def _resolve(self, model: str, authorization: str | None) -> str | None:
+            """Authenticate and resolve off the event loop (both may query the catalog)."""
+            who = await asyncio.to_thread(self._who, authorization)
+            return await asyncio.to_thread(self._target, model, who)
+
         def _target(self, model: str, who: Principal) -> str | None:
             """The exact adapter version for ``model`` (None: the bare base)."""
             if model == self.opts.base_name:
@@ -127,8 +133,7 @@ def ingress_class(opts: ServeOptions) -> Any:
 
         async def _answer(self, body: CompletionRequest | ChatCompletionRequest,
                           authorization: str | None, *, chat: bool) -> Any:  # fmt: skip
-            who = self._who(authorization)
-            adapter = self._target(body.model, who)
+            adapter = await self._resolve(body.model, authorization)
             prompt: Any = (
                 chat_prompt_ids(self.tokenizer, body.messages)  # type: ignore[union-attr]
                 if chat
@@ -207,7 +212,7 @@ def ingress_class(opts: ServeOptions) -> Any:
         @app.post("/v1/adapters/{namespace}/{ref}/load")
         async def load(self, namespace: str, ref: str,
                        authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
-            adapter = self._target(f"{namespace}/{ref}", self._who(authorization))
+            adapter = await self._resolve(f"{namespace}/{ref}", authorization)
             handle = self.server.options(multiplexed_model_id=adapter or "")
             try:
                 return dict(await handle.load.remote())
@@ -217,13 +222,13 @@ def ingress_class(opts: ServeOptions) -> Any:
         @app.post("/v1/adapters/{namespace}/{ref}/unload")
         async def unload(self, namespace: str, ref: str,
                          authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
-            adapter = self._target(f"{namespace}/{ref}", self._who(authorization))
+            adapter = await self._resolve(f"{namespace}/{ref}", authorization)
             handle = self.server.options(multiplexed_model_id=adapter or "")
             return {"adapter": adapter, "unloaded": bool(await handle.unload.remote())}
 
         @app.get("/v1/serving/stats")
         async def stats(self, authorization: str | None = Header(default=None)) -> dict:
-            if self._who(authorization).namespace is not None:
+            if (await asyncio.to_thread(self._who, authorization)).namespace is not None:
                 raise HttpError(403, "serving stats need the admin token")
             return dict(await self.server.stats.remote())
 
