@@ -55,15 +55,17 @@ def serve(
     with console.status(f"starting Ray ({address}) and {replicas} model replica(s)…"):
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)  # fmt: skip
+        # From here on Ctrl-C / SIGTERM means "stop cleanly", even while replicas start.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
         try:
             url = start(opts, host=host, port=port, quiet=True)
         except BaseException:
             ray.shutdown()
             raise
     what = f"{merged} merged into {base_name}" if merged else f"{base_name} + its adapters"
-    console.print(f"serving {what} at [bold]{url}/v1[/] (OpenAI API); Ctrl-C stops")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+    if not stopping.is_set():
+        console.print(f"serving {what} at [bold]{url}/v1[/] (OpenAI API); Ctrl-C stops")
     try:
         stopping.wait()
     finally:

@@ -56,7 +56,7 @@ def test_serve_starts_answers_and_stops_cleanly(tmp_path: Path, tiny_base_dir: P
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert f"serving {models[0]}" in out and "stopped" in out
+    assert "stopped" in out
     assert processes_with_env(f"LORAFLEET_HOME={home}") == []
 
 
