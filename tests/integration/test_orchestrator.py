@@ -43,6 +43,11 @@ def _loop(settings, registry):  # type: ignore[no-untyped-def]
     return SchedulerLoop(SchedulerCore(registry.catalog, ray_hooks(settings)), 0.2).start()
 
 
+def _metrics_events(registry, job_id):  # type: ignore[no-untyped-def]
+    """How many steps the job has reported so far."""
+    return sum(e.kind == "metrics" for e in jobs.list_events(registry.catalog, job_id=job_id))
+
+
 def _state(registry, job_id):  # type: ignore[no-untyped-def]
     return jobs.get_job(registry.catalog, job_id=job_id).state
 
@@ -133,10 +138,7 @@ def test_scheduler_restart_reconciles_exactly_once(env):
     job = submit_job(registry.catalog, _spec("survivor", steps=40, ckpt=5)).job
     loop = _loop(settings, registry)
     wait_until(
-        lambda: (
-            sum(e.kind == "metrics" for e in jobs.list_events(registry.catalog, job_id=job.id))
-            >= 12
-        ),
+        lambda: _metrics_events(registry, job.id) >= 12,
         timeout_s=120,
         what="a checkpoint to exist",
     )
@@ -203,10 +205,7 @@ def test_killed_worker_is_retried_and_the_job_succeeds(env):
     loop = _loop(settings, registry)
     try:
         wait_until(
-            lambda: (
-                sum(e.kind == "metrics" for e in jobs.list_events(registry.catalog, job_id=job.id))
-                >= 8
-            ),
+            lambda: _metrics_events(registry, job.id) >= 8,
             timeout_s=120,
             what="a checkpoint",
         )

@@ -131,30 +131,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _response(kind: str, obj: str, model: str, choice: dict[str, Any], prompt_tokens: int,
+              completion_tokens: int) -> dict[str, Any]:  # fmt: skip
+    rid, created = _ids(kind)
+    return {"id": rid, "object": obj, "created": created, "model": model,
+            "choices": [{"index": 0, **choice, "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens)}  # fmt: skip
+
+
 def completion_response(
     model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """A ``text_completion`` object; ``model`` is the exact adapter version used."""
-    rid, created = _ids("cmpl")
-    return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
-                     "logprobs": None}],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }  # fmt: skip
+    choice = {"text": text, "finish_reason": finish_reason}
+    return _response("cmpl", "text_completion", model, choice, prompt_tokens, completion_tokens)
 
 
 def chat_response(
     model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """A ``chat.completion`` object."""
-    rid, created = _ids("chatcmpl")
-    return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }  # fmt: skip
+    choice = {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    return _response("chatcmpl", "chat.completion", model, choice, prompt_tokens,
+                     completion_tokens)  # fmt: skip
 
 
 class StreamFormatter:
