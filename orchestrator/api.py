@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -20,6 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.api_files import files_router
+from orchestrator.http_errors import ApiError
 from orchestrator.lifecycle import TERMINAL, IllegalTransition
 from orchestrator.service import cancel_job, submit_job
 from orchestrator.spec import JobSpec, SpecError
@@ -29,12 +30,6 @@ from storage.catalog.domain import AdapterVersion
 from storage.errors import InvalidName, NotFound, StorageError
 from storage.registry import Registry
 from storage.settings import Settings
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
 
 
 class PromoteBody(BaseModel):
@@ -216,22 +211,17 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     def checkpoints(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """The checkpoints the job's training recorded in the catalog, newest first."""
         job = visible_job(job_id, who)
-        found = []
-        if job.checkpoint_uri:
-            root = Path(job.checkpoint_uri).parent
-            for p in sorted(root.glob(f"{job.id}-a*/checkpoint_*")):
-                state = p / "trainer_state.json"
-                if state.is_file():
-                    step = json.loads(state.read_text()).get("step")
-                    found.append(
-                        {
-                            "object": "fine_tuning.job.checkpoint",
-                            "step_number": step,
-                            "uri": p.as_uri(),
-                        }
-                    )
-        return {"object": "list", "data": found}
+        found = [
+            {"object": "fine_tuning.job.checkpoint", "id": f"ckpt-{e.id}",
+             "fine_tuning_job_id": job.id, "step_number": e.data.get("step"),
+             "uri": e.data.get("uri"), "created_at": int(e.ts.timestamp())}
+            for e in jobs.list_events(db, job_id=job.id) if e.kind == "checkpoint"
+        ]  # fmt: skip
+        return {"object": "list", "data": found[::-1]}
+
+    app.include_router(files_router(reg, settings.max_upload_bytes, principal))
 
     # -- the adapter catalog -------------------------------------------------------------------
     def resolve_visible(namespace: str, ref: str, who: Principal) -> AdapterVersion:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from orchestrator.cli_catalog import adapters_app, db_app, gc, register_base
 from orchestrator.cli_common import console, fmt_bytes, train_progress, user_errors
+from orchestrator.cli_files import files_app
 from orchestrator.cli_jobs import jobs_app, server, submit
 from orchestrator.cli_serve import serve
 from workers.errors import WorkerError
@@ -24,6 +25,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(adapters_app, name="adapters")
 app.command("gc")(user_errors(gc))
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(files_app, name="files")
 app.command("submit")(submit)
 app.command("server")(server)
 app.command("serve")(serve)
@@ -198,6 +200,13 @@ def _train_on_ray(
     check_base_dir(base)  # fail before starting Ray on plain input mistakes
     read_jsonl(data)
     settings = load_settings()
+    if settings.ray_address is not None:
+        # Local paths mean nothing on a cluster's nodes; a job uploads its inputs first.
+        raise WorkerError(
+            "train --workers runs on a local Ray instance; on the cluster at "
+            "LORAFLEET_RAY_ADDRESS submit a job instead (lorafleet submit spec.yaml uploads "
+            "the local base and data)"
+        )
     spec = DistributedSpec(
         job_name=f"train-{uuid.uuid4().hex[:8]}",
         base_dir=str(base.resolve()),
@@ -205,6 +214,7 @@ def _train_on_ray(
         eval_path=str(eval_data.resolve()) if eval_data else None,
         out_dir=str(out.resolve()),
         storage_path=str(settings.home / "ray_results"),
+        store={"uri": settings.object_store, "s3_endpoint": settings.s3_endpoint},
         lora=lcfg,  # type: ignore[arg-type]
         train=tcfg,  # type: ignore[arg-type]
         workers=workers,

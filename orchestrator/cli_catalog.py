@@ -50,10 +50,18 @@ def register_base(
     name: str = typer.Argument(..., help="Name to register the base under."),
     path: Path = typer.Argument(..., help="Local Hugging Face model directory."),
 ) -> None:
-    """Fingerprint a base model directory and register it in the catalog."""
-    base = _registry().register_base(name=name, path=path)
+    """Upload a base model directory to the object store and register it in the catalog.
+
+    Nodes download it from there into their own verified cache; the same bytes registered
+    again upload nothing.
+    """
+    from orchestrator.cli_common import upload_progress
+
+    with upload_progress() as progress:
+        base = _registry().register_base(name=name, path=path, progress=progress(name))
     console.print(
         f"base [bold]{base.name}[/]: {base.architecture}, {base.parameter_count:,} parameters, "
+        f"{len(base.files)} files ({fmt_bytes(base.total_bytes)}) in the object store, "
         f"fingerprint {base.fingerprint[:16]}…"
     )
 

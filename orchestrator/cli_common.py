@@ -10,11 +10,13 @@ import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 from orchestrator.lifecycle import IllegalTransition
@@ -37,6 +39,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     KeyError,
     FileNotFoundError,
 )
+# (UploadTooLarge is a DatasetError, hence a WorkerError: covered above.)
 
 
 def user_errors(fn: F) -> F:
@@ -93,6 +96,46 @@ class train_progress:
             )
 
         return on_report
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.progress.stop()
+
+
+class upload_progress:
+    """Byte progress bars for uploads: ``progress(label)`` returns a ``(done, total)`` callback.
+
+    A bar appears only once a transfer starts, so nothing is drawn when everything is already
+    stored.
+    """
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]uploading {task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.started = False
+
+    def __enter__(self) -> Callable[[str], Callable[[int, int], None]]:
+        def for_label(label: str) -> Callable[[int, int], None]:
+            task: list[Any] = []
+
+            def on_bytes(done: int, total: int) -> None:
+                if not self.started:
+                    self.progress.start()
+                    self.started = True
+                if not task:
+                    task.append(self.progress.add_task(label, total=total))
+                self.progress.update(task[0], completed=done, total=total)
+
+            return on_bytes
+
+        return for_label
 
     def __exit__(self, *exc: object) -> None:
         if self.started:

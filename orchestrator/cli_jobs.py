@@ -78,9 +78,14 @@ def submit(
     spec_file: Path = typer.Argument(..., help="Job spec (YAML or JSON)."),
     follow_: bool = typer.Option(False, "--follow", help="Show live progress until it ends."),
 ) -> None:
-    """Submit a fine-tune job. Embedded (no LORAFLEET_RAY_ADDRESS): runs it here, followed."""
+    """Submit a fine-tune job. Embedded (no LORAFLEET_RAY_ADDRESS): runs it here, followed.
+
+    Local paths in the spec (``training_data``, ``validation_data``, a ``base_model``
+    directory) are uploaded first — identical content only once — and replaced by ids.
+    """
     import ray
 
+    from orchestrator.cli_common import upload_progress
     from orchestrator.scheduler import (
         SchedulerCore,
         SchedulerLoop,
@@ -88,11 +93,17 @@ def submit(
         start_scheduler_actor,
     )
     from orchestrator.service import submit_job
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import parse_spec, read_spec_file
+    from orchestrator.uploads import localize_inputs
 
     settings = _settings()
     registry = _registry(settings)
-    spec = load_spec(spec_file)
+    with upload_progress() as progress:
+        data = localize_inputs(
+            read_spec_file(spec_file), registry, spec_dir=spec_file.parent,
+            max_bytes=settings.max_upload_bytes, say=console.print, progress=progress,
+        )  # fmt: skip
+    spec = parse_spec(data)
     result = submit_job(registry.catalog, spec)
     verb = "submitted" if result.created else "already submitted (same idempotency key)"
     console.print(f"{verb}: [bold]{result.job.id}[/] ({spec.namespace}/{spec.name})")

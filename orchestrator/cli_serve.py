@@ -32,18 +32,22 @@ def serve(
     """Serve the base and every adapter of it in the catalog (Ctrl-C stops)."""
     import ray
 
-    from orchestrator.runner import resolve_base
+    from orchestrator.cli_common import upload_progress
+    from orchestrator.uploads import local_base
     from storage.registry import Registry
     from storage.settings import load_settings, settings_to_json
     from workers.serving.deployments import ServeOptions, start, stop
 
     settings = load_settings()
     registry = Registry.from_settings(settings)
-    base_dir, base_name = resolve_base(registry, base)
+    with upload_progress() as progress:
+        stored = local_base(registry, base, progress=progress)
+    base_name = stored.name if stored is not None else base
+    registry.base(base_name)  # not registered and not a directory: one clear line
     if merged is not None:
         registry.resolve(merged)  # unknown reference: a clear error before Ray starts
     opts = ServeOptions(
-        base_dir=base_dir, base_name=base_name, settings_json=settings_to_json(settings),
+        base_name=base_name, settings_json=settings_to_json(settings),
         slots=slots, max_rank=max_rank, host_adapters=host_adapters, replicas=replicas,
         max_replicas=max_replicas, alias_ttl_s=alias_ttl, merged=merged,
         num_cpus=cpus_per_replica,

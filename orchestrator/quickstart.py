@@ -5,8 +5,10 @@ object store under ``LORAFLEET_HOME``); with ``LORAFLEET_RAY_ADDRESS``,
 ``LORAFLEET_CATALOG_URL`` and ``LORAFLEET_OBJECT_STORE`` set it runs the same flow on a real
 cluster, PostgreSQL and S3 (``make demo-cluster``). Stages:
 
-1. create the tiny base (reused when present) and register it;
-2. submit a fine-tune job (2 workers) through the orchestrator and follow it live;
+1. create the tiny base (reused when present) and register it: its files go to the object
+   store, which is all the cluster's nodes share with this machine (with the catalog);
+2. upload the train/held-out data as files (``file-…``), submit a fine-tune job (2 workers)
+   naming them, and follow it live;
 3. the job publishes the adapter to the catalog (digests, lineage);
 4. start the Ray Serve app and ask the held-out prompts of the base and of the adapter
    through the OpenAI-compatible endpoint;
@@ -107,6 +109,7 @@ def run_quickstart(
     )
     from orchestrator.service import submit_job
     from orchestrator.spec import JobSpec
+    from orchestrator.uploads import upload_dataset
     from storage.catalog import jobs
     from storage.catalog import repository as repo
     from storage.registry import Registry
@@ -134,14 +137,22 @@ def run_quickstart(
     created = _ensure_tiny_base(base_dir)
     base = registry.register_base(name=BASE_NAME, path=base_dir)
     console.print(f"{'created' if created else 'reusing'} tiny Llama base at {base_dir}; "
-                  f"registered as {base.name} ({base.fingerprint[:12]})")  # fmt: skip
+                  f"registered as {base.name} ({base.fingerprint[:12]}, "
+                  f"{len(base.files)} files in the object store)")  # fmt: skip
 
     heldout = read_jsonl(HELDOUT_FILE)
     prompts = [r["prompt"] for r in heldout]
     expected = [r["completion"] for r in heldout]
+    uploaded = {}
+    for path in (TRAIN_FILE, HELDOUT_FILE):
+        record, _ = upload_dataset(registry, path, namespace="demo", filename=path.name,
+                                   max_bytes=settings.max_upload_bytes)  # fmt: skip
+        uploaded[path] = record.id
+        console.print(f"{path.name}: {record.id} ({record.rows} rows, sha256 "
+                      f"{record.sha256[:12]})")  # fmt: skip
     spec = JobSpec.model_validate({
         "name": "digits-quickstart", "namespace": "demo", "base_model": BASE_NAME,
-        "training_data": str(TRAIN_FILE), "validation_data": str(HELDOUT_FILE),
+        "training_data": uploaded[TRAIN_FILE], "validation_data": uploaded[HELDOUT_FILE],
         "output_adapter": "demo/digits",
         "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
         "training": {"max_steps": max_steps, "lr": 3e-3, "batch_size": 16 // workers_per_node
@@ -185,7 +196,7 @@ def run_quickstart(
 
         console.rule("[bold]4. serve with Ray Serve, ask through the OpenAI API")
         opts = deployments.ServeOptions(
-            base_dir=str(base_dir), base_name=BASE_NAME, settings_json=settings_to_json(settings),
+            base_name=BASE_NAME, settings_json=settings_to_json(settings),
             slots=4, max_rank=64, num_cpus=1.0,
         )  # fmt: skip
         with console.status("deploying the serving app…"):

@@ -7,23 +7,23 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
+import shutil
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from orchestrator.service import job_spec
 from orchestrator.spec import JobSpec
+from storage.catalog import files as file_repo
 from storage.catalog import jobs
-from storage.catalog import repository as repo
-from storage.errors import InvalidName, NotFound, StorageError
+from storage.errors import StorageError
 from storage.registry import Registry
-from storage.settings import Settings, settings_to_json
+from storage.settings import Settings, on_this_node, settings_to_json
+from storage.staging import checkpoint_root
 from workers.errors import WorkerError
 from workers.lora import LoraConfig
 from workers.training.distributed_spec import DistributedSpec
-from workers.training.ray_train import latest_checkpoint, train_distributed
+from workers.training.ray_train import train_distributed
 from workers.training.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -32,30 +32,6 @@ RAY_NAMESPACE = "lorafleet"
 
 def runner_name(job_id: str) -> str:
     return f"lorafleet-runner-{job_id}"
-
-
-def _local_path(uri: str) -> str:
-    return uri.removeprefix("file://")
-
-
-def resolve_base(registry: Registry, base_model: str) -> tuple[str, str]:
-    """(local base directory, registered base name); a local path is registered on the fly."""
-    try:
-        base = repo.get_base_model(registry.catalog, name=base_model)
-        return base.source, base.name
-    except (NotFound, InvalidName):
-        path = Path(_local_path(base_model)).expanduser()
-        if not path.is_dir():
-            raise WorkerError(
-                f"base model {base_model!r} is neither a registered base nor a directory"
-            ) from None
-        # a stable name per directory (hash() is salted per process, so not that)
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-        name = f"{path.name.lower()[:40]}-{digest}"
-        registered = registry.register_base(
-            name="".join(c if c.isalnum() or c in "._-" else "-" for c in name), path=path
-        )
-        return registered.source, registered.name
 
 
 def _train_config(spec: JobSpec, n_rows: int, workers: int) -> TrainConfig:
@@ -73,26 +49,34 @@ def _train_config(spec: JobSpec, n_rows: int, workers: int) -> TrainConfig:
 def build_distributed_spec(
     job: jobs.Job, settings: Settings, registry: Registry
 ) -> DistributedSpec:
-    """Translate a job into the distributed training run of its current attempt."""
-    from workers.datasets import read_jsonl
+    """Translate a job into the distributed training run of its current attempt.
 
+    Only catalog records travel: every node fetches the base and the data files from the
+    object store into its own verified cache.
+    """
     spec = job_spec(job)
-    base_dir, _ = resolve_base(registry, spec.base_model)
-    data = _local_path(spec.training_data)
-    rows = len(read_jsonl(data))
+    base = registry.base(spec.base_model)
+    data = file_repo.get_file(registry.catalog, file_id=spec.training_data,
+                              namespace=spec.namespace)  # fmt: skip
+    evald = (
+        file_repo.get_file(registry.catalog, file_id=spec.validation_data, namespace=spec.namespace)
+        if spec.validation_data
+        else None
+    )
     raw = spec.lora.targets
     targets: Any = raw.removeprefix("re:") if isinstance(raw, str) else tuple(raw)
-    storage = str(settings.home / "ray_results")
     return DistributedSpec(
         job_name=f"{job.id}-a{job.attempts}",
-        base_dir=base_dir,
-        data_path=data,
-        eval_path=_local_path(spec.validation_data) if spec.validation_data else None,
+        base=asdict(base),
+        data_file=asdict(data) | {"created_at": None},
+        eval_file=asdict(evald) | {"created_at": None} if evald else None,
+        store={"uri": settings.object_store, "s3_endpoint": settings.s3_endpoint},
+        checkpoint_key=job.id,
         out_dir=str(settings.home / "jobs" / job.id / f"attempt-{job.attempts}"),
-        storage_path=storage,
+        storage_path=str(settings.home / "ray_results"),
         lora=LoraConfig(r=spec.lora.r, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
                         target_modules=targets, use_rslora=spec.lora.rslora),
-        train=_train_config(spec, rows, spec.resources.workers),
+        train=_train_config(spec, data.rows, spec.resources.workers),
         workers=spec.resources.workers,
         nodes=spec.resources.nodes,
         cpus_per_worker=spec.resources.cpus_per_worker,
@@ -100,21 +84,25 @@ def build_distributed_spec(
         checkpoint_every=spec.training.checkpoint_every,
         max_failures=spec.max_failures,
         event_sink={"catalog_url": settings.catalog_url, "job_id": job.id},
-        resume_from=latest_checkpoint(storage, job.id),
     )  # fmt: skip
 
 
 def run_job(job_id: str, settings: Settings) -> str:
-    """Drive one job from ``starting`` to a terminal state; returns that state."""
+    """Drive one job from ``starting`` to a terminal state; returns that state.
+
+    Every failure ends the job with its reason — training, a missing input, or a publish the
+    store or catalog refused — rather than escaping as a lost runner (which the scheduler
+    would retrain).
+    """
+    settings = on_this_node(settings)
     registry = Registry.from_settings(settings)
     db = registry.catalog
     job = jobs.get_job(db, job_id=job_id)
     try:
         dspec = build_distributed_spec(job, settings, registry)
         jobs.transition_job(db, job_id=job_id, allowed_from={"starting"}, to="running")
-        jobs.update_job(
-            db, job_id=job_id, checkpoint_uri=str(Path(dspec.storage_path) / dspec.job_name)
-        )
+        jobs.update_job(db, job_id=job_id, checkpoint_uri=f"{settings.object_store}/"
+                        f"{checkpoint_root(job_id)}")  # fmt: skip
         result = train_distributed(dspec)
     except (WorkerError, StorageError, ValueError) as exc:
         return _fail(db, job_id, str(exc))
@@ -122,23 +110,31 @@ def run_job(job_id: str, settings: Settings) -> str:
     if current.state != "running":  # cancelled meanwhile: publish nothing
         return current.state
     spec = job_spec(job)
-    _, base_name = resolve_base(registry, spec.base_model)
     metrics = {k: v for k, v in result.metrics.items() if k not in ("workers", "curve")}
-    version = registry.publish(
-        adapter_dir=result.adapter_dir,
-        ref=spec.output_adapter,
-        base_model=base_name,
-        job_id=job_id,
-        dataset_sha256=result.metrics.get("dataset_sha256"),
-        metrics=metrics,
-        hyperparameters={
-            "lora": spec.lora.model_dump(mode="json"),
-            "training": asdict(dspec.train),
-            "resources": spec.resources.model_dump(mode="json"),
-        },
-        tags=spec.tags,
-        created_by=f"job:{job_id}",
-    )
+    try:
+        version = registry.publish(
+            adapter_dir=result.adapter_dir,
+            ref=spec.output_adapter,
+            base_model=spec.base_model,
+            job_id=job_id,
+            dataset_sha256=result.metrics.get("dataset_sha256"),
+            metrics=metrics,
+            hyperparameters={
+                "lora": spec.lora.model_dump(mode="json"),
+                "training": asdict(dspec.train),
+                "resources": spec.resources.model_dump(mode="json"),
+                "data": {
+                    "training_file": spec.training_data,
+                    "validation_file": spec.validation_data,
+                },
+            },
+            tags=spec.tags,
+            created_by=f"job:{job_id}",
+        )
+    except (StorageError, ValueError) as exc:
+        return _fail(db, job_id, f"publish failed: {exc}")
+    finally:
+        shutil.rmtree(result.adapter_dir, ignore_errors=True)
     jobs.add_event(db, job_id=job_id, kind="adapter", data={"ref": version.ref})
     jobs.transition_job(db, job_id=job_id, allowed_from={"running"}, to="succeeded")
     return "succeeded"

@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 from orchestrator.lifecycle import ACTIVE, STATES, TERMINAL, check_transition
 from orchestrator.scheduling import Gang
-from orchestrator.spec import JobSpec, parse_spec
+from orchestrator.spec import JobSpec, SpecError, parse_spec
+from storage.catalog import files as file_repo
 from storage.catalog import jobs
+from storage.catalog import repository as repo
 from storage.catalog.db import Catalog
 from storage.catalog.jobs import Job
+from storage.errors import NotFound
 
 
 @dataclass(frozen=True)
@@ -18,12 +21,37 @@ class Submitted:
     created: bool
 
 
-def submit_job(db: Catalog, spec: JobSpec, *, idempotency_key: str | None = None) -> Submitted:
-    """Queue a job; the same idempotency key with the same spec returns the first job.
+def check_inputs(db: Catalog, spec: JobSpec) -> None:
+    """The spec's base must be registered and its data files uploaded to its own namespace.
 
     Raises:
+        SpecError: naming the field (another namespace's file is "not found", as if it did
+            not exist).
+    """
+    try:
+        repo.get_base_model(db, name=spec.base_model)
+    except NotFound:
+        raise SpecError("base_model", f"no registered base named {spec.base_model!r}") from None
+    for field in ("training_data", "validation_data"):
+        file_id = getattr(spec, field)
+        if file_id is None:
+            continue
+        try:
+            file_repo.get_file(db, file_id=file_id, namespace=spec.namespace)
+        except NotFound:
+            where = f"namespace {spec.namespace}"
+            raise SpecError(field, f"file {file_id} not found in {where}") from None
+
+
+def submit_job(db: Catalog, spec: JobSpec, *, idempotency_key: str | None = None) -> Submitted:
+    """Check the spec's inputs and queue a job; the same idempotency key with the same spec
+    returns the first job.
+
+    Raises:
+        SpecError: an input that is not registered/uploaded (see ``check_inputs``).
         IdempotencyConflict: the key was used with a different spec.
     """
+    check_inputs(db, spec)
     key = idempotency_key or spec.idempotency_key
     job, created = jobs.create_job(
         db,

@@ -21,7 +21,14 @@ from pydantic import (
     model_validator,
 )
 
+from storage.catalog.files import is_file_id
 from storage.names import NAME_RE, parse_ref
+
+NAME_RULE = "use 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+FILE_RULE = (
+    "must be a file id (file-…) from `lorafleet files upload` or POST /v1/files; "
+    "paths are never read on the cluster's behalf"
+)
 
 
 class SpecError(ValueError):
@@ -99,9 +106,9 @@ class JobSpec(_Strict):
 
     name: str = Field(description="Job name (names the run).")
     namespace: str = Field(description="Team that owns the job and its adapter.")
-    base_model: str = Field(description="A registered base name, or a local model directory.")
-    training_data: str = Field(description="JSONL dataset: a local path or file:// URI.")
-    validation_data: str | None = None
+    base_model: str = Field(description="A registered base (`lorafleet base register`).")
+    training_data: str = Field(description="An uploaded JSONL file: its id, file-….")
+    validation_data: str | None = Field(None, description="An uploaded JSONL file id.")
     output_adapter: str = Field(description="namespace/name to publish the adapter under.")
     lora: LoraSpec = Field(default_factory=lambda: LoraSpec())
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec())
@@ -115,9 +122,24 @@ class JobSpec(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.fullmatch(v):
+            raise ValueError(NAME_RULE)
+        return v
+
+    @field_validator("base_model")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
-                "use 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+                f"must be the name of a registered base ({NAME_RULE}); a path is never read "
+                "on the cluster's behalf: `lorafleet base register NAME DIR`"
             )
+        return v
+
+    @field_validator("training_data", "validation_data")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is not None and not is_file_id(v):
+            raise ValueError(FILE_RULE)
         return v
 
     @field_validator("output_adapter")
@@ -160,11 +182,11 @@ def parse_spec(data: Any) -> JobSpec:
         raise _first_error(exc) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML or JSON spec file.
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON spec file into a mapping (not yet validated).
 
     Raises:
-        SpecError: unreadable file, malformed YAML/JSON, or an invalid field.
+        SpecError: unreadable file, malformed YAML/JSON, or not a mapping.
     """
     p = Path(path)
     try:
@@ -177,4 +199,15 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(
             "", f"{p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}"
         ) from None
-    return parse_spec(data)
+    if not isinstance(data, dict):
+        raise SpecError("", "a job spec must be a mapping of fields")
+    return data
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML or JSON spec file (its inputs must already be ids/names).
+
+    Raises:
+        SpecError: unreadable file, malformed YAML/JSON, or an invalid field.
+    """
+    return parse_spec(read_spec_file(path))

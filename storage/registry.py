@@ -11,25 +11,55 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from storage.adapter_files import check_against_base, inspect_adapter_dir
+from storage.blobs import blob_key, put_blob
 from storage.cache import AdapterCache
+from storage.catalog import files as file_repo
 from storage.catalog import repository as repo
 from storage.catalog.db import Catalog, open_catalog
-from storage.catalog.domain import AdapterVersion, BaseModel, FileDigest
-from storage.errors import AdapterRejected, IntegrityError
-from storage.fingerprint import fingerprint_model_dir, tensor_index
+from storage.catalog.domain import AdapterVersion, BaseModel, DataFile, FileDigest
+from storage.errors import AdapterRejected, IntegrityError, InvalidName, NotFound
+from storage.fingerprint import TensorInfo, fingerprint_model_dir
 from storage.names import parse_ref, validate_name
 from storage.objects import ObjectStore, open_store
+from storage.objects.base import file_sha256
 from storage.objects.s3 import S3ObjectStore
 from storage.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 ADAPTER_ROOT = "adapters"
+# What a base directory may hold: weights as safetensors, configs, tokenizer files, templates.
+# Pickle weights and Python files (remote code) are never uploaded or loaded.
+BASE_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
+REFUSED_BASE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".py")
+# A progress callback: (bytes done, bytes in all) as transfers advance.
+Progress = Callable[[int, int], None]
+
+
+def base_files(path: str | Path) -> list[Path]:
+    """The files of a base directory that ``register_base`` uploads (sorted by name).
+
+    Raises:
+        AdapterRejected: the directory is missing or holds pickle weights / Python code only.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterRejected(f"base model directory {root} does not exist")
+    chosen = sorted(
+        p for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix in BASE_FILE_SUFFIXES
+    )  # fmt: skip
+    if not any(p.suffix == ".safetensors" for p in chosen):
+        refused = [p.name for p in root.iterdir() if p.suffix in REFUSED_BASE_SUFFIXES]
+        why = f" (found {', '.join(sorted(refused))}: never loaded)" if refused else ""
+        raise AdapterRejected(f"{root} has no *.safetensors weights{why}")
+    return chosen
 
 
 @dataclass
@@ -59,9 +89,46 @@ class Registry:
         return cls(catalog, store, AdapterCache(s.cache_dir, max_bytes=s.cache_max_bytes))
 
     # -- bases ----------------------------------------------------------------------------------
-    def register_base(self, *, name: str, path: str | Path) -> BaseModel:
-        """Fingerprint a local base directory and register it under ``name``."""
+    def register_base(
+        self, *, name: str, path: str | Path, progress: Progress | None = None
+    ) -> BaseModel:
+        """Upload a local base directory to the object store and register it under ``name``.
+
+        Files are content-addressed blobs (uploaded in parallel; bytes the store already holds
+        are not sent again) and the catalog records their SHA-256 manifest and tensor shapes.
+        Registering the same bytes again uploads nothing.
+
+        Raises:
+            AdapterRejected: not a safetensors model directory.
+            AdapterExists: ``name`` is registered with another fingerprint.
+        """
+        validate_name(name, kind="base model name")
+        chosen = base_files(path)
         fp = fingerprint_model_dir(path)
+        try:
+            known = repo.get_base_model(self.catalog, name=name)
+        except NotFound:
+            known = None
+        if known is not None and known.fingerprint == fp.sha256 and known.files:
+            return known  # same bytes, already stored: nothing to send
+        total = sum(p.stat().st_size for p in chosen)
+        done = 0
+        if progress is not None:
+            progress(0, total)
+
+        def upload(p: Path) -> FileDigest:
+            nonlocal done
+            blob = put_blob(self.store, p, sha256=file_sha256(p))
+            done += blob.size
+            if progress is not None:
+                progress(done, total)
+            return FileDigest(p.name, blob.sha256, blob.size)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            digests = list(pool.map(upload, chosen))
+        log.info("stored base %s (%d bytes) in %.0f ms", name, total,
+                 (time.perf_counter() - t0) * 1000)  # fmt: skip
         return repo.register_base_model(
             self.catalog,
             name=name,
@@ -69,22 +136,75 @@ class Registry:
             architecture=fp.architecture,
             parameter_count=fp.parameter_count,
             fingerprint=fp.sha256,
+            files=digests,
+            tensor_shapes={k: t.shape for k, t in fp.tensors.items()},
         )
 
+    def base(self, name: str) -> BaseModel:
+        """A registered base. Raises ``BaseModelNotFound`` (or ``InvalidName``)."""
+        validate_name(name, kind="base model name")
+        return repo.get_base_model(self.catalog, name=name)
+
+    def base_dir(self, base: str | BaseModel) -> Path:
+        """A registered base as a verified local directory in this node's cache.
+
+        The first process of a node downloads it; concurrent ones wait and reuse it.
+        """
+        record = self.base(base) if isinstance(base, str) else base
+        return self.cache.get_base(record, self.store)
+
     def check_adapter(self, adapter_dir: str | Path, base: BaseModel) -> None:
-        """Refuse an adapter that is unsafe or does not fit ``base`` (shapes, modules)."""
+        """Refuse an adapter that is unsafe or does not fit ``base`` (shapes, modules).
+
+        Shapes come from the catalog, so no node needs the base's bytes to check.
+        """
         manifest = inspect_adapter_dir(adapter_dir)
-        source = Path(base.source)
-        if not source.is_dir():
-            raise AdapterRejected(
-                f"base {base.name!r} source {base.source} is not readable here; cannot check shapes"
-            )
-        fp = fingerprint_model_dir(source)
-        if fp.sha256 != base.fingerprint:
-            raise AdapterRejected(
-                f"base {base.name!r} at {base.source} no longer matches its registered fingerprint"
-            )
-        check_against_base(manifest, tensor_index(source))
+        shapes = base.tensor_shapes
+        if not shapes:  # registered before the catalog kept shapes: read the stored base
+            shapes = {k: t.shape for k, t in
+                      fingerprint_model_dir(self.base_dir(base)).tensors.items()}  # fmt: skip
+        check_against_base(manifest, {k: TensorInfo("", tuple(v), "", 0, 0)
+                                      for k, v in shapes.items()})  # fmt: skip
+
+    # -- uploaded data files ------------------------------------------------------------------
+    def store_file(
+        self, path: Path, *, namespace: str, filename: str, rows: int, purpose: str = "fine-tune"
+    ) -> tuple[DataFile, bool]:
+        """Store an already validated data file as a blob and record it in ``namespace``.
+
+        Returns:
+            (the file, whether it is new; the same content in a namespace is one file).
+        """
+        if purpose not in file_repo.PURPOSES:
+            raise InvalidName(f"purpose must be one of {', '.join(file_repo.PURPOSES)}")
+        digest = file_sha256(path)
+        known = file_repo.find_file(self.catalog, namespace=namespace, sha256=digest)
+        if known is not None:
+            return known, False
+        blob = put_blob(self.store, path, sha256=digest)
+        return file_repo.create_file(
+            self.catalog, namespace=namespace, filename=filename, purpose=purpose,
+            size=blob.size, rows=rows, sha256=blob.sha256,
+        )  # fmt: skip
+
+    def delete_file(self, file_id: str, *, namespace: str | None = None) -> DataFile:
+        """Delete a file's record, and its bytes once no file of any namespace has them.
+
+        Jobs that named it keep their lineage (id and digest); they cannot be re-run.
+        """
+        deleted, left = file_repo.delete_file(self.catalog, file_id=file_id, namespace=namespace)
+        if left == 0:
+            self.store.delete(blob_key(deleted.sha256))
+        return deleted
+
+    def file_path(self, data: str | DataFile, *, namespace: str | None = None) -> Path:
+        """An uploaded file as a verified local path in this node's cache."""
+        record = (
+            file_repo.get_file(self.catalog, file_id=data, namespace=namespace)
+            if isinstance(data, str)
+            else data
+        )
+        return self.cache.get_file(record, self.store)
 
     # -- publish --------------------------------------------------------------------------------
     def publish(

@@ -12,6 +12,7 @@ a SQLite catalog, a local-directory object store and the node cache.
 | ray_address      | LORAFLEET_RAY_ADDRESS      | ray_address     |
 | api_token        | LORAFLEET_API_TOKEN        | api_token       |
 | cache_max_bytes  | LORAFLEET_CACHE_MAX_BYTES  | cache_max_bytes |
+| max_upload_bytes | LORAFLEET_MAX_UPLOAD_BYTES | max_upload_bytes |
 
 The toml file is ``LORAFLEET_CONFIG`` if set, else ``./lorafleet.toml``, else
 ``$LORAFLEET_HOME/lorafleet.toml``.
@@ -43,6 +44,7 @@ ENV_KEYS = {
     "ray_address": "LORAFLEET_RAY_ADDRESS",
     "api_token": "LORAFLEET_API_TOKEN",
     "cache_max_bytes": "LORAFLEET_CACHE_MAX_BYTES",
+    "max_upload_bytes": "LORAFLEET_MAX_UPLOAD_BYTES",
 }
 
 
@@ -62,6 +64,7 @@ class Settings(BaseModel):
     ray_address: str | None = None
     api_token: SecretStr | None = None
     cache_max_bytes: int = Field(default=10 * 1024**3, gt=0)
+    max_upload_bytes: int = Field(default=512 * 1024**2, gt=0)
 
     @property
     def cache_dir(self) -> Path:
@@ -121,6 +124,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise SettingsError(f"configuration {field}: {err['msg']}") from None
+
+
+def on_this_node(settings: Settings, env: Mapping[str, str] | None = None) -> Settings:
+    """``settings`` as handed to another node, with that node's own home (its cache).
+
+    Nodes share the catalog and the object store, never a disk: a path under the home of the
+    process that sent the settings means nothing here.
+    """
+    env = os.environ if env is None else env
+    home = Path(env.get("LORAFLEET_HOME") or Path.home() / ".lorafleet").expanduser()
+    return settings.model_copy(update={"home": home})
 
 
 def settings_to_json(settings: Settings) -> str:

@@ -14,7 +14,7 @@ Every error names the file and line number.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,19 +76,15 @@ def _validate_row(row: Any, where: str) -> dict[str, Any]:
     return row
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a JSONL dataset.
-
-    Raises:
-        DatasetError: missing file, empty file, or a malformed line (``file:line: reason``).
-    """
+def _rows(path: str | Path, name: str | None) -> Iterator[dict[str, Any]]:
+    """Validated rows of a JSONL file, one at a time; errors say ``name:line``."""
     p = Path(path)
+    shown = name or str(p)
     if not p.is_file():
-        raise DatasetError(f"dataset {p} does not exist")
-    rows = []
+        raise DatasetError(f"dataset {shown} does not exist")
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            where = f"{p}:{lineno}"
+            where = f"{shown}:{lineno}"
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
@@ -99,10 +95,30 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{where}: malformed JSON ({exc.msg})") from None
-            rows.append(_validate_row(row, where))
+            yield _validate_row(row, where)
+
+
+def read_jsonl(path: str | Path, *, name: str | None = None) -> list[dict[str, Any]]:
+    """Read and validate a JSONL dataset.
+
+    Args:
+        name: how errors call the file (an upload's own file name, never a server path).
+
+    Raises:
+        DatasetError: missing file, empty file, or a malformed line (``file:line: reason``).
+    """
+    rows = list(_rows(path, name))
     if not rows:
-        raise DatasetError(f"dataset {p} has no rows")
+        raise DatasetError(f"dataset {name or path} has no rows")
     return rows
+
+
+def count_valid_rows(path: str | Path, *, name: str | None = None) -> int:
+    """Validate every row (as ``read_jsonl``) without keeping them; returns the row count."""
+    n = sum(1 for _ in _rows(path, name))
+    if not n:
+        raise DatasetError(f"dataset {name or path} has no rows")
+    return n
 
 
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:

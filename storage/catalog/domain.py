@@ -17,22 +17,45 @@ class Namespace:
 
 
 @dataclass(frozen=True)
+class FileDigest:
+    """One stored file of an adapter version or a base (name, SHA-256, bytes)."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class BaseModel:
+    """A registered base. ``source`` is where it was registered from (information only: no
+    node reads it); its bytes are ``files`` in the object store, content-addressed."""
+
     id: int
     name: str
     source: str
     architecture: str
     parameter_count: int
     fingerprint: str
+    files: tuple[FileDigest, ...] = ()
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 @dataclass(frozen=True)
-class FileDigest:
-    """One stored file of an adapter version."""
+class DataFile:
+    """An uploaded data file (``file-…``): validated JSONL, content-addressed by ``sha256``."""
 
-    name: str
+    id: str
+    namespace: str
+    filename: str
+    purpose: str
+    bytes: int
+    rows: int
     sha256: str
-    size: int
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)

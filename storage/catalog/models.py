@@ -63,6 +63,25 @@ class BaseModelRow(Base):
     architecture: Mapped[str] = mapped_column(String(128))
     parameter_count: Mapped[int] = mapped_column(BigInteger)
     fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    # {file name: {"sha256", "size"}}: the base's bytes in the object store, content-addressed
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # {tensor name: shape}: lets any node check an adapter against the base without its bytes
+    tensor_shapes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FileRow(Base):
+    """An uploaded data file (``file-…``): validated, content-addressed, namespace-scoped."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_namespace_sha256", "namespace_id", "sha256"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -7,7 +7,10 @@ the cluster's pods, exactly as for ``lorafleet serve``.
     applications:
       - name: lorafleet
         import_path: workers.serving.app:build
-        args: {base: /models/llama-3-8b, slots: 16, replicas: 2}
+        args: {base: llama-3-8b, slots: 16, replicas: 2}
+
+The base is a registered name (``lorafleet base register``): every replica downloads it from
+the object store into its node's verified cache.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(description="Registered base name or a base model directory.")
+    base: str = Field(description="A registered base name.")
     slots: int = Field(default=8, ge=1)
     max_rank: int = Field(default=64, ge=1)
     host_adapters: int = Field(default=64, ge=1)
@@ -35,15 +38,14 @@ class AppArgs(BaseModel):
 
 def options_from(args: AppArgs) -> Any:
     """``ServeOptions`` for ``args`` under the environment's settings."""
-    from orchestrator.runner import resolve_base
     from storage.registry import Registry
     from storage.settings import load_settings, settings_to_json
     from workers.serving.deployments import ServeOptions
 
     settings = load_settings()
-    base_dir, base_name = resolve_base(Registry.from_settings(settings), args.base)
+    base_name = Registry.from_settings(settings).base(args.base).name  # registered, or an error
     return ServeOptions(
-        base_dir=base_dir, base_name=base_name, settings_json=settings_to_json(settings),
+        base_name=base_name, settings_json=settings_to_json(settings),
         slots=args.slots, max_rank=args.max_rank, host_adapters=args.host_adapters,
         replicas=args.replicas, max_replicas=args.max_replicas, merged=args.merged,
         alias_ttl_s=args.alias_ttl_s, num_cpus=args.cpus_per_replica,

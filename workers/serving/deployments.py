@@ -34,7 +34,6 @@ class ServeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_dir: str
     base_name: str
     settings_json: str
     slots: int = Field(default=4, ge=1, le=1024)
@@ -99,7 +98,7 @@ def _server_class(opts: ServeOptions) -> Any:
     from ray import serve
 
     from storage.registry import Registry
-    from storage.settings import Settings
+    from storage.settings import Settings, on_this_node
     from workers.serving.batcher import MixedBatcher
     from workers.serving.engine import GenRequest, ServingEngine, error_status
 
@@ -109,9 +108,11 @@ def _server_class(opts: ServeOptions) -> Any:
 
         def __init__(self, options_json: str) -> None:
             self.opts = ServeOptions.model_validate_json(options_json)
-            registry = Registry.from_settings(Settings.model_validate_json(self.opts.settings_json))
+            settings = on_this_node(Settings.model_validate_json(self.opts.settings_json))
+            registry = Registry.from_settings(settings)
+            base_dir = registry.base_dir(self.opts.base_name)  # this node's verified copy
             self.engine = ServingEngine(
-                self.opts.base_dir, registry, slots=self.opts.slots, max_rank=self.opts.max_rank,
+                base_dir, registry, slots=self.opts.slots, max_rank=self.opts.max_rank,
                 alias_ttl_s=self.opts.alias_ttl_s, host_adapters=self.opts.host_adapters,
                 merged=self.opts.merged,
             )  # fmt: skip

@@ -23,7 +23,7 @@ from storage.errors import InvalidName, NotFound, StorageError
 from storage.fingerprint import fingerprint_model_dir
 from storage.names import parse_ref
 from storage.registry import Registry
-from storage.settings import Settings
+from storage.settings import Settings, on_this_node
 from workers.base_model import load_tokenizer
 from workers.serving.deployments import ServeOptions
 from workers.serving.openai_api import (
@@ -77,14 +77,15 @@ def ingress_class(opts: ServeOptions) -> Any:
     class OpenAIIngress:
         def __init__(self, server: DeploymentHandle, options_json: str) -> None:
             self.opts = ServeOptions.model_validate_json(options_json)
-            self.settings = Settings.model_validate_json(self.opts.settings_json)
+            self.settings = on_this_node(Settings.model_validate_json(self.opts.settings_json))
             self.registry = Registry.from_settings(self.settings)
+            base_dir = self.registry.base_dir(self.opts.base_name)
             token = self.settings.api_token
             self.admin = token.get_secret_value() if token else None
             self.server = server
             self.resolve = RefResolver(self.registry.resolve, ttl_s=self.opts.alias_ttl_s)
-            self.tokenizer = load_tokenizer(self.opts.base_dir)
-            self.fingerprint = fingerprint_model_dir(self.opts.base_dir).sha256
+            self.tokenizer = load_tokenizer(base_dir)
+            self.fingerprint = fingerprint_model_dir(base_dir).sha256
 
         # -- helpers ---------------------------------------------------------------------
         # (no `from __future__ import annotations` in this module: FastAPI must see real

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from storage.objects import ObjectStore, open_store
 from workers.errors import TrainingError
 from workers.lora import LoraConfig
 from workers.training.recipe import TrainConfig
@@ -16,11 +17,23 @@ BasePlacement = Literal["shared_memory", "shard_per_node", "private"]
 class DistributedSpec:
     """A data-parallel LoRA run on Ray Train.
 
+    Nodes share only the object store (and the catalog): a run's inputs are either objects
+    there — ``base`` (a registered base) and ``data_file``/``eval_file`` (uploaded files),
+    which every node downloads into its own verified cache — or, for a run on one machine,
+    local paths (``base_dir``, ``data_path``, ``eval_path``). Checkpoints and the finished
+    adapter travel back through ``store`` too.
+
     Attributes:
-        job_name: unique per run (names the Ray Train run and the node-local base file).
-        base_dir, data_path, eval_path: local paths readable on every node.
-        out_dir: where rank 0 writes the PEFT adapter and ``metrics.json``.
-        storage_path: Ray Train's persistent storage for checkpoints (a shared path or URI).
+        job_name: unique per run (names the Ray Train run, the staging prefix of the result
+            and the node-local base file).
+        base, data_file, eval_file: catalog records as dicts (``BaseModel`` / ``DataFile``).
+        base_dir, data_path, eval_path: local paths (one-machine runs only).
+        store: ``{"uri", "s3_endpoint"}`` of the object store.
+        out_dir: where ``train_distributed`` (on the driver) puts the finished adapter and
+            ``metrics.json``, fetched verified from the store.
+        storage_path: Ray Train's own run state (the driver's node; no checkpoint goes there).
+        checkpoint_key: checkpoints are staged under ``checkpoints/<checkpoint_key>/``; runs
+            that share it (attempts of one job) resume from each other.
         workers: total workers; ``nodes`` > 1 asks Ray to spread them.
         base_placement: ``shared_memory`` (the CPU default: base once per node in /dev/shm,
             mapped read-only by every worker), ``shard_per_node`` (the GPU default: FSDP2 on a
@@ -31,14 +44,18 @@ class DistributedSpec:
         max_failures: worker-group restarts Ray Train may do before the run fails.
         fail_at_step: test hook — rank 1 dies once at this step.
         event_sink: ``{"catalog_url", "job_id"}``: rank 0 appends a metrics event per step.
-        resume_from: a checkpoint directory to start from (a job resumed by the scheduler).
     """
 
     job_name: str
-    base_dir: str
-    data_path: str
     out_dir: str
     storage_path: str
+    store: dict[str, Any]
+    base_dir: str = ""
+    data_path: str = ""
+    base: dict[str, Any] | None = None
+    data_file: dict[str, Any] | None = None
+    eval_file: dict[str, Any] | None = None
+    checkpoint_key: str = ""
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_path: str | None = None
@@ -53,9 +70,14 @@ class DistributedSpec:
     fail_at_step: int | None = None
     fail_marker: str | None = None
     event_sink: dict[str, str] | None = None
-    resume_from: str | None = None
 
     def __post_init__(self) -> None:
+        if not (self.base or self.base_dir):
+            raise TrainingError("base: give a registered base or a local base_dir")
+        if not (self.data_file or self.data_path):
+            raise TrainingError("data: give an uploaded data_file or a local data_path")
+        if not self.checkpoint_key:
+            object.__setattr__(self, "checkpoint_key", self.job_name)
         if self.workers < 1:
             raise TrainingError(f"workers: must be ≥ 1, got {self.workers}")
         if self.nodes < 1 or self.workers % self.nodes:
@@ -67,6 +89,15 @@ class DistributedSpec:
             raise TrainingError(f"base_placement: unknown placement {self.base_placement!r}")
         if self.checkpoint_every < 0 or self.max_failures < 0:
             raise TrainingError("checkpoint_every and max_failures must be ≥ 0")
+
+    @property
+    def staging_prefix(self) -> str:
+        """Where rank 0 stages the finished adapter and ``metrics.json`` for the driver."""
+        return f"staging/{self.job_name}"
+
+    def open_store(self) -> ObjectStore:
+        """The object store the run's inputs, checkpoints and result travel through."""
+        return open_store(self.store["uri"], s3_endpoint=self.store.get("s3_endpoint"))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.staging import fetch_staged, remove_staged
 from workers.errors import TrainingError
 from workers.training.distributed_spec import DistributedSpec
 
@@ -28,11 +29,10 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 @dataclass
 class DistributedResult:
-    """The adapter directory and the run's summary (``metrics.json``)."""
+    """The adapter directory (on the driver, fetched verified) and the run's summary."""
 
     adapter_dir: Path
     metrics: dict[str, Any]
-    checkpoint_path: str | None
 
 
 def _worker_env() -> dict[str, str]:
@@ -60,16 +60,6 @@ def _remove_shared_bases(job_name: str) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def latest_checkpoint(storage_path: str, run_prefix: str) -> str | None:
-    """The newest complete checkpoint persisted by any run named ``run_prefix*``."""
-    found = [
-        p
-        for p in Path(storage_path).glob(f"{run_prefix}*/checkpoint_*")
-        if (p / "trainer_state.json").is_file()
-    ]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-
-
 def train_distributed(spec: DistributedSpec) -> DistributedResult:
     """Run data-parallel LoRA training on the connected Ray cluster (``ray.init`` first).
 
@@ -77,7 +67,7 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
         TrainingError: the run failed (after ``max_failures`` restarts), with the root cause.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ.update({k: v for k, v in REPORT_ENV.items() if k not in os.environ})
@@ -95,8 +85,10 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
         run_config=RunConfig(
             name=spec.job_name,
             storage_path=spec.storage_path,
+            # Worker and node loss inside a run is retried here, and only here; checkpoints are
+            # not Ray's (they are staged in the object store), so a restarted group and a new
+            # attempt resume the same way.
             failure_config=FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _worker_env()},  # type: ignore[call-arg]
         ),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
@@ -115,7 +107,8 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
         _remove_shared_bases(spec.job_name)
     if result.error is not None:
         raise TrainingError(f"training {spec.job_name} failed: {result.error}")
-    out = Path(spec.out_dir)
+    store = spec.open_store()
+    out = fetch_staged(store, spec.staging_prefix, Path(spec.out_dir))
+    remove_staged(store, spec.staging_prefix)
     metrics = json.loads((out / "metrics.json").read_text())
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return DistributedResult(adapter_dir=out, metrics=metrics, checkpoint_path=ckpt)
+    return DistributedResult(adapter_dir=out, metrics=metrics)

@@ -1,8 +1,11 @@
 """The per-worker training function that Ray Train runs on every rank.
 
-Plain Python around the recipe: place the base (once per node), build the recipe with a flat
-LoRA-gradient all-reduce, restore a checkpoint if Ray Train hands one over, then step, report
-and checkpoint. Ray is imported only here and in ``ray_train``.
+Plain Python around the recipe: fetch the inputs into this node's verified cache (the first
+worker of a node downloads, the others wait), place the base (once per node), build the recipe
+with a flat LoRA-gradient all-reduce, resume from the newest checkpoint in the object store,
+then step, report and checkpoint. Checkpoints and the finished adapter go to the object store
+(rank 0 stages them), so any node can resume the run and the driver can publish it. Ray is
+imported only here and in ``ray_train``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -21,7 +25,17 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from storage.objects import file_sha256
+from storage.cache import AdapterCache
+from storage.catalog.domain import BaseModel, DataFile, FileDigest
+from storage.objects import ObjectStore, file_sha256
+from storage.settings import load_settings
+from storage.staging import (
+    checkpoint_prefix,
+    fetch_staged,
+    latest_checkpoint,
+    prune_checkpoints,
+    stage_dir,
+)
 from workers.base_model import load_base, load_tokenizer
 from workers.datasets import load_dataset
 from workers.errors import TrainingError
@@ -78,6 +92,30 @@ def restore_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
     recipe.step = int(json.loads((directory / CKPT_STATE).read_text())["step"])
 
 
+def base_from_dict(d: dict[str, Any]) -> BaseModel:
+    files = tuple(FileDigest(**f) for f in d.get("files", ()))
+    shapes = {k: tuple(v) for k, v in d.get("tensor_shapes", {}).items()}
+    return BaseModel(**{**d, "files": files, "tensor_shapes": shapes})
+
+
+def file_from_dict(d: dict[str, Any]) -> DataFile:
+    return DataFile(**{k: v for k, v in d.items() if k != "created_at"})
+
+
+def fetch_inputs(spec: DistributedSpec, store: ObjectStore) -> tuple[str, str, str | None]:
+    """(base dir, data path, eval path) on this node: registered inputs come through the
+    node's own verified cache (its ``LORAFLEET_HOME``), local paths are used as they are."""
+    cache = AdapterCache(load_settings().cache_dir)
+
+    def data(record: dict[str, Any] | None, local: str | None) -> str | None:
+        return str(cache.get_file(file_from_dict(record), store)) if record else local
+
+    base_dir = str(cache.get_base(base_from_dict(spec.base), store)) if spec.base else spec.base_dir
+    train = data(spec.data_file, spec.data_path)
+    assert train is not None  # DistributedSpec requires one of the two
+    return base_dir, train, data(spec.eval_file, spec.eval_path)
+
+
 def _event_sink(spec: DistributedSpec) -> Any:
     """A function appending job events to the catalog, or None without a sink."""
     if not spec.event_sink:
@@ -94,14 +132,28 @@ def _event_sink(spec: DistributedSpec) -> Any:
     return emit
 
 
+def _checkpoint(
+    recipe: LoraFinetuneRecipe, spec: DistributedSpec, store: ObjectStore, emit: Any
+) -> None:
+    """Rank 0: stage a checkpoint in the object store, keep the newest two, record it."""
+    prefix = checkpoint_prefix(spec.checkpoint_key, recipe.step)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(recipe, Path(tmp))
+        stage_dir(store, Path(tmp), prefix)
+    prune_checkpoints(store, spec.checkpoint_key, keep=2)
+    if emit is not None:
+        emit("checkpoint", {"step": recipe.step, "uri": f"{store.uri}/{prefix}"})
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
     import ray
     import ray.train
-    from ray.train import Checkpoint
 
     spec = DistributedSpec.from_dict(config["spec"])
     torch.set_num_threads(spec.threads_per_worker)
+    store = spec.open_store()
+    base_dir, data_path, eval_path = fetch_inputs(spec, store)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
@@ -123,22 +175,22 @@ def train_worker(config: dict[str, Any]) -> None:
     with PeakSampler() as sampler:
         if spec.base_placement == "shard_per_node":
             torch.manual_seed(spec.train.seed)  # LoRA init as in the other placements
-            model, _mesh = load_sharded_base(spec.base_dir, spec.lora, nodes, device=device)
+            model, _mesh = load_sharded_base(base_dir, spec.lora, nodes, device=device)
         elif spec.base_placement == "shared_memory":
             shm_file = shm_path_for(spec.job_name, node_id)
             if leader and not shm_file.exists():
-                write_shared_base(spec.base_dir, shm_file, dtype=torch.float32)
+                write_shared_base(base_dir, shm_file, dtype=torch.float32)
                 materialized = True
             dist.barrier()
-            model = load_shared_base(spec.base_dir, shm_file)
+            model = load_shared_base(base_dir, shm_file)
         else:
-            model, _ = load_base(spec.base_dir, device=device)
+            model, _ = load_base(base_dir, device=device)
             # transformers maps safetensors files copy-on-write, so an untouched model shares
             # the page cache; the baseline is what a worker that owns its weights holds.
             with torch.no_grad():
                 for p in model.parameters():
                     p.data = p.data.clone()
-        tokenizer = load_tokenizer(spec.base_dir)
+        tokenizer = load_tokenizer(base_dir)
     pss_after = pss_bytes()
     sharded = spec.base_placement == "shard_per_node"
     base_bytes = (
@@ -147,10 +199,10 @@ def train_worker(config: dict[str, Any]) -> None:
         else sum(p.numel() * p.element_size() for p in model.parameters())
     )
 
-    train_examples = load_dataset(spec.data_path, tokenizer, seq_len=spec.train.seq_len)
+    train_examples = load_dataset(data_path, tokenizer, seq_len=spec.train.seq_len)
     eval_examples = (
-        load_dataset(spec.eval_path, tokenizer, seq_len=spec.train.seq_len)
-        if spec.eval_path
+        load_dataset(eval_path, tokenizer, seq_len=spec.train.seq_len)
+        if eval_path
         else train_examples[:64]
     )
     reducer = FlatAllReduce()
@@ -165,14 +217,14 @@ def train_worker(config: dict[str, Any]) -> None:
         device=device,
     )
     recipe.setup(inject=not sharded)
-    checkpoint = ray.train.get_checkpoint()
+    # One way back for every restart — Ray Train restarting the worker group after a lost
+    # worker or node, or the scheduler starting a new attempt after a lost runner: the newest
+    # complete checkpoint of this job in the object store, verified, on whichever node.
     resumed_from = None
-    if checkpoint is not None:  # Ray restarted this run's worker group
-        with checkpoint.as_directory() as d:
-            restore_checkpoint(recipe, Path(d))
-        resumed_from = recipe.step
-    elif spec.resume_from:  # a new run continuing an earlier attempt of the same job
-        restore_checkpoint(recipe, Path(spec.resume_from))
+    latest = latest_checkpoint(store, spec.checkpoint_key)
+    if latest is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            restore_checkpoint(recipe, fetch_staged(store, latest[1], Path(tmp)))
         resumed_from = recipe.step
     eval_initial = recipe.evaluate(eval_examples) if resumed_from is None else None
     emit = _event_sink(spec) if rank == 0 else None
@@ -217,16 +269,10 @@ def train_worker(config: dict[str, Any]) -> None:
                     "metrics",
                     {k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s", "eval_loss")},
                 )
-            due = last or (spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0)
-            if due:
-                with tempfile.TemporaryDirectory() as tmp:
-                    if rank == 0:
-                        save_checkpoint(recipe, Path(tmp))
-                    ray.train.report(
-                        metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None
-                    )
-            else:
-                ray.train.report(metrics)
+            due = spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0
+            if due and not last and rank == 0:
+                _checkpoint(recipe, spec, store, emit)
+            ray.train.report(metrics)
         elapsed = time.perf_counter() - t0
 
     # -- results -------------------------------------------------------------------------------
@@ -252,7 +298,9 @@ def train_worker(config: dict[str, Any]) -> None:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, stats)
     if rank == 0:
-        out = save_adapter(model, spec.lora, spec.out_dir, base_model_name_or_path=spec.base_dir)
+        tmp_out = tempfile.mkdtemp(prefix="lorafleet-adapter-")
+        base_ref = spec.base["name"] if spec.base else spec.base_dir
+        out = save_adapter(model, spec.lora, tmp_out, base_model_name_or_path=base_ref)
         summary = {
             "job_name": spec.job_name,
             "world_size": world,
@@ -263,13 +311,15 @@ def train_worker(config: dict[str, Any]) -> None:
             "eval_loss_final": last_eval,
             "tokens_per_s": tokens / elapsed if elapsed else 0.0,
             "lora_grad_bytes": grad_bytes,
-            "dataset_sha256": file_sha256(spec.data_path),
+            "dataset_sha256": file_sha256(data_path),
             "lora": spec.lora.as_dict(),
             "train": asdict(spec.train),
             "workers": gathered,
             "curve": curve,
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        stage_dir(store, out, spec.staging_prefix)  # the driver publishes from there
+        shutil.rmtree(out, ignore_errors=True)
     dist.barrier()
     if leader and shm_file is not None:
         shm_file.unlink(missing_ok=True)

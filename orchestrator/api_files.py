@@ -1,0 +1,133 @@
+"""``/v1/files``: datasets uploaded as OpenAI's fine-tuning API has them (``purpose=fine-tune``).
+
+An upload is streamed to a temporary file with a running byte count (over the limit: 413
+before anything is stored), validated row by row (422 naming ``filename:line``), stored
+content-addressed and recorded in the caller's namespace. Another namespace's files are 404,
+as if they did not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from orchestrator.http_errors import ApiError
+from orchestrator.uploads import UploadTooLarge, check_size, upload_dataset
+from storage.auth import Principal
+from storage.catalog import files as file_repo
+from storage.catalog.domain import DataFile
+from storage.errors import InvalidName, NotFound
+from storage.registry import Registry
+from workers.errors import DatasetError
+
+CHUNK = 1 << 20
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields
+
+
+def file_object(f: DataFile) -> dict[str, Any]:
+    """A file as the API shows it (OpenAI's fields, plus namespace, rows and digest)."""
+    return {
+        "id": f.id, "object": "file", "bytes": f.bytes, "filename": f.filename,
+        "purpose": f.purpose, "status": "processed", "namespace": f.namespace, "rows": f.rows,
+        "sha256": f.sha256,
+        "created_at": int(f.created_at.timestamp()) if f.created_at else None,
+    }  # fmt: skip
+
+
+def _target_namespace(who: Principal, namespace: str | None) -> str:
+    if who.namespace is not None:
+        if namespace not in (None, who.namespace):
+            raise ApiError(403, f"token may not upload to namespace {namespace}", "namespace")
+        return who.namespace
+    if namespace is None:
+        raise ApiError(422, "namespace: the admin token must name a namespace", "namespace")
+    return namespace
+
+
+async def _spool(upload: UploadFile, dest: Path, limit: int) -> int:
+    """Copy an upload to ``dest``, stopping with ``UploadTooLarge`` past ``limit`` bytes."""
+    size = 0
+    with open(dest, "wb") as out:
+        while chunk := await upload.read(CHUNK):
+            size += len(chunk)
+            check_size(size, limit, filename=upload.filename or "upload")
+            out.write(chunk)
+    return size
+
+
+def files_router(
+    registry: Registry, max_bytes: int, principal: Callable[..., Principal]
+) -> APIRouter:
+    """The ``/v1/files`` routes over ``registry``; ``principal`` is the auth dependency."""
+    router = APIRouter()
+    db = registry.catalog
+
+    def visible(file_id: str, who: Principal) -> DataFile:
+        try:
+            return file_repo.get_file(db, file_id=file_id, namespace=who.namespace)
+        except NotFound:
+            raise ApiError(404, f"file {file_id} not found") from None
+
+    @router.post("/v1/files", status_code=201)
+    async def upload(
+        request: Request,
+        file: UploadFile = File(...),
+        purpose: str = Form(...),
+        namespace: str | None = Form(None),
+        who: Principal = Depends(principal),
+    ) -> dict[str, Any]:
+        if purpose not in file_repo.PURPOSES:
+            raise ApiError(422, f"purpose: must be one of {', '.join(file_repo.PURPOSES)}",
+                           "purpose")  # fmt: skip
+        target = _target_namespace(who, namespace)
+        filename = Path(file.filename or "upload.jsonl").name  # a name, never a path
+        tmp = Path(tempfile.mkdtemp(prefix="lorafleet-upload-"))
+        try:
+            try:
+                # the declared body (file + form fields + boundaries) tells early
+                declared = int(request.headers.get("content-length") or 0)
+                check_size(max(0, declared - FORM_OVERHEAD), max_bytes, filename=filename)
+                await _spool(file, tmp / "data", max_bytes)
+                record, _ = await asyncio.to_thread(
+                    upload_dataset, registry, tmp / "data", namespace=target,
+                    filename=filename, max_bytes=max_bytes,
+                )  # fmt: skip
+            except UploadTooLarge as exc:
+                raise ApiError(413, str(exc), "file") from None
+            except DatasetError as exc:
+                raise ApiError(422, str(exc), "file") from None
+            except InvalidName as exc:
+                raise ApiError(422, str(exc), "namespace") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return file_object(record)
+
+    @router.get("/v1/files")
+    def list_files(who: Principal = Depends(principal)) -> dict[str, Any]:
+        data = file_repo.list_files(db, namespace=who.namespace)
+        return {"object": "list", "data": [file_object(f) for f in data]}
+
+    @router.get("/v1/files/{file_id}")
+    def show(file_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        return file_object(visible(file_id, who))
+
+    @router.get("/v1/files/{file_id}/content")
+    def content(file_id: str, who: Principal = Depends(principal)) -> FileResponse:
+        f = visible(file_id, who)
+        path = registry.file_path(f)  # verified against the recorded digest
+        return FileResponse(path, media_type="application/jsonl", filename=f.filename)
+
+    @router.delete("/v1/files/{file_id}")
+    def delete(file_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        f = visible(file_id, who)
+        registry.delete_file(f.id)
+        return {"id": f.id, "object": "file", "deleted": True}
+
+    return router

@@ -1,0 +1,117 @@
+"""Uploaded data files in the catalog: ``file-…`` ids, namespace-scoped, content-addressed.
+
+A file row records what was validated and stored; the bytes live in the object store under
+``blob_key(sha256)``, shared by every row (of any namespace) with the same content. Rows never
+leave this module; callers get ``DataFile``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from sqlalchemy import func, select
+
+from storage.catalog.db import Catalog
+from storage.catalog.domain import DataFile
+from storage.catalog.models import FileRow, NamespaceRow
+from storage.catalog.repository import _namespace_row
+from storage.errors import NotFound
+from storage.names import validate_name
+
+FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24}$")
+PURPOSES = ("fine-tune",)
+
+
+class FileNotFound(NotFound):
+    """No such file (or not in the caller's namespace)."""
+
+
+def is_file_id(value: str) -> bool:
+    """Whether ``value`` has the shape of a file id (``file-`` + 24 hex digits)."""
+    return bool(FILE_ID_RE.fullmatch(value))
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex[:24]}"
+
+
+def _file(row: FileRow, namespace: str) -> DataFile:
+    return DataFile(row.id, namespace, row.filename, row.purpose, row.bytes, row.rows,
+                    row.sha256, row.created_at)  # fmt: skip
+
+
+def find_file(db: Catalog, *, namespace: str, sha256: str) -> DataFile | None:
+    """The oldest file of ``namespace`` with this content, or None."""
+    with db.session() as s:
+        row = s.execute(
+            select(FileRow, NamespaceRow.name)
+            .join(NamespaceRow, NamespaceRow.id == FileRow.namespace_id)
+            .where(NamespaceRow.name == namespace, FileRow.sha256 == sha256)
+            .order_by(FileRow.created_at)
+            .limit(1)
+        ).first()
+        return _file(row[0], row[1]) if row else None
+
+
+def create_file(
+    db: Catalog, *, namespace: str, filename: str, purpose: str, size: int, rows: int, sha256: str
+) -> tuple[DataFile, bool]:
+    """Record a stored file; the same content in the same namespace returns the first record.
+
+    Returns:
+        (the file, whether it was created now).
+    """
+    validate_name(namespace, kind="namespace")
+    existing = find_file(db, namespace=namespace, sha256=sha256)
+    if existing is not None:
+        return existing, False
+    with db.session() as s:
+        ns = _namespace_row(s, namespace, create=True)
+        row = FileRow(id=new_file_id(), namespace_id=ns.id, filename=filename[:255],
+                      purpose=purpose, bytes=size, rows=rows, sha256=sha256)  # fmt: skip
+        s.add(row)
+        s.flush()
+        return _file(row, namespace), True
+
+
+def get_file(db: Catalog, *, file_id: str, namespace: str | None = None) -> DataFile:
+    """Raises ``FileNotFound`` (also for another namespace's file when ``namespace`` is given)."""
+    if not is_file_id(file_id):
+        raise FileNotFound(f"file {file_id!r} not found")
+    with db.session() as s:
+        row = s.execute(
+            select(FileRow, NamespaceRow.name)
+            .join(NamespaceRow, NamespaceRow.id == FileRow.namespace_id)
+            .where(FileRow.id == file_id)
+        ).first()
+        if row is None or (namespace is not None and row[1] != namespace):
+            raise FileNotFound(f"file {file_id} not found")
+        return _file(row[0], row[1])
+
+
+def list_files(db: Catalog, *, namespace: str | None = None) -> list[DataFile]:
+    """Files, newest first; one namespace's when given."""
+    with db.session() as s:
+        q = select(FileRow, NamespaceRow.name).join(
+            NamespaceRow, NamespaceRow.id == FileRow.namespace_id
+        )
+        if namespace is not None:
+            q = q.where(NamespaceRow.name == namespace)
+        return [_file(r, n) for r, n in s.execute(q.order_by(FileRow.created_at.desc()))]
+
+
+def delete_file(db: Catalog, *, file_id: str, namespace: str | None = None) -> tuple[DataFile, int]:
+    """Delete a file's record.
+
+    Returns:
+        (the deleted file, how many records still reference its content).
+    """
+    f = get_file(db, file_id=file_id, namespace=namespace)
+    with db.session() as s:
+        row = s.get(FileRow, f.id)
+        if row is not None:
+            s.delete(row)
+        s.flush()
+        left = s.scalar(select(func.count()).select_from(FileRow).where(FileRow.sha256 == f.sha256))
+    return f, int(left or 0)
