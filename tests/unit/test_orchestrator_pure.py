@@ -10,17 +10,43 @@ import yaml
 
 from orchestrator.lifecycle import STATES, TERMINAL, IllegalTransition, check_transition
 from orchestrator.scheduling import ActiveJob, Gang, Limits, NodeFree, QueuedJob, decide
-from orchestrator.spec import SpecError, load_spec, parse_spec
+from orchestrator.spec import SpecError, load_spec, parse_spec, read_spec_file
+from orchestrator.uploads import DATA_FIELDS
 
+FILE_ID = "file-" + "0" * 24
 BASE = dict(
-    name="j", namespace="team", base_model="tiny", training_data="d.jsonl", output_adapter="team/a"
+    name="j", namespace="team", base_model="tiny", training_data=FILE_ID, output_adapter="team/a"
 )
 
 
 @pytest.mark.parametrize("path", ["examples/digits.yaml", "examples/chat-7b-multinode.yaml"])
 def test_examples_are_valid(path):
-    spec = load_spec(path)
+    # CLI specs name local data files; `lorafleet submit` uploads them and puts ids in
+    data = read_spec_file(path)
+    for field in DATA_FIELDS:
+        if field in data:
+            assert not data[field].startswith("s3://")
+            data[field] = FILE_ID
+    spec = parse_spec(data)
     assert spec.output_adapter.startswith(spec.namespace + "/")
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"training_data": "d.jsonl"}, "training_data"),
+        ({"training_data": "/etc/hostname"}, "training_data"),
+        ({"training_data": "file:///other/team/creds.json"}, "training_data"),
+        ({"validation_data": "../../etc/hostname"}, "validation_data"),
+        ({"training_data": "file-../../x"}, "training_data"),
+        ({"base_model": "/models/llama"}, "base_model"),
+        ({"base_model": "../base"}, "base_model"),
+    ],
+)
+def test_specs_name_data_not_paths(patch, field):
+    with pytest.raises(SpecError, match="never read") as info:
+        parse_spec({**BASE, **patch})
+    assert info.value.field == field
 
 
 @pytest.mark.parametrize(
