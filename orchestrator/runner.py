@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 RAY_NAMESPACE = "lorafleet"
 
 
+# The control plane lives on the head node. A runner there survives the loss of any worker
+# node, so that loss has one owner — Ray Train's FailureConfig restarting the worker group —
+# and the scheduler resumes a job only when its runner itself is gone.
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
 def runner_name(job_id: str) -> str:
     return f"lorafleet-runner-{job_id}"
 
@@ -168,8 +174,9 @@ def start_runner(job_id: str, settings: Settings) -> None:
                 ray.actor.exit_actor()
 
     actor = JobRunner.options(  # type: ignore[attr-defined]
-        name=runner_name(job_id), namespace=RAY_NAMESPACE, lifetime="detached"
-    ).remote()
+        name=runner_name(job_id), namespace=RAY_NAMESPACE, lifetime="detached",
+        resources=ON_HEAD,
+    ).remote()  # fmt: skip
     actor.run.remote(job_id, settings_to_json(settings))
 
 

@@ -116,6 +116,7 @@ class SchedulerCore:
                 to="failed",
                 error="runner lost too many times",
             )
+            self.hooks.release(job.id)  # an ended job leaves no training behind
             return
         try:
             if job.state == "running":
@@ -212,7 +213,7 @@ def start_scheduler_actor(settings: Settings, *, interval_s: float = 0.5) -> obj
     """Get or create the detached, named scheduler actor (restartable by Ray)."""
     import ray
 
-    from orchestrator.runner import RAY_NAMESPACE
+    from orchestrator.runner import ON_HEAD, RAY_NAMESPACE
     from storage.settings import settings_to_json
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -229,5 +230,6 @@ def start_scheduler_actor(settings: Settings, *, interval_s: float = 0.5) -> obj
             return self.loop.ticks
 
     return SchedulerActor.options(  # type: ignore[attr-defined]
-        name=SCHEDULER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(settings_to_json(settings), interval_s)
+        name=SCHEDULER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
+        resources=ON_HEAD,
+    ).remote(settings_to_json(settings), interval_s)  # fmt: skip

@@ -60,6 +60,26 @@ def _remove_shared_bases(job_name: str) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line naming what went wrong on the workers: ``Type: message``.
+
+    Ray Train wraps a worker's exception (``WorkerGroupError.worker_failures`` → a task error
+    whose ``cause`` is the original), so the user's own error — a dataset problem, say — is
+    dug out rather than the wrapper's headline.
+    """
+    cause: BaseException = exc
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = failures[min(failures)]
+    while True:
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def train_distributed(spec: DistributedSpec) -> DistributedResult:
     """Run data-parallel LoRA training on the connected Ray cluster (``ray.init`` first).
 
@@ -96,12 +116,9 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray's TrainingFailedError wraps the worker's error
-        cause: BaseException = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
         raise TrainingError(
             f"training {spec.job_name} failed (max_failures={spec.max_failures}): "
-            f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+            f"{failure_reason(exc)}"
         ) from exc
     finally:
         _remove_shared_bases(spec.job_name)
