@@ -175,11 +175,11 @@ def bench_cold_load(base_dir: Path, work: Path, rounds: int = 5) -> dict[str, An
     import hashlib
     import uuid
 
+    from infra.servers import MotoS3Process
     from storage.cache import AdapterCache
     from storage.catalog.db import open_catalog
     from storage.objects import S3ObjectStore
     from storage.registry import Registry
-    from tests.servers import MotoS3Process
     from workers.base_model import load_base
     from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
     from workers.serving.engine import ServingEngine

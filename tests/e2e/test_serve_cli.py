@@ -10,7 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.servers import free_port, processes_with_env, wait_until
+from infra.servers import free_port, processes_with_env, wait_until
 
 
 def _env(home: Path) -> dict[str, str]:

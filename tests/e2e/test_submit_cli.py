@@ -40,6 +40,13 @@ def test_submit_follow_publishes_the_adapter(tmp_path, tiny_base_dir):
     r = _cli(["submit", _spec(tmp_path, tiny_base_dir), "--follow"], home)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "succeeded" in r.stdout and "adapter demo/digits:1" in r.stdout
+    # the local inputs were uploaded and the job names them by id
+    assert "training_data: uploaded demo_train.jsonl as file-" in r.stdout
+    assert f"base_model: {tiny_base_dir} registered as" in r.stdout
+    again = _cli(["files", "upload", TRAIN_FILE, "--namespace", "demo"], home, timeout=60)
+    assert again.returncode == 0 and "already uploaded" in again.stdout  # stored once
+    listed = _cli(["files", "list", "--namespace", "demo"], home, timeout=60)
+    assert "demo_train.jsonl" in listed.stdout and "demo_heldout.jsonl" in listed.stdout
     listed = _cli(["jobs", "list"], home)
     assert "succeeded" in listed.stdout
     shown = _cli(["adapters", "show", "demo/digits"], home)
@@ -54,6 +61,14 @@ def test_bad_spec_and_failing_job_exit_non_zero(tmp_path, tiny_base_dir):
     assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": 1}\n')
+    # a bad row is refused at upload, naming the line: no job is created
     r = _cli(["submit", _spec(tmp_path, tiny_base_dir, data=broken), "--follow"], home)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "failed" in r.stdout + r.stderr and "broken.jsonl:1" in r.stdout
+    assert "broken.jsonl:1" in r.stderr and "Traceback" not in r.stderr
+    missing = _spec(tmp_path, tiny_base_dir, data=tmp_path / "nope.jsonl")
+    r = _cli(["submit", missing], home, timeout=60)
+    assert r.returncode == 1 and "training_data" in r.stderr and "Traceback" not in r.stderr
+    # a run that fails on the cluster still exits non-zero with its reason
+    r = _cli(["submit", _spec(tmp_path, tiny_base_dir, training={"max_steps": 2, "seq_len": 2}),
+              "--follow"], home)  # fmt: skip
+    assert r.returncode == 1 and "failed" in r.stdout + r.stderr and "seq_len=2" in r.stdout

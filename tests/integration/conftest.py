@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.servers import MotoS3, fresh_database, postgres_server, require_postgres
 from storage.cache import AdapterCache
 from storage.catalog.db import open_catalog
 from storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 from storage.registry import Registry
-from tests.servers import MotoS3, fresh_database, postgres_server, require_postgres
 
 
 @pytest.fixture(scope="session")

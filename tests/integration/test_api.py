@@ -37,7 +37,17 @@ def api(tmp_path, tiny_base_dir, catalog_url):  # type: ignore[no-untyped-def]
     registry.register_base(name="tiny", path=tiny_base_dir)
     client = TestClient(create_app(s, registry))
     tokens = {ns: repo.create_token(registry.catalog, namespace=ns, name="t") for ns in ("a", "b")}
+    for ns in ("a", "b"):  # one uploaded dataset per namespace
+        r = client.post("/v1/files", headers=_h(tokens[ns]), data={"purpose": "fine-tune"},
+                        files={"file": (f"{ns}.jsonl", DATA[ns], "application/jsonl")})  # fmt: skip
+        assert r.status_code == 201, r.text
+        FILES[ns] = r.json()["id"]
     return client, registry, tokens
+
+
+FILES: dict[str, str] = {}  # namespace -> its uploaded file id (set by the fixture)
+DATA = {ns: b'{"prompt": "spell 1 =", "completion": " one"}\n' * (2 if ns == "a" else 3)
+        for ns in ("a", "b")}  # fmt: skip
 
 
 def _h(token):  # type: ignore[no-untyped-def]
@@ -45,7 +55,7 @@ def _h(token):  # type: ignore[no-untyped-def]
 
 
 def _body(ns="a", name="job", **extra):  # type: ignore[no-untyped-def]
-    return {"name": name, "namespace": ns, "base_model": "tiny", "training_data": "d.jsonl",
+    return {"name": name, "namespace": ns, "base_model": "tiny", "training_data": FILES[ns],
             "output_adapter": f"{ns}/{name}", **extra}  # fmt: skip
 
 
@@ -62,7 +72,7 @@ def test_every_route_but_health_needs_a_token(api):
             continue
         for method in getattr(route, "methods", set()) - {"HEAD", "OPTIONS"}:
             url = path.replace("{job_id}", "ftjob-x").replace("{namespace}", "a")
-            url = url.replace("{ref}", "x")
+            url = url.replace("{ref}", "x").replace("{file_id}", FILES["a"])
             r = client.request(method, url)
             assert r.status_code == 401, (method, url, r.status_code)
             r = client.request(method, url, headers=_h("wrong"))
@@ -93,12 +103,16 @@ def test_submit_show_list_cancel_events(api):
     ) as s:
         text = "".join(s.iter_text())
     assert "event: metrics" in text and "event: end" in text and "cancelled" in text
-    assert (
-        client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=_h(tokens["a"])).json()[
-            "data"
-        ]
-        == []
-    )
+    url = f"/v1/fine_tuning/jobs/{job['id']}/checkpoints"
+    assert client.get(url, headers=_h(tokens["a"])).json()["data"] == []
+    for step in (5, 10):  # what training records: the API lists it from the catalog
+        uri = f"s3://b/p/checkpoints/{job['id']}/step-{step:08d}"
+        jobs.add_event(registry.catalog, job_id=job["id"], kind="checkpoint",
+                       data={"step": step, "uri": uri})  # fmt: skip
+    listed = client.get(url, headers=_h(tokens["a"])).json()["data"]
+    assert [c["step_number"] for c in listed] == [10, 5]
+    assert listed[0]["uri"].endswith("step-00000010")
+    assert client.get(url, headers=_h(tokens["b"])).status_code == 404
 
 
 def test_namespaces_are_invisible_to_each_other(api):
@@ -216,3 +230,78 @@ def test_fuzzed_job_bodies_never_5xx_and_name_the_field(api, patch, nested):
         err = r.json()["error"]
         assert err["field"], r.text
         assert err["message"].startswith(err["field"]) or err["field"] in err["message"]
+
+
+def test_files_upload_list_show_content_delete(api):
+    client, registry, tokens = api
+    h = _h(tokens["a"])
+    shown = client.get(f"/v1/files/{FILES['a']}", headers=h).json()
+    assert shown["object"] == "file" and shown["rows"] == 2 and shown["namespace"] == "a"
+    assert shown["bytes"] == len(DATA["a"]) and shown["filename"] == "a.jsonl"
+    again = client.post("/v1/files", headers=h, data={"purpose": "fine-tune"},
+                        files={"file": ("renamed.jsonl", DATA["a"])})  # fmt: skip
+    assert again.json()["id"] == FILES["a"]  # identical content: one file
+    assert [f["id"] for f in client.get("/v1/files", headers=h).json()["data"]] == [FILES["a"]]
+    assert client.get(f"/v1/files/{FILES['a']}/content", headers=h).content == DATA["a"]
+    # another namespace's file does not exist for this token
+    for url in (f"/v1/files/{FILES['b']}", f"/v1/files/{FILES['b']}/content"):
+        assert client.get(url, headers=h).status_code == 404
+    assert client.delete(f"/v1/files/{FILES['b']}", headers=h).status_code == 404
+    assert client.get("/v1/files/../../etc/hostname", headers=h).status_code == 404
+    assert len(client.get("/v1/files", headers=_h(ADMIN)).json()["data"]) == 2
+    r = client.delete(f"/v1/files/{FILES['a']}", headers=h)
+    assert r.json() == {"id": FILES["a"], "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{FILES['a']}", headers=h).status_code == 404
+    assert not registry.store.list(f"blobs/sha256/{shown['sha256']}")  # bytes gone too
+
+
+def test_bad_uploads_are_4xx_naming_the_line(api, tmp_path):
+    client, _, tokens = api
+    h = _h(tokens["a"])
+    bad = b'{"prompt": "x", "completion": "y"}\n{"prompt": "x"\n'
+    r = client.post("/v1/files", headers=h, data={"purpose": "fine-tune"},
+                    files={"file": ("../../bad.jsonl", bad)})  # fmt: skip
+    assert r.status_code == 422 and "bad.jsonl:2" in r.json()["error"]["message"], r.text
+    assert "tmp" not in r.json()["error"]["message"]  # the upload's name, no server path
+    r = client.post("/v1/files", headers=h, data={"purpose": "batch"},
+                    files={"file": ("x.jsonl", DATA["a"])})  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["field"] == "purpose"
+    r = client.post("/v1/files", headers=_h(ADMIN), data={"purpose": "fine-tune"},
+                    files={"file": ("x.jsonl", DATA["a"])})  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["field"] == "namespace"
+    r = client.post("/v1/files", headers=h, data={"purpose": "fine-tune", "namespace": "b"},
+                    files={"file": ("x.jsonl", DATA["a"])})  # fmt: skip
+    assert r.status_code == 403
+    # over the size limit: 413, nothing stored
+    small = load_settings({"LORAFLEET_HOME": str(tmp_path / "home2"),
+                           "LORAFLEET_MAX_UPLOAD_BYTES": "100"})  # fmt: skip
+    limited = TestClient(create_app(small, Registry.from_settings(small)))
+    tok = repo.create_token(Registry.from_settings(small).catalog, namespace="a", name="t")
+    r = limited.post("/v1/files", headers=_h(tok), data={"purpose": "fine-tune"},
+                     files={"file": ("big.jsonl", DATA["a"] * 10)})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["field"] == "file", r.text
+    assert limited.get("/v1/files", headers=_h(tok)).json()["data"] == []
+
+
+def test_job_specs_name_data_never_server_paths(api, tmp_path):
+    """Paths, file:// and other namespaces' files are refused; nothing of them is quoted."""
+    client, _, tokens = api
+    secret = tmp_path / "creds.json"
+    secret.write_text('{"aws_secret": "TOPSECRET-123"}\n')
+    h = _h(tokens["a"])
+    cases = [
+        ({"training_data": str(secret)}, "training_data"),
+        ({"training_data": secret.as_uri()}, "training_data"),
+        ({"training_data": "../../etc/hostname"}, "training_data"),
+        ({"validation_data": str(secret)}, "validation_data"),
+        ({"training_data": FILES["b"]}, "training_data"),  # another namespace's file
+        ({"validation_data": "file-" + "f" * 24}, "validation_data"),  # no such file
+        ({"base_model": str(tmp_path)}, "base_model"),
+        ({"base_model": "no-such-base"}, "base_model"),
+    ]
+    for patch, field in cases:
+        r = client.post("/v1/fine_tuning/jobs", json=_body(**patch), headers=h)
+        assert r.status_code == 422, (patch, r.text)
+        assert r.json()["error"]["field"] == field, (patch, r.text)
+        assert "TOPSECRET" not in r.text and "aws_secret" not in r.text
+    assert client.get("/v1/fine_tuning/jobs", headers=h).json()["data"] == []

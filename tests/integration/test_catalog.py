@@ -8,13 +8,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from infra.servers import free_port
 from storage.catalog import repository as repo
 from storage.catalog.db import Catalog, open_catalog
 from storage.catalog.domain import FileDigest
 from storage.catalog.models import Base
 from storage.errors import AdapterNotFound, CatalogUnavailable, SchemaOutOfDate
 from storage.names import parse_ref
-from tests.servers import free_port
 
 
 @pytest.fixture()

@@ -30,6 +30,7 @@ def _spec(tmp: Path, base: Path, **kw):  # type: ignore[no-untyped-def]
         eval_path=str(HELDOUT_FILE),
         out_dir=str(tmp / "out"),
         storage_path=str(tmp / "ray"),
+        store={"uri": (tmp / "objects").as_uri()},
         lora=LORA,
         train=TrainConfig(max_steps=STEPS, batch_size=4, seq_len=64, eval_every=0),
         workers=2,
@@ -125,10 +126,17 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_base_dir, tmp_p
         )
     )
     assert (tmp_path / "died").exists()
-    # Ray registers a reported checkpoint asynchronously, so the restart resumes from the
-    # newest one it had registered when the worker died: step 6, or step 3 under load.
+    # The restarted group resumes from the newest complete checkpoint in the object store:
+    # step 6, or step 3 if the crash interrupted rank 0 while it staged step 6.
     start = res.metrics["resumed_from_step"]
     assert start in (3, 6)
+    from storage.objects import LocalObjectStore
+    from storage.staging import latest_checkpoint
+
+    store = LocalObjectStore(tmp_path / "objects")
+    latest = latest_checkpoint(store, res.metrics["job_name"])
+    assert latest is not None and latest[0] == 9  # checkpoint_every=3 over 10 steps
+    assert not store.list("staging/")  # the driver fetched the result and removed it
     resumed = res.metrics["curve"]
     assert [p["step"] for p in resumed] == list(range(start + 1, STEPS + 1))
     final = uninterrupted.metrics["curve"][-1]["loss"]

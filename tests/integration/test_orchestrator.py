@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from infra.servers import wait_until
 from orchestrator.runner import kill_runner, runner_alive
 from orchestrator.scheduler import SchedulerCore, SchedulerLoop, ray_hooks
 from orchestrator.service import cancel_job, submit_job
 from orchestrator.spec import parse_spec
+from orchestrator.uploads import upload_dataset
 from storage.catalog import jobs
 from storage.catalog import repository as repo
 from storage.registry import Registry
 from storage.settings import load_settings
-from tests.servers import wait_until
 from workers.demo_task import HELDOUT_FILE, TRAIN_FILE
 
 
@@ -28,12 +29,21 @@ def env(ray_cluster, tmp_path, tiny_base_dir):  # type: ignore[no-untyped-def]
     return settings, registry
 
 
-def _spec(name, *, priority=0, steps=6, workers=1, nodes=1, data=TRAIN_FILE, ckpt=0):  # type: ignore[no-untyped-def]
+def _upload(registry, path, namespace="team"):  # type: ignore[no-untyped-def]
+    record, _ = upload_dataset(registry, Path(path), namespace=namespace, filename=Path(path).name,
+                               max_bytes=1 << 30)  # fmt: skip
+    return record.id
+
+
+def _spec(
+    registry, name, *, priority=0, steps=6, workers=1, nodes=1, ckpt=0, ns="team", seq_len=64
+):  # type: ignore[no-untyped-def]
     return parse_spec({
-        "name": name, "namespace": "team", "base_model": "tiny",
-        "training_data": str(data), "validation_data": str(HELDOUT_FILE),
-        "output_adapter": f"team/{name}", "priority": priority,
-        "training": {"max_steps": steps, "batch_size": 4, "seq_len": 64, "eval_every": 0,
+        "name": name, "namespace": ns, "base_model": "tiny",
+        "training_data": _upload(registry, TRAIN_FILE, ns),
+        "validation_data": _upload(registry, HELDOUT_FILE, ns),
+        "output_adapter": f"{ns}/{name}", "priority": priority,
+        "training": {"max_steps": steps, "batch_size": 4, "seq_len": seq_len, "eval_every": 0,
                      "checkpoint_every": ckpt},
         "resources": {"nodes": nodes, "workers_per_node": workers},
     })  # fmt: skip
@@ -55,9 +65,9 @@ def _state(registry, job_id):  # type: ignore[no-untyped-def]
 def test_limit_priority_order_and_publish(env):
     settings, registry = env
     repo.set_namespace_limits(registry.catalog, namespace="team", max_concurrent_jobs=1)
-    a = submit_job(registry.catalog, _spec("low-a")).job
-    b = submit_job(registry.catalog, _spec("low-b")).job
-    c = submit_job(registry.catalog, _spec("high", priority=5)).job
+    a = submit_job(registry.catalog, _spec(registry, "low-a")).job
+    b = submit_job(registry.catalog, _spec(registry, "low-b")).job
+    c = submit_job(registry.catalog, _spec(registry, "high", priority=5)).job
     loop = _loop(settings, registry)
     try:
         wait_until(
@@ -81,7 +91,7 @@ def test_limit_priority_order_and_publish(env):
 
 def test_unfittable_job_waits_with_a_reason(env):
     settings, registry = env
-    job = submit_job(registry.catalog, _spec("huge", nodes=5)).job
+    job = submit_job(registry.catalog, _spec(registry, "huge", nodes=5)).job
     core = SchedulerCore(registry.catalog, ray_hooks(settings))
     core.tick()
     shown = jobs.get_job(registry.catalog, job_id=job.id)
@@ -92,7 +102,7 @@ def test_cancel_running_job(env):
     import ray
 
     settings, registry = env
-    job = submit_job(registry.catalog, _spec("long", steps=400, workers=2)).job
+    job = submit_job(registry.catalog, _spec(registry, "long", steps=400, workers=2)).job
     total = ray.cluster_resources()["CPU"]
     loop = _loop(settings, registry)
     try:
@@ -122,20 +132,19 @@ def test_cancel_running_job(env):
 
 def test_failing_job_records_the_error(env, tmp_path):
     settings, registry = env
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x"\n')
-    job = submit_job(registry.catalog, _spec("broken", data=bad)).job
+    # valid rows (uploads are validated), but no target token survives seq_len=2
+    job = submit_job(registry.catalog, _spec(registry, "broken", seq_len=2)).job
     loop = _loop(settings, registry)
     try:
         wait_until(lambda: _state(registry, job.id) == "failed", timeout_s=60, what="failure")
     finally:
         loop.stop()
-    assert "bad.jsonl:1" in jobs.get_job(registry.catalog, job_id=job.id).error
+    assert "seq_len=2" in jobs.get_job(registry.catalog, job_id=job.id).error
 
 
 def test_scheduler_restart_reconciles_exactly_once(env):
     settings, registry = env
-    job = submit_job(registry.catalog, _spec("survivor", steps=40, ckpt=5)).job
+    job = submit_job(registry.catalog, _spec(registry, "survivor", steps=40, ckpt=5)).job
     loop = _loop(settings, registry)
     wait_until(
         lambda: _metrics_events(registry, job.id) >= 12,
@@ -175,7 +184,7 @@ def test_scheduler_actor_restarted_by_ray_mid_job(env):
 
     settings, registry = env
     actor = start_scheduler_actor(settings, interval_s=0.2)
-    job = submit_job(registry.catalog, _spec("steady", steps=20)).job
+    job = submit_job(registry.catalog, _spec(registry, "steady", steps=20)).job
     try:
         wait_until(lambda: _state(registry, job.id) == "running", timeout_s=120, what="running")
         ray.kill(actor, no_restart=False)  # max_restarts=-1: Ray brings it back
@@ -199,7 +208,7 @@ def test_killed_worker_is_retried_and_the_job_succeeds(env):
     import signal
 
     settings, registry = env
-    spec = _spec("sturdy", steps=30, ckpt=5)
+    spec = _spec(registry, "sturdy", steps=30, ckpt=5)
     spec = spec.model_copy(update={"max_failures": 1})
     job = submit_job(registry.catalog, spec).job
     loop = _loop(settings, registry)
@@ -232,9 +241,7 @@ def test_two_namespaces_share_the_cluster(env):
     settings, registry = env
     specs = []
     for ns in ("red", "red", "blue", "blue"):
-        s = _spec(f"{ns}-{len(specs)}", workers=2, steps=4).model_dump()
-        s.update(namespace=ns, output_adapter=f"{ns}/{s['name']}")
-        specs.append(parse_spec(s))
+        specs.append(_spec(registry, f"{ns}-{len(specs)}", workers=2, steps=4, ns=ns))
     submitted = [submit_job(registry.catalog, s).job for s in specs]
     import ray
 

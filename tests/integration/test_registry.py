@@ -217,3 +217,53 @@ def test_import_rejects_bad_input(registry, adapter_dir, tmp_path):
     with pytest.raises(AdapterRejected, match="does not have"):
         registry.import_adapter(adapter_dir=missing, ref="team/x", base_model="tiny")
     assert registry.list() == []
+
+
+def test_bases_live_in_the_object_store(registry, tiny_base_dir, tmp_path, adapter_dir):
+    """Registered from one machine, a base reaches any node through its own verified cache."""
+    from storage.cache import AdapterCache
+    from storage.fingerprint import fingerprint_model_dir
+    from storage.registry import Registry
+
+    base = registry.base("tiny")  # the fixture registered it
+    names = {f.name for f in base.files}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert base.tensor_shapes["model.embed_tokens.weight"] == (512, 128)
+    for f in base.files:
+        assert registry.store.stat(f"blobs/sha256/{f.sha256}").size == f.size
+    puts: list[str] = []
+    original = registry.store.put_file
+
+    def counting_put(path, key):  # type: ignore[no-untyped-def]
+        puts.append(key)
+        return original(path, key)
+
+    registry.store.put_file = counting_put  # type: ignore[method-assign]
+    copy = tmp_path / "same-bytes"
+    shutil.copytree(tiny_base_dir, copy)
+    again = registry.register_base(name="tiny-copy", path=copy)
+    assert puts == [] and again.fingerprint == base.fingerprint  # the same bytes: none sent
+    assert registry.register_base(name="tiny", path=tiny_base_dir) == base
+
+    # another node: its own empty cache, and the registering machine's directory is gone
+    shutil.rmtree(copy)
+    node = Registry(registry.catalog, registry.store, AdapterCache(tmp_path / "node-cache"))
+    fetched = node.base_dir("tiny")
+    assert fetched.parent.parent == tmp_path / "node-cache"
+    assert fingerprint_model_dir(fetched).sha256 == base.fingerprint
+    assert node.cache.downloads == len(base.files)
+    assert node.base_dir("tiny") == fetched and node.cache.downloads == len(base.files)
+    # adapters are checked against the catalog's shapes: no base bytes needed for that
+    v = node.publish(adapter_dir=adapter_dir, ref="team/checked", base_model="tiny-copy")
+    assert v.base_model.name == "tiny-copy"
+
+
+def test_base_register_refuses_pickle_only_dirs(registry, tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    before = registry.store.list("blobs/")
+    with pytest.raises(AdapterRejected, match=r"pytorch_model\.bin"):
+        registry.register_base(name="pickled", path=d)
+    assert registry.store.list("blobs/") == before  # nothing uploaded

@@ -10,12 +10,12 @@ import uuid
 import pytest
 import torch
 
+from infra.servers import seaweedfs_s3
 from storage.cache import AdapterCache
 from storage.catalog.db import open_catalog
 from storage.errors import IntegrityError
 from storage.objects import S3ObjectStore
 from storage.registry import Registry
-from tests.servers import seaweedfs_s3
 from workers.base_model import load_base
 from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
 

