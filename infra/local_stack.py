@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from infra.private_nodes import cluster_processes, private_cluster
+from infra.private_nodes import PrivateCluster, cluster_processes, private_cluster
 from infra.servers import (
     fresh_database,
     postgres_server,
@@ -51,6 +51,19 @@ def stack_processes(stack_id: str) -> list[int]:
 @contextmanager
 def local_stack(work: Path) -> Iterator[dict[str, str]]:
     """Start PostgreSQL, SeaweedFS S3 and 2 Ray nodes; yields the environment that uses them.
+
+    See ``cluster_stack``, which also yields the cluster (to kill one of its nodes).
+    """
+    with cluster_stack(work) as (env, _):
+        yield env
+
+
+@contextmanager
+def cluster_stack(
+    work: Path, *, workers: int = 2, cpus: int = 2
+) -> Iterator[tuple[dict[str, str], PrivateCluster]]:
+    """Start PostgreSQL, SeaweedFS S3, a head and ``workers`` Ray nodes of ``cpus`` CPUs;
+    yields the environment that uses them and the cluster.
 
     The Ray nodes are private (``infra.private_nodes``): each has its own home, ``/tmp`` and
     ``/dev/shm``, and none can read ``work`` (the client's directory, whose ``home`` is the
@@ -80,9 +93,11 @@ def local_stack(work: Path) -> Iterator[dict[str, str]]:
         }
         subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade"], env=env,
                        check=True, capture_output=True, timeout=120)  # fmt: skip
-        cluster = stack.enter_context(private_cluster(env, hide=[work], cluster_id=stack_id))
+        cluster = stack.enter_context(
+            private_cluster(env, workers=workers, cpus=cpus, hide=[work], cluster_id=stack_id)
+        )
         env["LORAFLEET_RAY_ADDRESS"] = cluster.address
-        yield env
+        yield env, cluster
 
 
 def run_quickstart(

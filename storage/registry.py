@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.adapter_files import check_against_base, inspect_adapter_dir
-from storage.blobs import blob_key, put_blob
+from storage.blobs import BLOB_ROOT, blob_key, put_blob
 from storage.cache import AdapterCache
 from storage.catalog import files as file_repo
 from storage.catalog import repository as repo
@@ -293,17 +293,20 @@ class Registry:
 
     # -- garbage collection ---------------------------------------------------------------------
     def gc(self, *, dry_run: bool = False, min_age_s: float = 3600.0) -> GcReport:
-        """Delete objects that no live version references.
+        """Delete objects that nothing in the catalog references.
 
-        Orphans of failed publishes and bytes of deleted versions both go. Objects younger than
+        Orphans of failed publishes, bytes of deleted versions, and blobs no base or uploaded
+        file names all go. Objects younger than
         ``min_age_s`` are kept, since they may belong to a publish still in flight.
         """
         live = repo.live_object_prefixes(self.catalog)
+        blobs = repo.live_blob_digests(self.catalog)
         now = time.time()
         orphans, deleted = [], []
-        for obj in self.store.list(f"{ADAPTER_ROOT}/"):
-            prefix = obj.key.rsplit("/", 1)[0]
-            if prefix in live:
+        candidates = [*self.store.list(f"{ADAPTER_ROOT}/"), *self.store.list(f"{BLOB_ROOT}/")]
+        for obj in candidates:
+            prefix, name = obj.key.rsplit("/", 1)
+            if prefix in live or (prefix == BLOB_ROOT and name in blobs):
                 continue
             if obj.modified is not None and now - obj.modified < min_age_s:
                 continue

@@ -85,18 +85,6 @@ class FileRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class DatasetRow(Base):
-    """A training data file, by URI and content digest."""
-
-    __tablename__ = "datasets"
-    __table_args__ = (UniqueConstraint("uri", "sha256"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    uri: Mapped[str] = mapped_column(Text)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    rows: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
 class JobRow(Base):
     """A fine-tuning job and its lifecycle (driven by the orchestrator)."""
 

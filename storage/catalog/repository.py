@@ -26,7 +26,6 @@ from storage.catalog.models import (
     AliasRow,
     ApiTokenRow,
     BaseModelRow,
-    DatasetRow,
     NamespaceRow,
     utcnow,
 )
@@ -139,7 +138,7 @@ def namespace_for_token(db: Catalog, *, token: str) -> Namespace | None:
         return _ns(row) if row else None
 
 
-# -- base models and datasets ---------------------------------------------------------------
+# -- base models ---------------------------------------------------------------
 def register_base_model(
     db: Catalog,
     *,
@@ -200,16 +199,6 @@ def get_base_model(db: Catalog, *, name: str) -> BaseModel:
 def list_base_models(db: Catalog) -> list[BaseModel]:
     with db.session() as s:
         return [_base(r) for r in s.scalars(select(BaseModelRow).order_by(BaseModelRow.name))]
-
-
-def record_dataset(db: Catalog, *, uri: str, sha256: str, rows: int) -> None:
-    """Remember a dataset by URI and digest (idempotent)."""
-    with db.session() as s:
-        exists = s.scalar(
-            select(DatasetRow.id).where(DatasetRow.uri == uri, DatasetRow.sha256 == sha256)
-        )
-        if exists is None:
-            s.add(DatasetRow(uri=uri, sha256=sha256, rows=rows))
 
 
 # -- adapter versions -----------------------------------------------------------------------
@@ -399,6 +388,17 @@ def delete_adapter_version(db: Catalog, *, ref: AdapterRef) -> AdapterVersion:
         row.state = DELETED
         s.flush()
         return _version(s, row)
+
+
+def live_blob_digests(db: Catalog) -> set[str]:
+    """SHA-256 of every blob a registered base or an uploaded file still needs."""
+    from storage.catalog.models import FileRow
+
+    with db.session() as s:
+        live = set(s.scalars(select(FileRow.sha256)))
+        for files in s.scalars(select(BaseModelRow.files)):
+            live |= {f["sha256"] for f in (files or {}).values()}
+        return live
 
 
 def live_object_prefixes(db: Catalog) -> set[str]:

@@ -152,14 +152,20 @@ def test_gc_removes_orphans_and_deleted_versions_only(registry, adapter_dir, tmp
     stray = tmp_path / "stray"
     stray.write_bytes(b"orphan")
     registry.store.put_file(stray, "adapters/team/x/deadbeef/adapter_model.safetensors")
+    from storage.blobs import blob_key, put_blob
+
+    orphan_blob = blob_key(put_blob(registry.store, stray).sha256)  # no base or file names it
     registry.delete("team/gone")
     assert registry.gc(min_age_s=3600).deleted_keys == []  # too young: may be in flight
     dry = registry.gc(min_age_s=0, dry_run=True)
-    assert len(dry.orphan_keys) == 4 and dry.deleted_keys == []
+    assert len(dry.orphan_keys) == 5 and dry.deleted_keys == []
     report = registry.gc(min_age_s=0)
-    assert len(report.deleted_keys) == 4
-    assert all(k.startswith((gone.object_prefix, "adapters/team/x/")) for k in report.deleted_keys)
+    assert len(report.deleted_keys) == 5 and orphan_blob in report.deleted_keys
+    assert all(k.startswith((gone.object_prefix, "adapters/team/x/", orphan_blob))
+               for k in report.deleted_keys)  # fmt: skip
     assert registry.fetch("team/keep")[0].version == keep.version
+    base = registry.base("tiny")  # the base's blobs are live: all still there
+    assert all(registry.store.exists(blob_key(f.sha256)) for f in base.files)
 
 
 def test_import_peft_adapter(registry, tiny_base_dir, tmp_path):
