@@ -247,26 +247,50 @@ def _train_on_ray(
 @app.command("generate")
 @user_errors
 def generate_cmd(
-    base: Path = typer.Option(..., help="Base model directory."),
+    base: str = typer.Option(..., help="A base model directory, or a registered base's name."),
     prompt: list[str] = typer.Option(..., help="Prompt text (repeat for several)."),
-    adapter: Path | None = typer.Option(None, help="Adapter directory (PEFT format)."),
+    adapter: str | None = typer.Option(
+        None, help="An adapter directory (PEFT format), or a catalog reference (ns/name[:v])."
+    ),
     merged: bool = typer.Option(False, help="Merge the adapter into the base first."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
 ) -> None:
-    """Greedy completion from the base, or base + adapter (optionally merged)."""
+    """Greedy completion from the base, or base + adapter (optionally merged).
+
+    A registered base or a catalog adapter comes through this machine's verified cache.
+    """
     from workers.base_model import load_base
     from workers.generate import greedy_generate
     from workers.lora import load_adapter, merge_lora
 
     if merged and adapter is None:
         raise WorkerError("--merged needs --adapter")
-    model, tokenizer = load_base(base)
-    if adapter is not None:
-        load_adapter(model, adapter)
+    base_dir, adapter_dir = _local_or_registered(base, adapter)
+    model, tokenizer = load_base(base_dir)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
         if merged:
             merge_lora(model)
     for text in greedy_generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens):
         console.print(text, highlight=False, markup=False)
+
+
+def _local_or_registered(base: str, adapter: str | None) -> tuple[Path, Path | None]:
+    """Local directories as given; otherwise a registered base / catalog adapter, fetched."""
+    base_path = Path(base).expanduser()
+    adapter_path = Path(adapter).expanduser() if adapter is not None else None
+    if base_path.is_dir() and (adapter_path is None or adapter_path.is_dir()):
+        return base_path, adapter_path
+    from storage.registry import Registry
+
+    registry = Registry.from_settings()
+    if not base_path.is_dir():
+        with console.status(f"fetching base {base}…"):
+            base_path = registry.base_dir(base)
+    if adapter is not None and (adapter_path is None or not adapter_path.is_dir()):
+        with console.status(f"fetching adapter {adapter}…"):
+            adapter_path = registry.fetch(adapter)[1]
+    return base_path, adapter_path
 
 
 @app.command("merge")

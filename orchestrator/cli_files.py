@@ -27,15 +27,16 @@ def files_upload(
     namespace: str = typer.Option(..., help="Team that owns the file."),
 ) -> None:
     """Validate every row, then store the file (identical content is stored once)."""
+    from orchestrator.cli_common import upload_progress
     from orchestrator.uploads import upload_dataset
 
     registry, settings = _registry()
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with console.status(f"validating and uploading {path.name}…"):
+    with upload_progress() as progress:
         record, created = upload_dataset(
             registry, path, namespace=namespace, filename=path.name,
-            max_bytes=settings.max_upload_bytes,
+            max_bytes=settings.max_upload_bytes, progress=progress(path.name),
         )  # fmt: skip
     verb = "uploaded" if created else "already uploaded"
     console.print(f"{verb} [bold]{record.id}[/] ({record.filename}, {record.rows} rows, "

@@ -39,7 +39,13 @@ def check_size(size: int, limit: int, *, filename: str) -> None:
 
 
 def upload_dataset(
-    registry: Registry, path: Path, *, namespace: str, filename: str, max_bytes: int
+    registry: Registry,
+    path: Path,
+    *,
+    namespace: str,
+    filename: str,
+    max_bytes: int,
+    progress: Progress | None = None,
 ) -> tuple[DataFile, bool]:
     """Validate a JSONL file row by row, then store and record it in ``namespace``.
 
@@ -55,7 +61,8 @@ def upload_dataset(
     """
     check_size(path.stat().st_size, max_bytes, filename=filename)
     rows = count_valid_rows(path, name=filename)
-    return registry.store_file(path, namespace=namespace, filename=filename, rows=rows)
+    return registry.store_file(path, namespace=namespace, filename=filename, rows=rows,
+                               progress=progress)  # fmt: skip
 
 
 def _local_path(value: str, spec_dir: Path) -> Path | None:
@@ -106,8 +113,10 @@ def localize_inputs(
             raise SpecError(field, f"{value} is neither a file id nor a local file")
         if not isinstance(namespace, str) or not NAME_RE.fullmatch(namespace):
             break  # the spec's validation names the namespace problem
-        record, created = upload_dataset(registry, path, namespace=namespace,
-                                         filename=path.name, max_bytes=max_bytes)  # fmt: skip
+        record, created = upload_dataset(
+            registry, path, namespace=namespace, filename=path.name, max_bytes=max_bytes,
+            progress=progress(path.name),
+        )  # fmt: skip
         verb = "uploaded" if created else "already uploaded"
         say(f"{field}: {verb} {path.name} as {record.id} ({record.rows} rows, "
             f"sha256 {record.sha256[:12]})")  # fmt: skip

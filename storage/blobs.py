@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import IntegrityError, InvalidName, ObjectExists
-from storage.objects.base import ObjectStore, file_sha256
+from storage.objects.base import ObjectStore, OnBytes, file_sha256
 
 BLOB_ROOT = "blobs/sha256"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -34,11 +34,14 @@ class StoredBlob:
     uploaded: bool
 
 
-def put_blob(store: ObjectStore, path: Path, *, sha256: str | None = None) -> StoredBlob:
+def put_blob(
+    store: ObjectStore, path: Path, *, sha256: str | None = None, progress: OnBytes | None = None
+) -> StoredBlob:
     """Store a local file as a blob unless the store already holds those bytes.
 
     Args:
         sha256: the file's digest if the caller already computed it (saves one read).
+        progress: called with each chunk's byte count as it is uploaded.
 
     Raises:
         IntegrityError: the file changed while it was uploaded (the partial blob is removed).
@@ -51,7 +54,7 @@ def put_blob(store: ObjectStore, path: Path, *, sha256: str | None = None) -> St
             return StoredBlob(digest, size, uploaded=False)
         store.delete(key)  # a truncated leftover: content addressing makes replacing it safe
     try:
-        put = store.put_file(Path(path), key)
+        put = store.put_file(Path(path), key, progress=progress)
     except ObjectExists:  # another uploader of the same bytes won the race
         return StoredBlob(digest, size, uploaded=False)
     if put.sha256 != digest:

@@ -9,6 +9,7 @@ orphan objects, which ``gc`` removes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -116,12 +117,19 @@ class Registry:
         if progress is not None:
             progress(0, total)
 
-        def upload(p: Path) -> FileDigest:
+        lock = threading.Lock()
+
+        def sent(n: int) -> None:  # chunks of parallel uploads, summed for one bar
             nonlocal done
-            blob = put_blob(self.store, p, sha256=file_sha256(p))
-            done += blob.size
-            if progress is not None:
-                progress(done, total)
+            with lock:
+                done += n
+                if progress is not None:
+                    progress(done, total)
+
+        def upload(p: Path) -> FileDigest:
+            blob = put_blob(self.store, p, sha256=file_sha256(p), progress=sent)
+            if not blob.uploaded:
+                sent(blob.size)  # already stored: counts as done
             return FileDigest(p.name, blob.sha256, blob.size)
 
         t0 = time.perf_counter()
@@ -168,7 +176,14 @@ class Registry:
 
     # -- uploaded data files ------------------------------------------------------------------
     def store_file(
-        self, path: Path, *, namespace: str, filename: str, rows: int, purpose: str = "fine-tune"
+        self,
+        path: Path,
+        *,
+        namespace: str,
+        filename: str,
+        rows: int,
+        purpose: str = "fine-tune",
+        progress: Progress | None = None,
     ) -> tuple[DataFile, bool]:
         """Store an already validated data file as a blob and record it in ``namespace``.
 
@@ -181,7 +196,15 @@ class Registry:
         known = file_repo.find_file(self.catalog, namespace=namespace, sha256=digest)
         if known is not None:
             return known, False
-        blob = put_blob(self.store, path, sha256=digest)
+        total, done = path.stat().st_size, 0
+
+        def sent(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        blob = put_blob(self.store, path, sha256=digest, progress=sent)
         return file_repo.create_file(
             self.catalog, namespace=namespace, filename=filename, purpose=purpose,
             size=blob.size, rows=rows, sha256=blob.sha256,

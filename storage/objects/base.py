@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 from storage.errors import IntegrityError, InvalidName
 
 CHUNK_BYTES = 1 << 20
+OnBytes = Callable[[int], None]  # called with each chunk's byte count as it passes
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 
 
@@ -59,8 +60,11 @@ class ObjectStore(Protocol):
 
     uri: str
 
-    def put_file(self, path: Path, key: str) -> PutResult:
-        """Upload a local file under a new key; raises ``ObjectExists`` if the key is taken."""
+    def put_file(self, path: Path, key: str, *, progress: OnBytes | None = None) -> PutResult:
+        """Upload a local file under a new key; raises ``ObjectExists`` if the key is taken.
+
+        ``progress`` is called with the byte count of each chunk as it is sent.
+        """
         ...
 
     def get_file(
@@ -117,15 +121,18 @@ class HashingReader:
     so the digest is of exactly the bytes sent.
     """
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: BinaryIO, progress: OnBytes | None = None) -> None:
         self._fh = fh
         self._hash = hashlib.sha256()
+        self._progress = progress
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._fh.read(n)
         self._hash.update(data)
         self.size += len(data)
+        if self._progress is not None and data:
+            self._progress(len(data))
         return data
 
     def hexdigest(self) -> str:

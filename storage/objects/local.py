@@ -12,6 +12,7 @@ from storage.objects.base import (
     CHUNK_BYTES,
     HashingReader,
     ObjectInfo,
+    OnBytes,
     PutResult,
     validate_key,
     verified_destination,
@@ -29,7 +30,7 @@ class LocalObjectStore:
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    def put_file(self, path: Path, key: str) -> PutResult:
+    def put_file(self, path: Path, key: str, *, progress: OnBytes | None = None) -> PutResult:
         target = self._path(key)
         if target.exists():
             raise ObjectExists(f"object {key!r} already exists; keys are immutable")
@@ -37,7 +38,7 @@ class LocalObjectStore:
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
             with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                reader = HashingReader(src)
+                reader = HashingReader(src, progress)
                 for chunk in iter(lambda: reader.read(CHUNK_BYTES), b""):
                     dst.write(chunk)
                 dst.flush()

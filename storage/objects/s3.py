@@ -20,6 +20,7 @@ from storage.errors import ObjectExists, ObjectNotFound, ObjectStoreUnavailable
 from storage.objects.base import (
     HashingReader,
     ObjectInfo,
+    OnBytes,
     PutResult,
     validate_key,
     verified_destination,
@@ -99,13 +100,13 @@ class S3ObjectStore:
             raise self._unavailable(exc, "reach the bucket") from None
 
     # -- protocol ---------------------------------------------------------------------------
-    def put_file(self, path: Path, key: str) -> PutResult:
+    def put_file(self, path: Path, key: str, *, progress: OnBytes | None = None) -> PutResult:
         if self.exists(key):
             raise ObjectExists(f"object {key!r} already exists in {self.uri}; keys are immutable")
         full = self._key(key)
         try:
             with open(path, "rb") as fh:
-                reader = HashingReader(fh)
+                reader = HashingReader(fh, progress)
                 self.client.upload_fileobj(reader, self.bucket, full, Config=self.transfer)
             head = self.client.head_object(Bucket=self.bucket, Key=full)
         except (ClientError, BotoCoreError) as exc:

@@ -240,9 +240,9 @@ def test_bases_live_in_the_object_store(registry, tiny_base_dir, tmp_path, adapt
     puts: list[str] = []
     original = registry.store.put_file
 
-    def counting_put(path, key):  # type: ignore[no-untyped-def]
+    def counting_put(path, key, **kw):  # type: ignore[no-untyped-def]
         puts.append(key)
-        return original(path, key)
+        return original(path, key, **kw)
 
     registry.store.put_file = counting_put  # type: ignore[method-assign]
     copy = tmp_path / "same-bytes"
