@@ -147,6 +147,19 @@ def ray_node_id(node: PrivateNode) -> str:
     raise LookupError(f"no live Ray node for {node.name} (port {node.node_manager_port})")
 
 
+def node_running(cluster: PrivateCluster, cmdline_part: bytes) -> PrivateNode | None:
+    """The first worker node with a live process whose command line contains
+    ``cmdline_part`` (e.g. ``b"RayTrainWorker"``: a node that runs a training worker)."""
+    for node in cluster.workers:
+        for pid in node.processes():
+            try:
+                if cmdline_part in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return node
+            except OSError:  # it exited meanwhile
+                continue
+    return None
+
+
 def kill_node(node: PrivateNode, *, timeout_s: float = 30.0) -> None:
     """SIGKILL every process of ``node`` (as when its machine dies); return once none is left.
 

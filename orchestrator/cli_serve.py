@@ -34,8 +34,10 @@ def serve(
 
     from orchestrator.cli_common import upload_progress
     from orchestrator.uploads import local_base
+    from storage.errors import InvalidName, NotFound
     from storage.registry import Registry
     from storage.settings import load_settings, settings_to_json
+    from workers.errors import WorkerError
     from workers.serving.deployments import ServeOptions, start, stop
 
     settings = load_settings()
@@ -43,7 +45,10 @@ def serve(
     with upload_progress() as progress:
         stored = local_base(registry, base, progress=progress)
     base_name = stored.name if stored is not None else base
-    registry.base(base_name)  # not registered and not a directory: one clear line
+    try:
+        registry.base(base_name)
+    except (NotFound, InvalidName):
+        raise WorkerError(f"--base {base!r} is neither a registered base nor a directory") from None
     if merged is not None:
         registry.resolve(merged)  # unknown reference: a clear error before Ray starts
     opts = ServeOptions(

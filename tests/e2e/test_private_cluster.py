@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from infra.local_stack import cluster_stack
-from infra.private_nodes import PrivateCluster, can_isolate, kill_node
+from infra.private_nodes import PrivateCluster, can_isolate, kill_node, node_running
 from infra.servers import free_port, wait_until
 from storage.catalog import jobs
 from storage.registry import Registry
@@ -149,18 +149,6 @@ def test_register_submit_train_publish_serve_with_no_shared_disk(stack) -> None:
     registry.catalog.dispose()
 
 
-def _training_node(cluster: PrivateCluster) -> Any:
-    """A worker node that runs a Ray Train worker right now."""
-    for node in cluster.workers:
-        for pid in node.processes():
-            try:
-                if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return node
-            except OSError:
-                continue
-    return None
-
-
 def test_a_dead_node_resumes_elsewhere_from_the_object_store(stack) -> None:  # type: ignore[no-untyped-def]
     from workers.base_model import load_base
     from workers.datasets import load_dataset
@@ -183,7 +171,7 @@ def test_a_dead_node_resumes_elsewhere_from_the_object_store(stack) -> None:  # 
 
     wait_until(lambda: max(steps_seen(), default=0) >= every + 5, timeout_s=300,
                what="a checkpoint and some steps past it")  # fmt: skip
-    victim = _training_node(cluster)
+    victim = node_running(cluster, b"RayTrainWorker")  # a node with a training worker
     assert victim is not None
     before = max(steps_seen())
     kill_node(victim)  # every process of that node, as when a machine dies

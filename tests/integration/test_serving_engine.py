@@ -120,11 +120,17 @@ def test_app_builder_takes_the_base_and_settings_from_the_environment(
     for key in ("LORAFLEET_CATALOG_URL", "LORAFLEET_OBJECT_STORE", "LORAFLEET_CONFIG"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "app-home"))
-    opts = options_from(AppArgs(base=str(tiny_base_dir), slots=3))
-    assert opts.base_dir == str(tiny_base_dir.resolve()) and opts.slots == 3
+    from storage.registry import Registry
+    from storage.settings import load_settings
+
+    Registry.from_settings(load_settings()).register_base(name="tiny", path=tiny_base_dir)
+    opts = options_from(AppArgs(base="tiny", slots=3))
+    assert opts.base_name == "tiny" and opts.slots == 3
     assert str(tmp_path / "app-home") in opts.settings_json
     with pytest.raises(ValidationError, match="slotz"):
         AppArgs.model_validate({"base": "x", "slotz": 1})
+    with pytest.raises(ValidationError, match="registered base"):  # a path means nothing here
+        AppArgs.model_validate({"base": str(tiny_base_dir)})
 
 
 def test_concurrent_stages_of_one_adapter_share_one_load(setup):

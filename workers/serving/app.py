@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from storage.names import NAME_RE
 
 
 class AppArgs(BaseModel):
@@ -26,6 +28,17 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base: str = Field(description="A registered base name.")
+
+    @field_validator("base")
+    @classmethod
+    def _registered_name(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(
+                "must be a registered base's name (lorafleet base register NAME DIR); replicas "
+                "fetch it from the object store, a path means nothing on their nodes"
+            )
+        return v
+
     slots: int = Field(default=8, ge=1)
     max_rank: int = Field(default=64, ge=1)
     host_adapters: int = Field(default=64, ge=1)
