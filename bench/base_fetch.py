@@ -3,7 +3,7 @@
 1. Cold base fetch — object store → this node's verified cache (SHA-256 of every byte, atomic
    placement) → the ``/dev/shm`` file the node's workers map — against a raw boto3 download
    of the same objects (no hashing, no shared memory), on moto S3 in its own process over
-   loopback. Paired rounds, A B A B …; each round's ratio is ours / raw (≤ 1.2 is the
+   loopback. Paired rounds (A B, then B A, …); each round's ratio is ours / raw (≤ 1.2 is the
    target); the median and min–max are reported. The fetch alone (no shm) is reported too.
 2. K = 1, 2 and 4 worker processes of one node ask the empty cache for the base at the same
    moment: the node's download log must show exactly one base's bytes.
@@ -63,7 +63,7 @@ def _worker(root: str, endpoint: str, bucket: str, base: BaseModel, gate: Any) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     from workers.tiny_base import TinySpec, create_tiny_base
 
@@ -80,12 +80,21 @@ def main() -> None:
         size = base.total_bytes
         rounds: list[dict[str, float]] = []
         for i in range(args.rounds):
-            raw = _raw(base, store, work / f"raw-{i}")
-            shm = Path("/dev/shm") / f"lorafleet-bench-{uuid.uuid4().hex[:8]}"
-            try:
-                full = _ours(base, store, work / f"node-{i}", shm)
-            finally:
-                shm.unlink(missing_ok=True)
+
+            def ours_full(i: int = i) -> float:
+                shm = Path("/dev/shm") / f"lorafleet-bench-{uuid.uuid4().hex[:8]}"
+                try:
+                    return _ours(base, store, work / f"node-{i}", shm)
+                finally:
+                    shm.unlink(missing_ok=True)
+
+            # alternate which goes first, so neither always meets a warmer server or page cache
+            if i % 2 == 0:
+                raw = _raw(base, store, work / f"raw-{i}")
+                full = ours_full()
+            else:
+                full = ours_full()
+                raw = _raw(base, store, work / f"raw-{i}")
             fetch = _ours(base, store, work / f"node-{i}-fetch", None)
             rounds.append({"raw_s": raw, "ours_s": full, "fetch_only_s": fetch,
                            "ratio": full / raw, "fetch_only_ratio": fetch / raw})  # fmt: skip

@@ -1,6 +1,6 @@
 """Resume on another node: steps lost when a worker node dies mid-job.
 
-A head and three worker nodes, each in its own mount namespace (``infra.private_nodes``:
+A head and ``rounds + 2`` worker nodes, each in its own mount namespace (``infra.private_nodes``:
 nodes share only PostgreSQL and SeaweedFS S3), run 2-node jobs (one worker per node,
 checkpoint every N steps). In each round a job is submitted with ``lorafleet submit``, the
 node of one of its training workers is killed outright (every process, as when a machine dies)
@@ -103,8 +103,9 @@ def main() -> None:
 
     os.environ.update(FAST_HEALTH)
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-resume-"))
-    # one spare node per round: each kill takes a node away for good
-    with cluster_stack(work, workers=args.rounds + 1, cpus=1) as (env, cluster):
+    # Each kill takes a node away for good, and the last round's job still needs two nodes
+    # after its kill (it would wait for capacity, as on a cluster without an autoscaler).
+    with cluster_stack(work, workers=args.rounds + 2, cpus=1) as (env, cluster):
         create_tiny_base(work / "base")
         shutil.copy(TRAIN_FILE, work / "train.jsonl")
         _cli(env, "base", "register", "tiny", work / "base")

@@ -55,6 +55,21 @@ def _cold() -> str:
     return f"{_x(c['ratio'], 2)} ({c['ready_ms']:.1f} vs {c['raw_ms']:.1f} ms)"
 
 
+def _base_fetch() -> str:
+    c = _get("base_fetch", "cold_fetch")
+    return f"{_x(c['ratio_median'], 2)} ({c['ratio_min']:.2f}–{c['ratio_max']:.2f})"
+
+
+def _per_node() -> str:
+    return " · ".join(f"{_get('base_fetch', 'bytes_per_node', k, 'bases'):.2f}"
+                      for k in ("1", "2", "4"))  # fmt: skip
+
+
+def _resume() -> str:
+    lost, seconds = _get("resume", "steps_lost_max"), _get("resume", "kill_to_next_step_s_median")
+    return f"{lost} · {seconds:.1f} s"
+
+
 TARGETS = ("q_proj,v_proj", "all-linear")
 FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("train vs PEFT", lambda: _train("ours_vs_peft")),
@@ -74,6 +89,9 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("serving vs PEFT", lambda: _x(_get("serving", "ratios", "ours16_vs_peft16"), 2)),
     ("merged", lambda: _x(_get("serving", "ratios", "merged_vs_base_latency"))),
     ("cold load", _cold),
+    ("base fetch", _base_fetch),
+    ("bytes per node", _per_node),
+    ("resume", _resume),
 ]  # fmt: skip
 
 
