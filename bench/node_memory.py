@@ -60,6 +60,7 @@ def main() -> None:
                     data_path=str(TRAIN_FILE),
                     out_dir=str(work / f"out-{k}-{placement}"),
                     storage_path=str(work / "ray"),
+                    store={"uri": (work / "objects").as_uri()},
                     lora=LoraConfig(r=8),
                     train=TrainConfig(max_steps=3, batch_size=2, seq_len=64, eval_every=0),
                     workers=k,

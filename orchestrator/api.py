@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.api_files import files_router
+from orchestrator.api_files import UploadGuard, files_router
 from orchestrator.http_errors import ApiError
 from orchestrator.lifecycle import TERMINAL, IllegalTransition
 from orchestrator.service import cancel_job, submit_job
@@ -27,13 +28,39 @@ from orchestrator.spec import JobSpec, SpecError
 from storage.auth import Principal, Unauthorized, authenticate
 from storage.catalog import jobs
 from storage.catalog.domain import AdapterVersion
-from storage.errors import InvalidName, NotFound, StorageError
+from storage.errors import (
+    CatalogUnavailable,
+    IntegrityError,
+    InvalidName,
+    NotFound,
+    ObjectNotFound,
+    ObjectStoreUnavailable,
+    StorageError,
+)
 from storage.registry import Registry
 from storage.settings import Settings
 
 
 class PromoteBody(BaseModel):
     alias: str
+
+
+log = logging.getLogger(__name__)
+
+
+def storage_status(exc: StorageError) -> tuple[int, str]:
+    """The status and the message a caller sees for a storage error.
+
+    Faults of the server's own stores are 5xx with a generic message: their text names buckets,
+    endpoints or server paths, which a caller must not see.
+    """
+    if isinstance(exc, ObjectNotFound | IntegrityError):
+        return 502, "stored bytes are missing or corrupt; the operator has been told"
+    if isinstance(exc, ObjectStoreUnavailable | CatalogUnavailable):
+        return 503, "storage is unavailable; try again shortly"
+    if isinstance(exc, NotFound):
+        return 404, str(exc)
+    return 400, str(exc)
 
 
 def job_object(job: jobs.Job, adapter: str | None = None) -> dict[str, Any]:
@@ -222,6 +249,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return {"object": "list", "data": found[::-1]}
 
     app.include_router(files_router(reg, settings.max_upload_bytes, principal))
+    app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes)
 
     # -- the adapter catalog -------------------------------------------------------------------
     def resolve_visible(namespace: str, ref: str, who: Principal) -> AdapterVersion:
@@ -269,8 +297,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:
-        status = 404 if isinstance(exc, NotFound) else 400
-        return JSONResponse({"error": {"message": str(exc), "field": None}}, status)
+        status, message = storage_status(exc)
+        if status >= 500:  # the detail (store URIs, server paths) stays in the server's log
+            log.error("request failed: %s", exc)
+        return JSONResponse({"error": {"message": message, "field": None}}, status)
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:

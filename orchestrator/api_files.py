@@ -1,7 +1,8 @@
 """``/v1/files``: datasets uploaded as OpenAI's fine-tuning API has them (``purpose=fine-tune``).
 
-An upload is streamed to a temporary file with a running byte count (over the limit: 413
-before anything is stored), validated row by row (422 naming ``filename:line``), stored
+An upload must declare its length, and one over the limit is refused (413) before its body is
+read (``UploadGuard``); its file part is then copied to a temporary file with a running byte
+count, validated row by row (422 naming ``filename:line``), stored
 content-addressed and recorded in the caller's namespace. Another namespace's files are 404,
 as if they did not exist.
 """
@@ -9,6 +10,7 @@ as if they did not exist.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,6 +31,44 @@ from workers.errors import DatasetError
 
 CHUNK = 1 << 20
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields
+
+
+class UploadGuard:
+    """ASGI middleware: refuse an oversized ``POST /v1/files`` before its body is read.
+
+    FastAPI parses a multipart body (spooling file parts to disk) before the route runs, so
+    the route's own checks come too late to protect the server's disk. Here a body must
+    declare its length (411 otherwise) and a declared length over the limit is a 413 at once.
+    (The HTTP server refuses a body longer than it declared: h11 under uvicorn.)
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.limit = app, max_bytes + FORM_OVERHEAD
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not (scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"].rstrip("/") == "/v1/files"):  # fmt: skip
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is None or not declared.isdigit():
+            await _refuse(send, 411, "an upload must declare its Content-Length")
+            return
+        if int(declared) > self.limit:
+            limit = self.limit - FORM_OVERHEAD
+            await _refuse(send, 413, f"the upload is {int(declared):,} bytes; the limit is "
+                          f"{limit:,} (LORAFLEET_MAX_UPLOAD_BYTES)")  # fmt: skip
+            return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "field": "file"}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 def file_object(f: DataFile) -> dict[str, Any]:

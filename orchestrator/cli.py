@@ -192,6 +192,7 @@ def _train_on_ray(
     import ray
 
     from storage.settings import load_settings
+    from storage.staging import remove_staged
     from workers.base_model import check_base_dir
     from workers.datasets import read_jsonl
     from workers.training.distributed_spec import DistributedSpec
@@ -233,6 +234,7 @@ def _train_on_ray(
     try:
         with console.status(f"training on {workers} workers ({spec.job_name})…"):
             result = train_distributed(spec)
+        remove_staged(spec.open_store(), spec.staging_prefix)  # written to --out: done
     finally:
         ray.shutdown()
     m = result.metrics

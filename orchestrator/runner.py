@@ -19,7 +19,7 @@ from storage.catalog import jobs
 from storage.errors import StorageError
 from storage.registry import Registry
 from storage.settings import Settings, on_this_node, settings_to_json
-from storage.staging import checkpoint_root
+from storage.staging import checkpoint_root, remove_staged
 from workers.errors import WorkerError
 from workers.lora import LoraConfig
 from workers.training.distributed_spec import DistributedSpec
@@ -112,12 +112,12 @@ def run_job(job_id: str, settings: Settings) -> str:
         result = train_distributed(dspec)
     except (WorkerError, StorageError, ValueError) as exc:
         return _fail(db, job_id, str(exc))
-    current = jobs.get_job(db, job_id=job_id)
-    if current.state != "running":  # cancelled meanwhile: publish nothing
-        return current.state
-    spec = job_spec(job)
-    metrics = {k: v for k, v in result.metrics.items() if k not in ("workers", "curve")}
     try:
+        current = jobs.get_job(db, job_id=job_id)
+        if current.state != "running":  # cancelled meanwhile: publish nothing
+            return current.state
+        spec = job_spec(job)
+        metrics = {k: v for k, v in result.metrics.items() if k not in ("workers", "curve")}
         version = registry.publish(
             adapter_dir=result.adapter_dir,
             ref=spec.output_adapter,
@@ -138,9 +138,11 @@ def run_job(job_id: str, settings: Settings) -> str:
             created_by=f"job:{job_id}",
         )
     except (StorageError, ValueError) as exc:
+        # the trained adapter stays staged in the object store (staging/<run>/)
         return _fail(db, job_id, f"publish failed: {exc}")
     finally:
         shutil.rmtree(result.adapter_dir, ignore_errors=True)
+    remove_staged(registry.store, dspec.staging_prefix)  # published: the copy can go
     jobs.add_event(db, job_id=job_id, kind="adapter", data={"ref": version.ref})
     jobs.transition_job(db, job_id=job_id, allowed_from={"running"}, to="succeeded")
     return "succeeded"

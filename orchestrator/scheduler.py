@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.scheduling import ActiveJob, Decision, Limits, NodeFree, QueuedJob, decide
-from orchestrator.service import gang_of, job_spec
+from orchestrator.service import gang_of
 from storage.catalog import jobs
 from storage.catalog.db import Catalog
 from storage.catalog.models import NamespaceRow
@@ -82,8 +82,8 @@ class SchedulerCore:
         active = jobs.list_jobs(self.catalog, states={"starting", "running", "retrying"})
         decision = decide(
             [QueuedJob(j.id, j.namespace, j.priority, j.created_at.timestamp(),
-                       gang_of(job_spec(j))) for j in queued],
-            [ActiveJob(j.id, j.namespace, gang_of(job_spec(j))) for j in active],
+                       gang_of(j)) for j in queued],
+            [ActiveJob(j.id, j.namespace, gang_of(j)) for j in active],
             self.hooks.nodes(),
             self._limits(),
         )  # fmt: skip

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from orchestrator.lifecycle import ACTIVE, STATES, TERMINAL, check_transition
 from orchestrator.scheduling import Gang
-from orchestrator.spec import JobSpec, SpecError, parse_spec
+from orchestrator.spec import JobSpec, ResourcesSpec, SpecError, parse_spec
 from storage.catalog import files as file_repo
 from storage.catalog import jobs
 from storage.catalog import repository as repo
@@ -84,8 +84,13 @@ def job_spec(job: Job) -> JobSpec:
     return parse_spec(job.spec)
 
 
-def gang_of(spec: JobSpec) -> Gang:
-    r = spec.resources
+def gang_of(job: Job) -> Gang:
+    """What a job needs at once, from its spec's ``resources`` alone.
+
+    Only that part is parsed: a job stored under an older spec rule (a path where a file id
+    now belongs) must not stop the scheduler; its runner fails it with the reason.
+    """
+    r = ResourcesSpec.model_validate(job.spec.get("resources") or {})
     return Gang(r.nodes, r.workers_per_node, r.cpus_per_worker, r.gpus_per_worker)
 
 

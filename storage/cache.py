@@ -12,7 +12,7 @@ Layout under ``root``:
 
 - ``<namespace>/<name>/<version>-<digest12>/``: an adapter version (LRU-evicted past
   ``max_bytes``);
-- ``_bases/<name>-<fingerprint12>/``: a base, its files under their own names (never evicted:
+- ``_bases/<name>-<files digest16>/``: a base, its files under their own names (never evicted:
   a running job or replica maps them);
 - ``_files/<sha256>/data.jsonl``: an uploaded data file.
 
@@ -84,10 +84,13 @@ class AdapterCache:
         )
 
     def base_dir(self, base: BaseModel) -> Path:
+        """Where a base's entry lives: keyed by all its files' digests, so any changed byte
+        (weights, tokenizer, chat template) is another entry."""
         validate_name(base.name, kind="base model name")
-        return self.root / "_bases" / f"{base.name}-{base.fingerprint[:12]}"
+        return self.root / "_bases" / f"{base.name}-{base.files_digest[:16]}"
 
     def file_dir(self, data: DataFile) -> Path:
+        """Where an uploaded file's entry lives (by content digest)."""
         blob_key(data.sha256)  # validates the digest before it becomes a path
         return self.root / "_files" / data.sha256
 
@@ -150,6 +153,11 @@ class AdapterCache:
             if (entry / COMPLETE).is_file():  # another thread or process filled it meanwhile
                 os.utime(entry / COMPLETE)
                 return entry
+            for stale in entry.parent.glob(f".{entry.name}.*"):
+                # a download cut short (the process was killed): only the lock holder fills
+                # this entry, so whatever temporary directory is left is nobody's
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
             t0 = time.perf_counter()
             tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
             try:

@@ -25,11 +25,11 @@ from storage.catalog import files as file_repo
 from storage.catalog import repository as repo
 from storage.catalog.db import Catalog, open_catalog
 from storage.catalog.domain import AdapterVersion, BaseModel, DataFile, FileDigest
-from storage.errors import AdapterRejected, IntegrityError, InvalidName, NotFound
+from storage.errors import AdapterExists, AdapterRejected, IntegrityError, InvalidName, NotFound
 from storage.fingerprint import TensorInfo, fingerprint_model_dir
 from storage.names import parse_ref, validate_name
 from storage.objects import ObjectStore, open_store
-from storage.objects.base import file_sha256
+from storage.objects.base import file_sha256, validate_key
 from storage.objects.s3 import S3ObjectStore
 from storage.settings import Settings, load_settings
 
@@ -56,6 +56,11 @@ def base_files(path: str | Path) -> list[Path]:
         p for p in root.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix in BASE_FILE_SUFFIXES
     )  # fmt: skip
+    for p in chosen:
+        try:
+            validate_key(p.name)
+        except InvalidName:
+            raise AdapterRejected(f"{p} has a name that cannot be stored; rename it") from None
     if not any(p.suffix == ".safetensors" for p in chosen):
         refused = [p.name for p in root.iterdir() if p.suffix in REFUSED_BASE_SUFFIXES]
         why = f" (found {', '.join(sorted(refused))}: never loaded)" if refused else ""
@@ -106,17 +111,29 @@ class Registry:
         validate_name(name, kind="base model name")
         chosen = base_files(path)
         fp = fingerprint_model_dir(path)
+        # every byte decides (a changed tokenizer or chat template is another base), and an
+        # existing name is checked before anything is uploaded
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            digests = dict(zip(chosen, pool.map(file_sha256, chosen), strict=True))
+        manifest = {p.name: (d, p.stat().st_size) for p, d in digests.items()}
         try:
             known = repo.get_base_model(self.catalog, name=name)
         except NotFound:
             known = None
-        if known is not None and known.fingerprint == fp.sha256 and known.files:
-            return known  # same bytes, already stored: nothing to send
+        if known is not None:
+            if known.fingerprint != fp.sha256 or (
+                known.files and {f.name: (f.sha256, f.size) for f in known.files} != manifest
+            ):
+                raise AdapterExists(
+                    f"base model {name!r} is already registered with other files; register "
+                    "this one under another name"
+                )
+            if known.files and all(self.store.exists(blob_key(f.sha256)) for f in known.files):
+                return known  # the same bytes, already stored: nothing to send
         total = sum(p.stat().st_size for p in chosen)
         done = 0
         if progress is not None:
             progress(0, total)
-
         lock = threading.Lock()
 
         def sent(n: int) -> None:  # chunks of parallel uploads, summed for one bar
@@ -127,14 +144,14 @@ class Registry:
                     progress(done, total)
 
         def upload(p: Path) -> FileDigest:
-            blob = put_blob(self.store, p, sha256=file_sha256(p), progress=sent)
+            blob = put_blob(self.store, p, sha256=digests[p], progress=sent)
             if not blob.uploaded:
                 sent(blob.size)  # already stored: counts as done
             return FileDigest(p.name, blob.sha256, blob.size)
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=4) as pool:
-            digests = list(pool.map(upload, chosen))
+            stored = list(pool.map(upload, chosen))
         log.info("stored base %s (%d bytes) in %.0f ms", name, total,
                  (time.perf_counter() - t0) * 1000)  # fmt: skip
         return repo.register_base_model(
@@ -144,7 +161,7 @@ class Registry:
             architecture=fp.architecture,
             parameter_count=fp.parameter_count,
             fingerprint=fp.sha256,
-            files=digests,
+            files=stored,
             tensor_shapes={k: t.shape for k, t in fp.tensors.items()},
         )
 
@@ -190,6 +207,7 @@ class Registry:
         Returns:
             (the file, whether it is new; the same content in a namespace is one file).
         """
+        validate_name(namespace, kind="namespace")  # before any byte is stored
         if purpose not in file_repo.PURPOSES:
             raise InvalidName(f"purpose must be one of {', '.join(file_repo.PURPOSES)}")
         digest = file_sha256(path)

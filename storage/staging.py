@@ -31,8 +31,7 @@ def stage_dir(store: ObjectStore, local_dir: Path, prefix: str) -> dict[str, Any
         The manifest: ``{"files": {name: {"sha256", "size"}}}``.
     """
     validate_key(prefix)
-    for old in store.list(f"{prefix}/"):
-        store.delete(old.key)
+    remove_staged(store, prefix)
     files: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(local_dir).iterdir()):
         if path.is_file() and not path.name.startswith("."):
@@ -76,9 +75,11 @@ def fetch_staged(store: ObjectStore, prefix: str, dest: Path) -> Path:
 
 
 def remove_staged(store: ObjectStore, prefix: str) -> int:
-    """Delete a staged directory's objects; returns how many."""
+    """Delete a staged directory's objects, the manifest first (so a removal cut short never
+    leaves a complete-looking directory with files missing); returns how many."""
     objects = store.list(f"{prefix}/")
-    for obj in objects:
+    manifest = f"{prefix}/{MANIFEST}"
+    for obj in sorted(objects, key=lambda o: o.key != manifest):
         store.delete(obj.key)
     return len(objects)
 
@@ -93,17 +94,22 @@ def checkpoint_prefix(run_key: str, step: int) -> str:
     return f"{checkpoint_root(run_key)}/step-{step:08d}"
 
 
+def checkpoints(store: ObjectStore, run_key: str) -> list[tuple[int, str]]:
+    """(step, prefix) of every complete checkpoint of ``run_key``, newest first."""
+    found = []
+    for obj in store.list(f"checkpoints/{run_key}/"):
+        if obj.key.endswith(f"/{MANIFEST}"):
+            prefix = obj.key.rsplit("/", 1)[0]
+            m = _STEP.search(prefix)
+            if m:
+                found.append((int(m.group(1)), prefix))
+    return sorted(found, reverse=True)
+
+
 def latest_checkpoint(store: ObjectStore, run_key: str) -> tuple[int, str] | None:
     """(step, prefix) of the newest complete checkpoint of ``run_key``, or None."""
-    best: tuple[int, str] | None = None
-    for obj in store.list(f"checkpoints/{run_key}/"):
-        if not obj.key.endswith(f"/{MANIFEST}"):
-            continue
-        prefix = obj.key.rsplit("/", 1)[0]
-        m = _STEP.search(prefix)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), prefix)
-    return best
+    found = checkpoints(store, run_key)
+    return found[0] if found else None
 
 
 def staged_exists(store: ObjectStore, prefix: str) -> bool:
@@ -117,14 +123,7 @@ def staged_exists(store: ObjectStore, prefix: str) -> bool:
 
 def prune_checkpoints(store: ObjectStore, run_key: str, *, keep: int = 2) -> list[str]:
     """Remove all but the ``keep`` newest complete checkpoints of ``run_key``; returns prefixes."""
-    steps: dict[int, str] = {}
-    for obj in store.list(f"checkpoints/{run_key}/"):
-        if obj.key.endswith(f"/{MANIFEST}"):
-            prefix = obj.key.rsplit("/", 1)[0]
-            m = _STEP.search(prefix)
-            if m:
-                steps[int(m.group(1))] = prefix
-    doomed = [steps[s] for s in sorted(steps)[:-keep]] if keep else list(steps.values())
+    doomed = [prefix for _, prefix in checkpoints(store, run_key)[keep:]][::-1]
     for prefix in doomed:
         remove_staged(store, prefix)
     return doomed

@@ -203,6 +203,8 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, *, seq_len: in
     return out
 
 
-def load_dataset(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Example]:
-    """``read_jsonl`` then ``tokenize_rows``."""
-    return tokenize_rows(read_jsonl(path), tokenizer, seq_len=seq_len)
+def load_dataset(
+    path: str | Path, tokenizer: Any, *, seq_len: int, name: str | None = None
+) -> list[Example]:
+    """``read_jsonl`` then ``tokenize_rows`` (``name``: how errors call the file)."""
+    return tokenize_rows(read_jsonl(path, name=name), tokenizer, seq_len=seq_len)

@@ -43,6 +43,16 @@ class BaseModel:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def files_digest(self) -> str:
+        """One digest over every stored file (name, SHA-256, size): what a node caches by."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(self.files, key=lambda f: f.name):
+            h.update(f"{f.name}\0{f.sha256}\0{f.size}\n".encode())
+        return h.hexdigest()
+
 
 @dataclass(frozen=True)
 class DataFile:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 
 from storage.catalog.db import Catalog
@@ -33,6 +34,7 @@ def is_file_id(value: str) -> bool:
 
 
 def new_file_id() -> str:
+    """A fresh file id: ``file-`` + 24 random hex digits."""
     return f"file-{uuid.uuid4().hex[:24]}"
 
 
@@ -66,13 +68,19 @@ def create_file(
     existing = find_file(db, namespace=namespace, sha256=sha256)
     if existing is not None:
         return existing, False
-    with db.session() as s:
-        ns = _namespace_row(s, namespace, create=True)
-        row = FileRow(id=new_file_id(), namespace_id=ns.id, filename=filename[:255],
-                      purpose=purpose, bytes=size, rows=rows, sha256=sha256)  # fmt: skip
-        s.add(row)
-        s.flush()
-        return _file(row, namespace), True
+    try:
+        with db.session() as s:
+            ns = _namespace_row(s, namespace, create=True)
+            row = FileRow(id=new_file_id(), namespace_id=ns.id, filename=filename[:255],
+                          purpose=purpose, bytes=size, rows=rows, sha256=sha256)  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _file(row, namespace), True
+    except sa_exc.IntegrityError:  # the same content was recorded concurrently: that one
+        again = find_file(db, namespace=namespace, sha256=sha256)
+        if again is None:
+            raise
+        return again, False
 
 
 def get_file(db: Catalog, *, file_id: str, namespace: str | None = None) -> DataFile:

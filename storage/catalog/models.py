@@ -74,7 +74,8 @@ class FileRow(Base):
     """An uploaded data file (``file-…``): validated, content-addressed, namespace-scoped."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_namespace_sha256", "namespace_id", "sha256"),)
+    # one record per content per namespace (uploading the same bytes again returns it)
+    __table_args__ = (Index("ix_files_namespace_sha256", "namespace_id", "sha256", unique=True),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
     filename: Mapped[str] = mapped_column(String(255))

@@ -305,3 +305,32 @@ def test_job_specs_name_data_never_server_paths(api, tmp_path):
         assert r.json()["error"]["field"] == field, (patch, r.text)
         assert "TOPSECRET" not in r.text and "aws_secret" not in r.text
     assert client.get("/v1/fine_tuning/jobs", headers=h).json()["data"] == []
+
+
+def test_uploads_are_refused_before_their_body_is_read(api, tmp_path):
+    client, _, tokens = api
+    h = _h(tokens["a"])
+
+    def chunks():  # no Content-Length: the size is unknown until it is all on disk
+        yield b"--x\r\nContent-Disposition: form-data; name=purpose\r\n\r\nfine-tune\r\n--x--\r\n"
+
+    r = client.post("/v1/files", headers={**h, "Content-Type": "multipart/form-data; boundary=x"},
+                    content=chunks())  # fmt: skip
+    assert r.status_code == 411, r.text
+    small = load_settings({"LORAFLEET_HOME": str(tmp_path / "h3"),
+                           "LORAFLEET_MAX_UPLOAD_BYTES": "100"})  # fmt: skip
+    limited = TestClient(create_app(small, Registry.from_settings(small)))
+    body = b"x" * (200 * 1024)  # declared over the limit + form overhead: refused at once
+    r = limited.post("/v1/files", headers={**h, "Content-Type": "multipart/form-data; boundary=x"},
+                     content=body)  # fmt: skip
+    assert r.status_code == 413 and "LORAFLEET_MAX_UPLOAD_BYTES" in r.text
+
+
+def test_store_faults_are_5xx_without_server_details(api):
+    client, registry, tokens = api
+    h = _h(tokens["a"])
+    shown = client.get(f"/v1/files/{FILES['a']}", headers=h).json()
+    registry.store.delete(f"blobs/sha256/{shown['sha256']}")  # the bytes vanished server-side
+    r = client.get(f"/v1/files/{FILES['a']}/content", headers=h)
+    assert r.status_code == 502, r.text
+    assert "blobs/" not in r.text and "file://" not in r.text and "/tmp" not in r.text

@@ -106,3 +106,38 @@ def test_events_scoping_and_listing(catalog):
     assert shown.checkpoint_uri == "file:///ckpt/3"
     assert [j.id for j in jobs.list_jobs(catalog, states={"queued"})] == [job.id]
     assert jobs.list_jobs(catalog, states={"running"}) == []
+
+
+def test_a_job_stored_under_the_old_spec_rules_does_not_stop_scheduling(catalog):
+    """Queued before specs named file ids: its gang still reads; its runner fails it later."""
+    from orchestrator.service import gang_of, job_spec
+    from orchestrator.spec import SpecError
+
+    old = {"name": "legacy", "namespace": "team", "base_model": "/models/base",
+           "training_data": "/data/train.jsonl", "output_adapter": "team/legacy",
+           "resources": {"nodes": 2, "workers_per_node": 3}}  # fmt: skip
+    job, _ = jobs.create_job(catalog, namespace="team", name="legacy", spec=old, priority=0,
+                             max_failures=0, idempotency_key=None)  # fmt: skip
+    assert gang_of(job).nodes == 2 and gang_of(job).workers_per_node == 3
+    with pytest.raises(SpecError, match=r"training_data|base_model"):
+        job_spec(job)
+
+
+def test_files_are_one_record_per_content_per_namespace(catalog):
+    from storage.catalog import files
+
+    digest = "ab" * 32
+    results, errors = _run_threads(8, lambda: files.create_file(
+        catalog, namespace="team", filename="d.jsonl", purpose="fine-tune", size=10, rows=1,
+        sha256=digest))  # fmt: skip
+    assert not errors and len({f.id for f, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    other, created = files.create_file(
+        catalog, namespace="blue", filename="d.jsonl", purpose="fine-tune", size=10, rows=1,
+        sha256=digest,
+    )  # fmt: skip
+    assert created and other.id != results[0][0].id  # namespaces never share a record
+    deleted, left = files.delete_file(catalog, file_id=other.id, namespace="blue")
+    assert deleted.id == other.id and left == 1  # team's record still names the bytes
+    with pytest.raises(files.FileNotFound):
+        files.get_file(catalog, file_id=results[0][0].id, namespace="blue")

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from storage.catalog import repository as repo
 from storage.errors import (
+    AdapterExists,
     AdapterNotFound,
     AdapterRejected,
     IntegrityError,
@@ -250,6 +251,12 @@ def test_bases_live_in_the_object_store(registry, tiny_base_dir, tmp_path, adapt
     again = registry.register_base(name="tiny-copy", path=copy)
     assert puts == [] and again.fingerprint == base.fingerprint  # the same bytes: none sent
     assert registry.register_base(name="tiny", path=tiny_base_dir) == base
+    # another chat template is another base: refused under the old name, before any upload
+    tok_cfg = copy / "tokenizer_config.json"
+    tok_cfg.write_text(tok_cfg.read_text().replace("{", '{"chat_template": "{{ x }}", ', 1))
+    with pytest.raises(AdapterExists, match="other files"):
+        registry.register_base(name="tiny-copy", path=copy)
+    assert puts == []
 
     # another node: its own empty cache, and the registering machine's directory is gone
     shutil.rmtree(copy)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.staging import fetch_staged, remove_staged
+from storage.staging import fetch_staged
 from workers.errors import TrainingError
 from workers.training.distributed_spec import DistributedSpec
 
@@ -124,8 +124,8 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
         _remove_shared_bases(spec.job_name)
     if result.error is not None:
         raise TrainingError(f"training {spec.job_name} failed: {result.error}")
-    store = spec.open_store()
-    out = fetch_staged(store, spec.staging_prefix, Path(spec.out_dir))
-    remove_staged(store, spec.staging_prefix)
+    # The staged copy stays until the caller has kept the result (published it, or written it
+    # where the user asked): a failed publish must not lose a trained adapter.
+    out = fetch_staged(spec.open_store(), spec.staging_prefix, Path(spec.out_dir))
     metrics = json.loads((out / "metrics.json").read_text())
     return DistributedResult(adapter_dir=out, metrics=metrics)

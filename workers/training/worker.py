@@ -27,12 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from storage.cache import AdapterCache
 from storage.catalog.domain import BaseModel, DataFile, FileDigest
+from storage.errors import IntegrityError, ObjectNotFound
 from storage.objects import ObjectStore, file_sha256
 from storage.settings import load_settings
 from storage.staging import (
     checkpoint_prefix,
+    checkpoints,
     fetch_staged,
-    latest_checkpoint,
     prune_checkpoints,
     stage_dir,
 )
@@ -93,12 +94,14 @@ def restore_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
 
 
 def base_from_dict(d: dict[str, Any]) -> BaseModel:
+    """A ``BaseModel`` from its ``asdict`` form (as it travels in a ``DistributedSpec``)."""
     files = tuple(FileDigest(**f) for f in d.get("files", ()))
     shapes = {k: tuple(v) for k, v in d.get("tensor_shapes", {}).items()}
     return BaseModel(**{**d, "files": files, "tensor_shapes": shapes})
 
 
 def file_from_dict(d: dict[str, Any]) -> DataFile:
+    """A ``DataFile`` from its ``asdict`` form (``created_at`` is not needed on a worker)."""
     return DataFile(**{k: v for k, v in d.items() if k != "created_at"})
 
 
@@ -199,9 +202,13 @@ def train_worker(config: dict[str, Any]) -> None:
         else sum(p.numel() * p.element_size() for p in model.parameters())
     )
 
-    train_examples = load_dataset(data_path, tokenizer, seq_len=spec.train.seq_len)
+    # errors name the uploaded file, not this node's cache path
+    names = {
+        k: (f or {}).get("filename") for k, f in (("t", spec.data_file), ("e", spec.eval_file))
+    }
+    train_examples = load_dataset(data_path, tokenizer, seq_len=spec.train.seq_len, name=names["t"])
     eval_examples = (
-        load_dataset(eval_path, tokenizer, seq_len=spec.train.seq_len)
+        load_dataset(eval_path, tokenizer, seq_len=spec.train.seq_len, name=names["e"])
         if eval_path
         else train_examples[:64]
     )
@@ -220,12 +227,17 @@ def train_worker(config: dict[str, Any]) -> None:
     # One way back for every restart — Ray Train restarting the worker group after a lost
     # worker or node, or the scheduler starting a new attempt after a lost runner: the newest
     # complete checkpoint of this job in the object store, verified, on whichever node.
+    # A checkpoint that cannot be read (bytes gone or corrupt) is skipped for an older one.
     resumed_from = None
-    latest = latest_checkpoint(store, spec.checkpoint_key)
-    if latest is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            restore_checkpoint(recipe, fetch_staged(store, latest[1], Path(tmp)))
+    for _, prefix in checkpoints(store, spec.checkpoint_key):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                restore_checkpoint(recipe, fetch_staged(store, prefix, Path(tmp)))
+        except (ObjectNotFound, IntegrityError) as exc:
+            log.warning("checkpoint %s unusable (%s); trying an older one", prefix, exc)
+            continue
         resumed_from = recipe.step
+        break
     eval_initial = recipe.evaluate(eval_examples) if resumed_from is None else None
     emit = _event_sink(spec) if rank == 0 else None
     if emit is not None:

@@ -31,7 +31,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("files", schema=None) as batch_op:
-        batch_op.create_index("ix_files_namespace_sha256", ["namespace_id", "sha256"], unique=False)
+        batch_op.create_index("ix_files_namespace_sha256", ["namespace_id", "sha256"], unique=True)
     with op.batch_alter_table("base_models", schema=None) as batch_op:
         batch_op.add_column(sa.Column("files", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("tensor_shapes", sa.JSON(), nullable=True))
