@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -199,6 +200,42 @@ def test_mixed_batch_gives_each_row_its_solo_answer(app: App) -> None:
     assert [r.json()["choices"][0]["text"] for r in out] == [solo[r] for r, _ in jobs]
     # requests for different adapters really shared one forward pass
     assert max(before, app.stats()["batches"]["max_adapters"]) >= 2
+
+
+def test_bad_inputs_fail_alone_and_good_batch_mates_answer_as_alone(app: App) -> None:
+    """Each hostile input of the review, sent in one burst with good requests: every bad one
+    is a 4xx naming its field, and every good one gets the text it gets alone."""
+    good = [("team/ours", PROMPTS[0]), ("tiny", PROMPTS[1]), ("team/peft", PROMPTS[0])]
+    solo = [_complete(app.client(), m, p)[0] for m, p in good]
+    bad: list[tuple[dict, str]] = [
+        ({"seed": 2**64, "temperature": 0.7}, "seed"),
+        ({"temperature": 1e-40}, "temperature"),
+        ({"stop": ["s" * 1_000_000]}, None),  # over the body limit: refused unread (413)
+        ({"prompt": "spell 1 =" * 200_000}, None),  # 1.8 MB of prompt: over the limit
+        ({"max_tokens": 4096, "prompt": "spell 1 2 3 4 5 6 7 8 9 =" * 40}, "max_tokens"),
+    ]
+
+    async def burst() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        hdr = {"Authorization": f"Bearer {app.team_token}"}
+        async with httpx.AsyncClient(base_url=app.url, timeout=300) as http:
+
+            def post(body: dict) -> Any:
+                return http.post("/v1/completions", headers=hdr, json=body)
+
+            base = {"model": "team/ours", "prompt": PROMPTS[0], "max_tokens": 8}
+            bad_f = [post({**base, **extra}) for extra, _ in bad]
+            good_f = [post({"model": m, "prompt": p, "max_tokens": 8, "temperature": 0})
+                      for m, p in good]  # fmt: skip
+            out = await asyncio.gather(*bad_f, *good_f)
+        return list(out[: len(bad)]), list(out[len(bad) :])
+
+    bad_out, good_out = asyncio.run(burst())
+    for (extra, field), r in zip(bad, bad_out, strict=True):
+        assert 400 <= r.status_code < 500, (list(extra), r.status_code, r.text[:300])
+        if field is not None:
+            assert r.json()["error"]["param"] == field, r.text[:300]
+    assert [r.status_code for r in good_out] == [200] * len(good)
+    assert [r.json()["choices"][0]["text"] for r in good_out] == solo
 
 
 def test_200_requests_across_20_adapters_through_4_slots(app: App, tiny_base_dir: Path) -> None:

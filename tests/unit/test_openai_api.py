@@ -35,6 +35,11 @@ def test_completion_defaults_follow_openai() -> None:
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "logprobs": 3}, "logprobs"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),
+        ({"prompt": "x", "temperature": 1e-40}, "temperature"),
+        ({"prompt": "x", "stop": "s" * 10_000_000}, "stop"),
+        ({"prompt": "x" * 20_000_000}, "prompt"),
     ],
 )
 def test_bad_completion_requests_name_the_field(body: dict, field: str) -> None:
@@ -77,3 +82,14 @@ def test_responses_and_stream_chunks_have_openai_shapes() -> None:
     assert json.loads(end[0].removeprefix("data: "))["choices"][0]["finish_reason"] == "stop"
     assert end[1] == "data: [DONE]"
     assert error_body("nope", 404)["error"]["type"] == "not_found_error"
+
+
+def test_chat_bounds_and_what_stays_allowed() -> None:
+    many = [{"role": "user", "content": "hi"}] * 100_000
+    with pytest.raises(ValidationError, match="messages"):
+        ChatCompletionRequest(model="m", messages=many)
+    with pytest.raises(ValidationError, match="characters"):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x" * 8_000_000}])
+    ok = CompletionRequest(model="m", prompt="x", seed=2**64 - 1, temperature=0, stop=["a" * 128])
+    assert ok.seed == 2**64 - 1 and ok.temperature == 0
+    assert CompletionRequest(model="m", prompt="x", temperature=0.01).temperature == 0.01

@@ -61,3 +61,31 @@ def test_a_failing_batch_reports_to_every_caller() -> None:
 def test_bad_size_is_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         MixedBatcher(_run, max_batch_size=0)
+
+
+def test_a_request_that_breaks_its_batch_fails_alone() -> None:
+    """The poisoned request breaks any batch it is in; its batch-mates get their solo answer,
+    and text already streamed to them is not sent twice."""
+    runs: list[list[str]] = []
+
+    def run(reqs, on_step):  # type: ignore[no-untyped-def]
+        runs.append(list(reqs))
+        on_step([f"{r}-a" for r in reqs])  # one step streams before the failure
+        if "poison" in reqs:
+            raise RuntimeError("bad row")
+        on_step([f"{r}-b" for r in reqs])
+        return [{"text": f"{r}-a{r}-b"} for r in reqs]
+
+    batcher: MixedBatcher[str] = MixedBatcher(run, max_batch_size=8, wait_s=0.05)
+
+    async def main() -> list[list[dict]]:
+        return await asyncio.gather(*[_collect(batcher, r) for r in ("x", "poison", "y")])
+
+    x, poison, y = asyncio.run(main())
+    assert runs[0] == ["x", "poison", "y"] and sorted(map(tuple, runs[1:])) == [
+        ("poison",), ("x",), ("y",)]  # fmt: skip
+    for name, items in (("x", x), ("y", y)):
+        deltas = "".join(i["delta"] for i in items if "delta" in i)
+        assert deltas == f"{name}-a{name}-b"  # streamed once each, in order
+        assert items[-1] == {"result": {"text": f"{name}-a{name}-b"}}
+    assert poison[-1] == {"error": "RuntimeError: bad row", "status": 500}

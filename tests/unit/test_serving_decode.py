@@ -68,3 +68,20 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(base) -> None:  # ty
     reseeded = DecodeRow(ids, max_new_tokens=10, temperature=1.0, seed=12)
     texts = {decode_batch(model, tok, {}, [reseeded])[0].text, alone}
     assert len(texts) == 2  # a different seed samples differently (tiny model, 10 tokens)
+
+
+def test_a_row_whose_sampling_fails_fails_alone(base) -> None:  # type: ignore[no-untyped-def]
+    """A seed out of range or a temperature too small to sample from fails that row only; the
+    others decode exactly as they do alone."""
+    model, tok = base
+    ids = tuple(tok("spell 1 2 =")["input_ids"])
+    good = DecodeRow(ids, max_new_tokens=6)
+    seeded = DecodeRow(ids, max_new_tokens=6, temperature=0.7, seed=3)
+    alone = [decode_batch(model, tok, {}, [r])[0].text for r in (good, seeded)]
+    bad_seed = DecodeRow(ids, max_new_tokens=6, temperature=0.7, seed=2**64)
+    tiny_temp = DecodeRow(ids, max_new_tokens=6, temperature=1e-40)
+    out = decode_batch(model, tok, {}, [good, bad_seed, seeded, tiny_temp])
+    assert [out[0].text, out[2].text] == alone
+    assert out[0].error is None and out[2].error is None
+    for failed in (out[1], out[3]):
+        assert failed.error and failed.finish_reason == "error"

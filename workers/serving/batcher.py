@@ -6,6 +6,8 @@ slotted multi-LoRA layer. This batcher is plain asyncio: requests queue, a batch
 ``max_batch_size`` requests wait or ``wait_s`` has passed since the first, and runs in a
 worker thread (decoding must not block the event loop) while the next batch queues behind it.
 Each request gets its own stream of ``{"delta": text}`` items and a final ``{"result": ...}``.
+A batch that raises is run again one request at a time: a request that breaks the forward
+pass fails alone, and the others get the answer they get alone.
 """
 
 from __future__ import annotations
@@ -68,28 +70,62 @@ class MixedBatcher(Generic[R]):
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            outs = [o for _, o in batch]
             self.batches.append(len(batch))
-
-            def on_step(deltas: list[str | None], outs: list[Any] = outs) -> None:
-                for o, d in zip(outs, deltas, strict=True):
-                    if d:
-                        loop.call_soon_threadsafe(o.put_nowait, {"delta": d})
-
-            try:
-                results = await loop.run_in_executor(
-                    None, self._run, [r for r, _ in batch], on_step
-                )
-                items = [{"result": _plain(r)} for r in results]
-            except Exception as exc:  # the whole batch failed: every caller hears why
-                log.exception("batch of %d failed", len(batch))
-                items = [{"error": f"{type(exc).__name__}: {exc}", "status": 500}] * len(batch)
-            for o, item in zip(outs, items, strict=True):
+            items = await self._answer(batch)
+            for (_, o), item in zip(batch, items, strict=True):
                 o.put_nowait(item)
                 o.put_nowait(None)
+
+    async def _answer(
+        self, batch: list[tuple[R, asyncio.Queue[dict[str, Any] | None]]]
+    ) -> list[dict[str, Any]]:
+        """Run a batch; if it raises, run its requests one at a time, so a request that breaks
+        the forward pass fails alone and its batch-mates get the answer they get alone."""
+        loop = asyncio.get_running_loop()
+        outs = [o for _, o in batch]
+        sent = [0] * len(batch)  # characters already streamed to each caller
+
+        def on_step(deltas: list[str | None]) -> None:
+            for j, d in enumerate(deltas):
+                if d:
+                    sent[j] += len(d)
+                    loop.call_soon_threadsafe(outs[j].put_nowait, {"delta": d})
+
+        try:
+            results = await loop.run_in_executor(None, self._run, [r for r, _ in batch], on_step)
+            return [{"result": _plain(r)} for r in results]
+        except Exception as exc:
+            log.exception("batch of %d failed", len(batch))
+            if len(batch) == 1:
+                return [{"error": f"{type(exc).__name__}: {exc}", "status": 500}]
+        return [await self._alone(j, r, outs[j], sent) for j, (r, _) in enumerate(batch)]
+
+    async def _alone(
+        self, j: int, request: R, out: asyncio.Queue[dict[str, Any] | None], sent: list[int]
+    ) -> dict[str, Any]:
+        """Re-run one request by itself; the text its caller already received is not sent
+        again (decoding is deterministic for greedy and seeded requests)."""
+        loop = asyncio.get_running_loop()
+        already, seen = sent[j], 0
+
+        def on_step(deltas: list[str | None]) -> None:
+            nonlocal seen
+            d = deltas[0]
+            if not d:
+                return
+            start, seen = seen, seen + len(d)
+            fresh = d[max(0, already - start) :]
+            if fresh:
+                loop.call_soon_threadsafe(out.put_nowait, {"delta": fresh})
+
+        try:
+            (result,) = await loop.run_in_executor(None, self._run, [request], on_step)
+            return {"result": _plain(result)}
+        except Exception as exc:  # this one breaks even alone: it fails, alone
+            log.exception("request failed alone")
+            return {"error": f"{type(exc).__name__}: {exc}", "status": 500}
 
 
 def _plain(result: Any) -> Any:

@@ -43,7 +43,8 @@ class RowOutput:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length" or "error"
+    error: str | None = None  # why this row alone failed (its batch-mates went on)
 
 
 class TextTracker:
@@ -74,19 +75,39 @@ class TextTracker:
         return delta
 
 
-def _choose(logits: torch.Tensor, rows: Sequence[DecodeRow], gens: list[Any]) -> torch.Tensor:
-    """Next token per row: argmax for greedy rows, temperature/top-p sampling for the rest."""
+def _choose(
+    logits: torch.Tensor, rows: Sequence[DecodeRow], gens: list[Any], done: list[bool]
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Next token per row: argmax for greedy rows, temperature/top-p sampling for the rest.
+
+    Returns the tokens and, for rows whose sampling failed, why — those rows fail alone.
+    """
     chosen = logits.argmax(dim=-1)
+    failed: dict[int, str] = {}
     for i, row in enumerate(rows):
-        if row.temperature <= 0:
+        if row.temperature <= 0 or done[i]:
             continue
-        probs = torch.softmax(logits[i].float() / row.temperature, dim=-1)
-        if row.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < row.top_p  # always keeps the top token
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        chosen[i] = torch.multinomial(probs, 1, generator=gens[i])[0]
-    return chosen
+        try:
+            probs = torch.softmax(logits[i].float() / row.temperature, dim=-1)
+            if not bool(torch.isfinite(probs).all()):
+                raise ValueError(f"temperature {row.temperature:g} gives no usable distribution")
+            if row.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < row.top_p  # always keeps the top token
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            chosen[i] = torch.multinomial(probs, 1, generator=gens[i])[0]
+        except (RuntimeError, ValueError) as exc:
+            failed[i] = f"sampling failed: {exc}"
+    return chosen, failed
+
+
+def _generator(row: DecodeRow, device: torch.device) -> Any:
+    """A seeded generator for a sampling row (None for greedy rows)."""
+    if row.temperature <= 0:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(row.seed if row.seed is not None else int(torch.randint(2**62, ()).item()))
+    return g
 
 
 @torch.no_grad()
@@ -120,16 +141,16 @@ def decode_batch(
         mask[i, width - len(r.prompt_ids) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    gens: list[Any] = []
-    for r in rows:
-        g = None
-        if r.temperature > 0:
-            g = torch.Generator(device=device)
-            g.manual_seed(r.seed if r.seed is not None else int(torch.randint(2**62, ()).item()))
-        gens.append(g)
     outputs = [RowOutput() for _ in rows]
     trackers = [TextTracker(tokenizer, r.stop) for r in rows]
     done = [False] * len(rows)
+    gens: list[Any] = []
+    for i, r in enumerate(rows):
+        try:
+            gens.append(_generator(r, device))
+        except (RuntimeError, ValueError) as exc:  # e.g. a seed out of range: this row only
+            gens.append(None)
+            outputs[i].error, outputs[i].finish_reason, done[i] = str(exc), "error", True
     set_batch_slots(layers, torch.tensor([r.slot for r in rows], device=device))
     try:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -140,10 +161,15 @@ def decode_batch(
             for i, r in enumerate(rows):
                 if step < r.min_new_tokens and eos is not None:
                     logits[i, eos] = float("-inf")
-            nxt = _choose(logits, rows, gens)
+            nxt, failed = _choose(logits, rows, gens, done)
             deltas: list[str | None] = []
             for i, r in enumerate(rows):
                 if done[i]:
+                    deltas.append(None)
+                    continue
+                if i in failed:
+                    o = outputs[i]
+                    o.error, o.finish_reason, done[i] = failed[i], "error", True
                     deltas.append(None)
                     continue
                 tok = int(nxt[i])

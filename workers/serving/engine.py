@@ -403,6 +403,8 @@ class ServingEngine:
                 r = results[i]
                 r.text, r.finish_reason = o.text, o.finish_reason
                 r.completion_tokens = len(o.token_ids)
+                if o.error is not None:  # this row failed alone; its batch-mates are answered
+                    r.error, r.status = o.error, 500
         finally:
             for slot in held:
                 self.slots.release(slot)

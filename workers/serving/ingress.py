@@ -24,9 +24,10 @@ from storage.fingerprint import fingerprint_model_dir
 from storage.names import parse_ref
 from storage.registry import Registry
 from storage.settings import Settings, on_this_node
-from workers.base_model import load_tokenizer
+from workers.base_model import load_base_config, load_tokenizer
 from workers.serving.deployments import ServeOptions
 from workers.serving.openai_api import (
+    MAX_BODY_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
     StreamFormatter,
@@ -63,6 +64,19 @@ def _app() -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(exc.detail), exc.status_code), exc.status_code)
 
+    @app.middleware("http")
+    async def _body_size(request: Request, call_next: Any) -> Any:
+        # a body is parsed before any field check: refuse an oversized one before reading it
+        if request.method == "POST":
+            declared = request.headers.get("content-length")
+            if declared is None and "chunked" in request.headers.get("transfer-encoding", ""):
+                return JSONResponse(error_body("a request must declare its Content-Length",
+                                               411), 411)  # fmt: skip
+            if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+                message = f"the body is {int(declared):,} bytes (limit {MAX_BODY_BYTES:,})"
+                return JSONResponse(error_body(message, 413), 413)
+        return await call_next(request)
+
     return app
 
 
@@ -86,6 +100,8 @@ def ingress_class(opts: ServeOptions) -> Any:
             self.resolve = RefResolver(self.registry.resolve, ttl_s=self.opts.alias_ttl_s)
             self.tokenizer = load_tokenizer(base_dir)
             self.fingerprint = fingerprint_model_dir(base_dir).sha256
+            config = load_base_config(base_dir)
+            self.context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
 
         # -- helpers ---------------------------------------------------------------------
         # (no `from __future__ import annotations` in this module: FastAPI must see real
@@ -121,6 +137,13 @@ def ingress_class(opts: ServeOptions) -> Any:
                 raise HttpError(503, str(exc)) from None
             return version.ref
 
+        def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest,
+                        chat: bool) -> list[int]:  # fmt: skip
+            """The prompt's token ids, as the engine would make them from the text."""
+            if chat:
+                return chat_prompt_ids(self.tokenizer, body.messages)  # type: ignore[union-attr]
+            return list(self.tokenizer(body.text())["input_ids"])  # type: ignore[union-attr]
+
         async def _run(
             self, adapter: str | None, payload: dict[str, Any]
         ) -> DeploymentResponseGenerator:
@@ -135,11 +158,12 @@ def ingress_class(opts: ServeOptions) -> Any:
         async def _answer(self, body: CompletionRequest | ChatCompletionRequest,
                           authorization: str | None, *, chat: bool) -> Any:  # fmt: skip
             adapter = await self._resolve(body.model, authorization)
-            prompt: Any = (
-                chat_prompt_ids(self.tokenizer, body.messages)  # type: ignore[union-attr]
-                if chat
-                else body.text()  # type: ignore[union-attr]
-            )
+            # tokenizing a long prompt takes a while: never on the event loop
+            prompt = await asyncio.to_thread(self._prompt_ids, body, chat)
+            if len(prompt) + body.limit() > self.context:
+                raise HttpError(400, f"the prompt ({len(prompt):,} tokens) plus max_tokens "
+                                f"({body.limit():,}) exceed the model's context "
+                                f"({self.context:,} tokens)", "max_tokens")  # fmt: skip
             payload = {"prompt": prompt, "max_tokens": body.limit(),
                        "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
                        "stop": list(body.stops())}  # fmt: skip

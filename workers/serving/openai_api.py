@@ -18,6 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from workers.datasets import DEFAULT_CHAT_TEMPLATE
 
 MAX_TOKENS_LIMIT = 4096
+# Bounds on what one request may ask, so no request can stall or break its batch-mates. The
+# token budget (prompt + max_tokens ≤ the model's context) is checked after tokenization.
+MIN_TEMPERATURE = 0.01  # 0 is greedy; below this, softmax(logits / t) is not a distribution
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator accepts
+MAX_PROMPT_CHARS = 200_000
+MAX_MESSAGES = 512
+MAX_STOPS, MAX_STOP_CHARS = 4, 128
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 class _Sampling(BaseModel):
@@ -30,14 +38,24 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     logprobs: Any = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("logprobs")
@@ -64,8 +82,13 @@ class CompletionRequest(_Sampling):
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("exactly one prompt per request")
-        if not (v if isinstance(v, str) else v[0]):
+        text = v if isinstance(v, str) else v[0]
+        if not text:
             raise ValueError("prompt is empty")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"prompt has {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}"
+            )
         return v
 
     @field_validator("echo")
@@ -92,13 +115,18 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
 
     @model_validator(mode="after")
     def _last_not_assistant(self) -> ChatCompletionRequest:
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be the assistant's")
+        chars = sum(len(m.content) for m in self.messages)
+        if chars > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"messages have {chars:,} characters; the limit is {MAX_PROMPT_CHARS:,}"
+            )
         return self
 
     def limit(self) -> int:
