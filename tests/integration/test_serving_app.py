@@ -274,6 +274,30 @@ def test_alias_promotion_moves_traffic_within_ttl(app: App, tiny_base_dir: Path)
     assert _complete(client, "team/ours:1", PROMPTS[0])[1] == "team/ours:1"
 
 
+def test_a_deleted_version_stops_being_served_within_the_ttl(
+    app: App, tiny_base_dir: Path
+) -> None:
+    client = app.client()
+    doomed = _random_adapter(tiny_base_dir, app.dirs["team/ours"].parent / "doomed", 91, r=8)
+    v = app.registry.publish(adapter_dir=doomed, ref="team/doomed", base_model="tiny")
+    assert _complete(client, v.ref, PROMPTS[0])[1] == v.ref  # resident on the replica now
+    app.registry.delete(v.ref)
+    app.registry.gc(min_age_s=0)  # and its bytes collected
+    deleted = time.monotonic()
+
+    def gone() -> bool:
+        try:
+            _complete(client, v.ref, PROMPTS[0])
+        except openai.NotFoundError:
+            return True
+        return False
+
+    wait_until(gone, timeout_s=10, what="the deleted version to be refused")
+    assert time.monotonic() - deleted < 0.5 + 5  # the TTL plus request time
+    with pytest.raises(openai.NotFoundError):  # and it stays refused
+        _complete(client, v.ref, PROMPTS[0])
+
+
 def test_unknown_and_foreign_adapters_are_404_bad_tokens_401(app: App) -> None:
     client = app.client()
     with pytest.raises(openai.NotFoundError, match="team/nope"):

@@ -369,8 +369,9 @@ class ServingEngine:
                     deferred.append(i)
                     continue
                 except (StorageError, AdapterMismatch, LoraError, ValueError) as exc:
-                    if version is not None or isinstance(exc, IntegrityError):
-                        self._forget(req.adapter)  # never keep bytes that failed
+                    if version is not None or isinstance(exc, IntegrityError | NotFound):
+                        # never keep bytes that failed, nor a version the catalog deleted
+                        self._forget(req.adapter)
                     results[i] = GenResult(error=str(exc), status=error_status(exc))
                     continue
                 if slot != BASE_SLOT:

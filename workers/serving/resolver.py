@@ -1,8 +1,9 @@
 """Adapter references resolved through the catalog with a short TTL.
 
-``ns/name:3`` names one immutable version and is cached for good; ``ns/name`` (latest) and
-``ns/name@alias`` may move, so they are trusted for ``ttl_s`` only: promoting an alias in the
-catalog moves traffic within the TTL, with no redeploy.
+Every resolution is trusted for ``ttl_s`` only. ``ns/name`` (latest) and ``ns/name@alias`` may
+move, so promoting an alias in the catalog moves traffic within the TTL, with no redeploy.
+``ns/name:3`` names one immutable version, but it can be deleted (and its bytes collected): it
+too is checked again after the TTL, so a deleted version stops being served within it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class RefResolver:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(ref)
-        if cached is not None and (":" in ref or now - cached[0] < self.ttl_s):
+        if cached is not None and now - cached[0] < self.ttl_s:
             return cached[1]
         version = self._resolve(ref)
         with self._lock:
