@@ -274,9 +274,7 @@ def test_alias_promotion_moves_traffic_within_ttl(app: App, tiny_base_dir: Path)
     assert _complete(client, "team/ours:1", PROMPTS[0])[1] == "team/ours:1"
 
 
-def test_a_deleted_version_stops_being_served_within_the_ttl(
-    app: App, tiny_base_dir: Path
-) -> None:
+def test_a_deleted_version_stops_being_served_within_the_ttl(app: App, tiny_base_dir: Path) -> None:
     client = app.client()
     doomed = _random_adapter(tiny_base_dir, app.dirs["team/ours"].parent / "doomed", 91, r=8)
     v = app.registry.publish(adapter_dir=doomed, ref="team/doomed", base_model="tiny")
