@@ -83,9 +83,9 @@ def test_corrupt_and_unknown_adapters_fail_alone(setup):
         [GenRequest(PROMPTS[0], "team/b", 4), GenRequest(PROMPTS[1], "team/a", 4),
          GenRequest(PROMPTS[2], "team/nope", 4)]
     )  # fmt: skip
-    assert out[0].status == 502 and "SHA-256 mismatch" in (out[0].error or "")
+    assert out[0].kind == "corrupt" and "SHA-256 mismatch" in (out[0].error or "")
     assert out[1].error is None and out[1].text is not None
-    assert out[2].status == 404 and "team/nope" in (out[2].error or "")
+    assert out[2].kind == "not_found" and "team/nope" in (out[2].error or "")
     assert "team/b:1" not in engine.slots.resident()
 
 
@@ -97,7 +97,7 @@ def test_merged_mode_equals_unmerged_and_serves_only_its_adapter(setup, tiny_bas
     assert [r.text for r in merged.generate(reqs)] == [r.text for r in engine.generate(reqs)]
     assert merged.generate(reqs[:1])[0].adapter == "team/a:1"
     other = merged.generate([GenRequest(PROMPTS[0], "team/b", 4), GenRequest(PROMPTS[0], None)])
-    assert [r.status for r in other] == [400, 400]
+    assert [r.kind for r in other] == ["invalid", "invalid"]
     assert "only team/a:1" in (other[0].error or "")
 
 

@@ -55,7 +55,7 @@ def test_a_failing_batch_reports_to_every_caller() -> None:
         return await asyncio.gather(_collect(batcher, "a"), _collect(batcher, "b"))
 
     for items in asyncio.run(main()):
-        assert items == [{"error": "RuntimeError: decoder exploded", "status": 500}]
+        assert items == [{"error": "RuntimeError: decoder exploded", "kind": "internal"}]
 
 
 def test_bad_size_is_refused() -> None:
@@ -88,4 +88,4 @@ def test_a_request_that_breaks_its_batch_fails_alone() -> None:
         deltas = "".join(i["delta"] for i in items if "delta" in i)
         assert deltas == f"{name}-a{name}-b"  # streamed once each, in order
         assert items[-1] == {"result": {"text": f"{name}-a{name}-b"}}
-    assert poison[-1] == {"error": "RuntimeError: bad row", "status": 500}
+    assert poison[-1] == {"error": "RuntimeError: bad row", "kind": "internal"}

@@ -99,7 +99,7 @@ class MixedBatcher(Generic[R]):
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             if len(batch) == 1:
-                return [{"error": f"{type(exc).__name__}: {exc}", "status": 500}]
+                return [{"error": f"{type(exc).__name__}: {exc}", "kind": "internal"}]
         return [await self._alone(j, r, outs[j], sent) for j, (r, _) in enumerate(batch)]
 
     async def _alone(
@@ -125,7 +125,7 @@ class MixedBatcher(Generic[R]):
             return {"result": _plain(result)}
         except Exception as exc:  # this one breaks even alone: it fails, alone
             log.exception("request failed alone")
-            return {"error": f"{type(exc).__name__}: {exc}", "status": 500}
+            return {"error": f"{type(exc).__name__}: {exc}", "kind": "internal"}
 
 
 def _plain(result: Any) -> Any:

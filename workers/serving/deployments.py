@@ -100,7 +100,7 @@ def _server_class(opts: ServeOptions) -> Any:
     from storage.registry import Registry
     from storage.settings import Settings, on_this_node
     from workers.serving.batcher import MixedBatcher
-    from workers.serving.engine import GenRequest, ServingEngine, error_status
+    from workers.serving.engine import GenRequest, ServingEngine, error_kind
 
     @serve.deployment(max_ongoing_requests=512, health_check_period_s=2)
     class LoraModelServer:
@@ -152,7 +152,7 @@ def _server_class(opts: ServeOptions) -> Any:
                 try:
                     await self._ensure_staged(req.adapter)
                 except Exception as exc:  # reported to this request only
-                    yield {"error": str(exc), "status": error_status(exc)}
+                    yield {"error": str(exc), "kind": error_kind(exc)}
                     return
             yield {"ready": True}
             async for item in self.batcher.submit(req):

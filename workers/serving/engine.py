@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -58,19 +58,24 @@ class RequestRejected(ValueError):
     """A request this replica cannot serve (e.g. another adapter than the merged one)."""
 
 
-def error_status(exc: BaseException) -> int:
-    """The HTTP status a request error maps to (the engine itself knows nothing of HTTP)."""
+# What went wrong with a request, in the engine's words; the ingress (the HTTP layer, and
+# only it) turns a kind into a status code.
+ErrorKind = Literal["not_found", "invalid", "mismatch", "busy", "corrupt", "internal"]
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    """The kind of a request error."""
     if isinstance(exc, NotFound):
-        return 404
+        return "not_found"
     if isinstance(exc, InvalidName | RequestRejected):
-        return 400
+        return "invalid"
     if isinstance(exc, AdapterMismatch | LoraError):
-        return 422
+        return "mismatch"
     if isinstance(exc, NoFreeSlot):
-        return 503
+        return "busy"
     if isinstance(exc, IntegrityError):
-        return 502  # the stored bytes are bad: a fault upstream of this server
-    return 500
+        return "corrupt"  # the stored bytes are bad: a fault upstream of this server
+    return "internal"
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class GenResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-    status: int = 200
+    kind: ErrorKind | None = None  # set with ``error``
 
 
 @dataclass
@@ -328,7 +333,7 @@ class ServingEngine:
                 if not ids[i]:
                     raise RequestRejected("empty prompt")
             except ValueError as exc:
-                results[i] = GenResult(error=str(exc), status=400)
+                results[i] = GenResult(error=str(exc), kind="invalid")
                 ids.pop(i, None)
         pending = list(ids)
         waited_since: float | None = None
@@ -338,7 +343,7 @@ class ServingEngine:
                 waited_since = waited_since or time.monotonic()
                 if time.monotonic() - waited_since > slot_wait_s:
                     for i in deferred:
-                        results[i] = GenResult(error="no free adapter slot", status=503)
+                        results[i] = GenResult(error="no free adapter slot", kind="busy")
                     break
                 time.sleep(0.01)
             else:
@@ -372,7 +377,7 @@ class ServingEngine:
                     if version is not None or isinstance(exc, IntegrityError | NotFound):
                         # never keep bytes that failed, nor a version the catalog deleted
                         self._forget(req.adapter)
-                    results[i] = GenResult(error=str(exc), status=error_status(exc))
+                    results[i] = GenResult(error=str(exc), kind=error_kind(exc))
                     continue
                 if slot != BASE_SLOT:
                     held.append(slot)
@@ -405,7 +410,7 @@ class ServingEngine:
                 r.text, r.finish_reason = o.text, o.finish_reason
                 r.completion_tokens = len(o.token_ids)
                 if o.error is not None:  # this row failed alone; its batch-mates are answered
-                    r.error, r.status = o.error, 500
+                    r.error, r.kind = o.error, "internal"
         finally:
             for slot in held:
                 self.slots.release(slot)

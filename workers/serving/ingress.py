@@ -38,6 +38,15 @@ from workers.serving.openai_api import (
 )
 from workers.serving.resolver import RefResolver
 
+# The one place an engine error kind becomes an HTTP status.
+STATUS_OF_KIND = {"not_found": 404, "invalid": 400, "mismatch": 422, "busy": 503,
+                  "corrupt": 502, "internal": 500}  # fmt: skip
+
+
+def status_of(kind: str | None) -> int:
+    """The HTTP status of an engine error kind (unknown kinds are server errors)."""
+    return STATUS_OF_KIND.get(kind or "internal", 500)
+
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
@@ -152,7 +161,7 @@ def ingress_class(opts: ServeOptions) -> Any:
             assert isinstance(gen, DeploymentResponseGenerator)
             first = await gen.__anext__()
             if "error" in first:
-                raise HttpError(int(first["status"]), str(first["error"]), "model")
+                raise HttpError(status_of(first.get("kind")), str(first["error"]), "model")
             return gen
 
         async def _answer(self, body: CompletionRequest | ChatCompletionRequest,
@@ -180,7 +189,8 @@ def ingress_class(opts: ServeOptions) -> Any:
                             r = item["result"]
                             if r["error"]:
                                 yield fmt.delta("")  # the stream is open: end it, say why
-                                yield f"data: {json.dumps(error_body(r['error'], r['status']))}\n\n"
+                                body = error_body(r["error"], status_of(r["kind"]))
+                                yield f"data: {json.dumps(body)}\n\n"
                                 return
                             yield fmt.finish(r["finish_reason"])
 
@@ -192,7 +202,7 @@ def ingress_class(opts: ServeOptions) -> Any:
             if result is None:
                 raise HttpError(500, "the model server ended the request without an answer")
             if result["error"]:
-                raise HttpError(int(result["status"]), str(result["error"]), "model")
+                raise HttpError(status_of(result["kind"]), str(result["error"]), "model")
             build = chat_response if chat else completion_response
             return build(name, result["text"], result["finish_reason"], result["prompt_tokens"],
                          result["completion_tokens"])  # fmt: skip
