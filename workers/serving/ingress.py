@@ -25,7 +25,6 @@ from storage.names import parse_ref
 from storage.registry import Registry
 from storage.settings import Settings, on_this_node
 from workers.base_model import load_base_config, load_tokenizer
-from workers.serving.deployments import ServeOptions
 from workers.serving.openai_api import (
     MAX_BODY_BYTES,
     ChatCompletionRequest,
@@ -36,6 +35,7 @@ from workers.serving.openai_api import (
     completion_response,
     error_body,
 )
+from workers.serving.options import ServeOptions
 from workers.serving.resolver import RefResolver
 
 # The one place an engine error kind becomes an HTTP status.

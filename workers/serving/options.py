@@ -1,0 +1,25 @@
+"""What a serving deployment is built from (its own module: the ingress and the model servers
+both read it, and neither imports the other's module for it)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServeOptions(BaseModel):
+    """Everything a deployment needs, serialisable so replicas can rebuild it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_name: str
+    settings_json: str
+    slots: int = Field(default=4, ge=1, le=1024)
+    max_rank: int = Field(default=64, ge=1, le=1024)
+    host_adapters: int = Field(default=64, ge=1)
+    replicas: int = Field(default=1, ge=1)
+    max_replicas: int | None = Field(default=None, ge=1)  # set: autoscale replicas..max
+    alias_ttl_s: float = Field(default=2.0, ge=0)
+    merged: str | None = None
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
