@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,6 +15,14 @@ class Namespace:
     max_concurrent_jobs: int | None = None
     max_gpus: float | None = None
     max_cpus: float | None = None
+
+
+def files_digest(files: tuple[FileDigest, ...]) -> str:
+    """One SHA-256 over a set of stored files (name, digest, size), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.name):
+        h.update(f"{f.name}\0{f.sha256}\0{f.size}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,7 @@ class BaseModel:
     @property
     def files_digest(self) -> str:
         """One digest over every stored file (name, SHA-256, size): what a node caches by."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for f in sorted(self.files, key=lambda f: f.name):
-            h.update(f"{f.name}\0{f.sha256}\0{f.size}\n".encode())
-        return h.hexdigest()
+        return files_digest(self.files)
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,4 @@ class AdapterVersion:
     @property
     def digest(self) -> str:
         """One digest for the whole version (over the per-file digests, in name order)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for f in sorted(self.files, key=lambda f: f.name):
-            h.update(f"{f.name}\0{f.sha256}\0{f.size}\n".encode())
-        return h.hexdigest()
+        return files_digest(self.files)
