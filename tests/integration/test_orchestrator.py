@@ -191,7 +191,9 @@ def test_scheduler_actor_restarted_by_ray_mid_job(env):
         wait_until(
             lambda: _state(registry, job.id) == "succeeded", timeout_s=180, what="job to succeed"
         )
-        assert ray.get(actor.ticks.remote(), timeout=30) >= 0  # the restarted actor answers
+        # the restarted actor answers and its loop runs again
+        wait_until(lambda: ray.get(actor.ticks.remote(), timeout=30) >= 1, timeout_s=30,
+                   what="the restarted scheduler to tick")  # fmt: skip
     finally:
         ray.kill(actor, no_restart=True)
     states = [
