@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from storage.errors import IntegrityError, ObjectNotFound
+from storage.errors import IntegrityError
 from storage.objects.base import ObjectStore, validate_key
 
 MANIFEST = "manifest.json"
@@ -110,15 +110,6 @@ def latest_checkpoint(store: ObjectStore, run_key: str) -> tuple[int, str] | Non
     """(step, prefix) of the newest complete checkpoint of ``run_key``, or None."""
     found = checkpoints(store, run_key)
     return found[0] if found else None
-
-
-def staged_exists(store: ObjectStore, prefix: str) -> bool:
-    """Whether a complete staged directory exists under ``prefix``."""
-    try:
-        read_manifest(store, prefix)
-    except ObjectNotFound:
-        return False
-    return True
 
 
 def prune_checkpoints(store: ObjectStore, run_key: str, *, keep: int = 2) -> list[str]:
