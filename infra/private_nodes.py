@@ -230,6 +230,18 @@ def private_cluster(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _code_dirs() -> list[Path]:
+    """The project's code and the Python environment: what every node runs, as every machine
+    of a real cluster has it in its image."""
+    project = Path(__file__).resolve().parent.parent
+    env = Path(sys.prefix).resolve()
+    return [project] if env.is_relative_to(project) else [project, env]
+
+
+def _under_tmp(path: Path) -> bool:
+    return path.is_relative_to(Path("/tmp").resolve())
+
+
 @dataclass(frozen=True)
 class _Mounts:
     ray_temp: Path
@@ -242,16 +254,19 @@ class _Mounts:
         q = shlex.quote
         lines = ["set -e"]
         if self.private_tmp:
-            # Keep a handle on Ray's temp dir, cover /tmp, bind the handle back at the same
-            # path. --no-canonicalize: else mount resolves the fd link to a path, which by
-            # then names the new, empty directory.
-            lines += [
-                f"exec 3<{q(str(self.ray_temp))}",
-                "mount -t tmpfs -o mode=1777 lorafleet-tmp /tmp",
-                f"mkdir -p {q(str(self.ray_temp))}",
-                f"mount --no-canonicalize --bind /proc/self/fd/3 {q(str(self.ray_temp))}",
-                "exec 3<&-",
-            ]
+            # Keep a handle on what must stay shared under /tmp — Ray's temp dir, and the code
+            # and virtualenv when they live there (a fresh clone in a temp folder, as CI
+            # makes) — cover /tmp, bind each handle back at the same path. --no-canonicalize:
+            # else mount resolves the fd link to a path, which by then names the new, empty
+            # directory.
+            keep = [self.ray_temp, *(p for p in _code_dirs() if _under_tmp(p))]
+            for fd, path in enumerate(keep, start=3):
+                lines.append(f"exec {fd}<{q(str(path))}")
+            lines.append("mount -t tmpfs -o mode=1777 lorafleet-tmp /tmp")
+            for fd, path in enumerate(keep, start=3):
+                lines += [f"mkdir -p {q(str(path))}",
+                          f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q(str(path))}",
+                          f"exec {fd}<&-"]  # fmt: skip
         if self.private_shm:
             lines.append("mount -t tmpfs -o mode=1777,nosuid,nodev lorafleet-shm /dev/shm")
         # Under a private /tmp a path may be gone already: recreate it, then cover it.
