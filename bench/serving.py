@@ -147,7 +147,8 @@ def bench_merged(base_dir: Path, adapter_dir: Path, rounds: int = 15) -> dict[st
     """Latency of one request on a merged adapter vs the bare base (same decode loop)."""
     from workers.base_model import load_base
     from workers.lora import load_adapter, merge_lora, remove_lora
-    from workers.serving.decode import DecodeRow, decode_batch
+    from workers.serving.decode import DecodeRow
+    from workers.serving.stepper import decode_batch
 
     plain, tok = load_base(base_dir)
     merged, _ = load_base(base_dir)

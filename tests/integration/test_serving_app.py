@@ -116,7 +116,6 @@ def app(ray_cluster: object, tiny_base_dir: Path, tmp_path_factory: pytest.TempP
     opts = ServeOptions(
         base_name="tiny", settings_json=settings_to_json(settings),
         slots=4, max_rank=16, alias_ttl_s=0.5, num_cpus=0.5, max_batch_size=64,
-        batch_wait_timeout_s=0.02,
     )  # fmt: skip
     url = start(opts, port=free_port())
     try:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from workers.generate import greedy_generate
-from workers.serving.decode import DecodeRow, TextTracker, decode_batch
+from workers.serving.decode import DecodeRow, TextTracker
+from workers.serving.stepper import decode_batch
 
 
 class _CharTokenizer:

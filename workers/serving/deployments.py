@@ -4,13 +4,14 @@ A thin shell around ``ServingEngine``:
 
 - the ingress (FastAPI) authenticates, resolves ``model`` to an exact adapter version (TTL
   cache, so an alias promotion moves traffic without a redeploy) and calls a replica with
-  ``multiplexed_model_id`` = that version, so Ray Serve routes the request to a replica that
-  already holds the adapter;
-- a replica stages the adapter through ``@serve.multiplexed`` (which also reports residency to
-  the router) and hands the request to ``MixedBatcher``, which collects concurrent requests —
-  for any mix of adapters and the bare base — into one ``engine.generate`` call: one batched
-  forward pass per decoding step. Text streams back step by step. (``@serve.batch`` is not
-  used: Ray Serve splits its batches by multiplexed model id, see ``batcher.py``.)
+  ``multiplexed_model_id`` = that version and the version record itself (one resolution per
+  request), so Ray Serve routes the request to a replica that already holds the adapter;
+- a replica stages the adapter through ``@serve.multiplexed``, whose LRU is the one that
+  decides which adapters stay in host memory (it also reports residency to the router), and
+  submits the request to the engine's decode loop, where it joins the running batch — any mix
+  of adapters and the bare base — at the next step. Text streams back step by step.
+  (``@serve.batch`` is not used: it batches whole calls, and Ray Serve splits its batches by
+  multiplexed model id.)
 
 Nothing here is numerics; everything it calls is plain Python tested without Ray.
 """
@@ -18,6 +19,7 @@ Nothing here is numerics; everything it calls is plain Python tested without Ray
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -31,10 +33,20 @@ __all__ = ["APP_NAME", "ServeOptions", "build_app", "start", "stop"]
 
 
 class _Staged:
-    """What ``@serve.multiplexed`` caches per adapter: the (possibly running) host load."""
+    """What ``@serve.multiplexed`` caches per adapter: the (possibly running) host load.
 
-    def __init__(self, future: asyncio.Future[Any]) -> None:
+    Serve calls ``__del__`` when its LRU evicts the adapter: the engine then drops it from
+    host memory too, so Serve's LRU is the only one deciding what stays there.
+    """
+
+    def __init__(self, future: asyncio.Future[Any], drop: Any) -> None:
         self.future = future
+        self._drop = drop
+
+    def __del__(self) -> None:
+        drop, self._drop = self._drop, None
+        if drop is not None:
+            drop()
 
 
 class _ReplicaMetrics:
@@ -47,8 +59,10 @@ class _ReplicaMetrics:
         "lorafleet_host_hits": ("host", "hits"),
         "lorafleet_host_misses": ("host", "misses"),
         "lorafleet_disk_downloads": ("disk", "downloads"),
-        "lorafleet_batched_requests": ("batches", "rows"),
-        "lorafleet_batches": ("batches", "count"),
+        "lorafleet_batched_rows": ("batches", "rows"),
+        "lorafleet_forward_passes": ("batches", "count"),
+        "lorafleet_decode_steps": ("batches", "steps"),
+        "lorafleet_requests_rejected": ("queue", "rejected"),
     }
 
     def __init__(self) -> None:
@@ -81,8 +95,8 @@ def _server_class(opts: ServeOptions) -> Any:
 
     from storage.registry import Registry
     from storage.settings import Settings, on_this_node
-    from workers.serving.batcher import MixedBatcher
     from workers.serving.engine import GenRequest, ServingEngine, error_kind
+    from workers.serving.streams import stream
 
     @serve.deployment(max_ongoing_requests=512, health_check_period_s=2)
     class LoraModelServer:
@@ -95,30 +109,29 @@ def _server_class(opts: ServeOptions) -> Any:
             base_dir = registry.base_dir(self.opts.base_name)  # this node's verified copy
             self.engine = ServingEngine(
                 base_dir, registry, slots=self.opts.slots, max_rank=self.opts.max_rank,
-                alias_ttl_s=self.opts.alias_ttl_s, host_adapters=self.opts.host_adapters,
-                merged=self.opts.merged,
+                alias_ttl_s=self.opts.alias_ttl_s, host_adapters=None,  # Serve's LRU decides
+                merged=self.opts.merged, max_rows=self.opts.max_batch_size,
+                kv_cache_mb=self.opts.kv_cache_mb, prefill_chunk=self.opts.prefill_chunk,
+                max_queue=self.opts.max_queue,
             )  # fmt: skip
-            engine, replica_metrics = self.engine, _ReplicaMetrics()
-
-            def run(reqs: Any, on_step: Any) -> Any:
-                results = engine.generate(reqs, on_step=on_step)
-                replica_metrics.update(engine)
-                return results
-
-            self.batcher: MixedBatcher[Any] = MixedBatcher(
-                run,
-                max_batch_size=self.opts.max_batch_size, wait_s=self.opts.batch_wait_timeout_s,
-            )  # fmt: skip
+            self.metrics = _ReplicaMetrics()
+            self._versions: dict[str, Any] = {}  # exact ref -> the version the ingress sent
 
         @serve.multiplexed(max_num_models_per_replica=opts.host_adapters)
         async def _adapter(self, ref: str) -> _Staged:
             # Return at once with the load running in a thread: Ray's multiplexer loads under
             # one lock, and loads of different adapters should overlap.
             loop = asyncio.get_running_loop()
-            return _Staged(loop.run_in_executor(None, self._stage_sync, ref))
+            drop = functools.partial(self._evicted, ref)
+            return _Staged(loop.run_in_executor(None, self._stage_sync, ref), drop)
+
+        def _evicted(self, ref: str) -> None:
+            self._versions.pop(ref, None)
+            self.engine.drop_host(ref)
 
         def _stage_sync(self, ref: str) -> None:
-            self.engine.stage(self.engine.resolve(ref))
+            version = self._versions.get(ref) or self.engine.resolve(ref)
+            self.engine.stage(version)
 
         async def _ensure_staged(self, ref: str) -> None:
             staged = await self._adapter(ref)
@@ -129,15 +142,20 @@ def _server_class(opts: ServeOptions) -> Any:
 
         async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             """Stream ``{"ready"}``, then ``{"delta"}``s, then ``{"result"}`` (or ``{"error"}``)."""
+            payload = dict(payload)
+            version = payload.pop("version", None)
             req = GenRequest(**payload)
+            if version is not None:
+                self._versions[version.ref] = version
             if req.adapter is not None and self.engine.merged is None:
                 try:
                     await self._ensure_staged(req.adapter)
                 except Exception as exc:  # reported to this request only
                     yield {"error": str(exc), "kind": error_kind(exc)}
                     return
-            yield {"ready": True}
-            async for item in self.batcher.submit(req):
+            async for item in stream(self.engine, req, version):
+                if "result" in item:
+                    self.metrics.update(self.engine)
                 yield item
 
         async def load(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ base weights (no LoRA work per token).
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import threading
@@ -42,10 +43,13 @@ from workers.lora.io import (
     read_adapter_weights,
 )
 from workers.lora.merge import merge_lora
-from workers.serving.decode import DecodeRow, decode_batch
+from workers.serving.decode import DecodeRow, RowOutput
+from workers.serving.kv import kv_bytes_per_token
 from workers.serving.multi_lora import BASE_SLOT, MultiLoraLinear, to_multi_lora
 from workers.serving.resolver import RefResolver
+from workers.serving.scheduler import ContinuousScheduler, Overloaded, Ticket
 from workers.serving.slots import AdapterSlots, NoFreeSlot
+from workers.serving.stepper import StepDecoder
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ class RequestRejected(ValueError):
 
 # What went wrong with a request, in the engine's words; the ingress (the HTTP layer, and
 # only it) turns a kind into a status code.
-ErrorKind = Literal["not_found", "invalid", "mismatch", "busy", "corrupt", "internal"]
+ErrorKind = Literal["not_found", "invalid", "mismatch", "busy", "overloaded", "corrupt", "internal"]
 
 
 def error_kind(exc: BaseException) -> ErrorKind:
@@ -73,8 +77,12 @@ def error_kind(exc: BaseException) -> ErrorKind:
         return "mismatch"
     if isinstance(exc, NoFreeSlot):
         return "busy"
+    if isinstance(exc, Overloaded):
+        return "overloaded"  # the queue is full: come back shortly
     if isinstance(exc, IntegrityError):
         return "corrupt"  # the stored bytes are bad: a fault upstream of this server
+    if isinstance(exc, ValueError):
+        return "invalid"  # e.g. a prompt too long for the context or the KV budget
     return "internal"
 
 
@@ -128,10 +136,6 @@ class TierStats:
     host_hits: int = 0
     host_misses: int = 0
     load_ms: list[float] = field(default_factory=list)
-    batches: int = 0
-    rows: int = 0
-    max_rows: int = 0
-    max_adapters: int = 0  # most distinct adapters (base counted as one) in one forward pass
 
 
 class ServingEngine:
@@ -143,9 +147,16 @@ class ServingEngine:
         slots: device slots (adapters in one forward pass at most).
         max_rank: rank the slots are padded to; higher-rank adapters are refused.
         targets: modules that get slots (``"all-linear"`` serves any adapter of the base).
-        alias_ttl_s: how long a resolved ``name`` / ``@alias`` reference is trusted.
-        host_adapters: adapters kept parsed in host memory (the tier above the disk cache).
+        alias_ttl_s: how long a resolved ``name`` / ``@alias`` reference is trusted; resident
+            versions are also checked against the catalog this often (deleted ones dropped).
+        host_adapters: adapters kept parsed in host memory (the tier above the disk cache);
+            None: the caller evicts (``forget``) — the Ray deployment lets Serve's
+            multiplexed-model LRU decide, so one LRU governs host memory, not two.
         merged: serve only this adapter, merged into the base weights.
+        max_rows: requests decoded together at most.
+        kv_cache_mb: KV-cache budget; admission waits when it is full.
+        prefill_chunk: prompt tokens prefilled per step at most (running rows wait no longer).
+        max_queue: waiting requests at most; beyond, ``submit`` answers ``overloaded``.
     """
 
     def __init__(
@@ -157,8 +168,12 @@ class ServingEngine:
         max_rank: int = 64,
         targets: tuple[str, ...] | str = "all-linear",
         alias_ttl_s: float = 2.0,
-        host_adapters: int = 64,
+        host_adapters: int | None = 64,
         merged: str | None = None,
+        max_rows: int = 32,
+        kv_cache_mb: float = 512.0,
+        prefill_chunk: int = 256,
+        max_queue: int = 256,
     ) -> None:
         self.registry = registry
         self.model, self.tokenizer = load_base(base_dir)
@@ -169,7 +184,6 @@ class ServingEngine:
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()
         self._staging: dict[str, Future[HostAdapter]] = {}
         self._host_lock = threading.Lock()
-        self._forward_lock = threading.Lock()  # one batched forward at a time per replica
         self.tier_stats = TierStats()
         self.merged: AdapterVersion | None = None
         self.layers: dict[str, MultiLoraLinear] = {}
@@ -179,6 +193,18 @@ class ServingEngine:
         else:
             paths = match_target_modules(self.model, targets)
             self.layers = to_multi_lora(self.model, paths, n_slots=slots, max_rank=max_rank)
+        config = self.model.config
+        per_token = kv_bytes_per_token(config, next(self.model.parameters()).dtype)
+        self.kv_tokens = max(1, int(kv_cache_mb * 2**20) // per_token)
+        context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        decoder = StepDecoder(self.model, self.tokenizer, self.layers, max_rows=max_rows,
+                              kv_tokens=self.kv_tokens, max_len=context,
+                              prefill_chunk=prefill_chunk)  # fmt: skip
+        self.scheduler = ContinuousScheduler(decoder, self.slots, max_queue=max_queue)
+        self._closed = threading.Event()
+        if alias_ttl_s > 0 and self.merged is None:
+            threading.Thread(target=self._sweep_loop, args=(max(alias_ttl_s, 0.5),),
+                             name="lorafleet-sweep", daemon=True).start()  # fmt: skip
 
     # -- adapters ------------------------------------------------------------------------
     def stage(self, version: AdapterVersion) -> HostAdapter:
@@ -215,7 +241,7 @@ class ServingEngine:
         with self._host_lock:
             del self._staging[key]
             self._host[key] = adapter
-            while len(self._host) > self.host_capacity:
+            while self.host_capacity is not None and len(self._host) > self.host_capacity:
                 self._host.popitem(last=False)
         future.set_result(adapter)
         return adapter
@@ -292,143 +318,137 @@ class ServingEngine:
         log.info("serving %s merged into the base", version.ref)
 
     # -- requests ------------------------------------------------------------------------
-    def _prepare(self, req: GenRequest) -> tuple[int, AdapterVersion | None]:
-        """The slot a request decodes with (pinned), resolving and loading its adapter."""
-        if self.merged is not None:
-            if req.adapter is None or self.resolve(req.adapter).ref != self.merged.ref:
-                raise RequestRejected(
-                    f"this deployment serves only {self.merged.ref} (merged); asked for "
-                    f"{req.adapter or 'the base'}"
-                )
-            return BASE_SLOT, self.merged
-        if req.adapter is None:
-            return BASE_SLOT, None
-        version = self.resolve(req.adapter)
-        adapter = self.stage(version)
-        slot = self.slots.acquire(version.ref, lambda s: self._load_into(adapter, s))
-        return slot, version
-
-    def generate(
+    def submit(
         self,
-        requests: Sequence[GenRequest],
+        req: GenRequest,
+        on_done: Callable[[GenResult], None],
+        on_delta: Callable[[str], None] | None = None,
         *,
-        on_step: Callable[[list[str | None]], None] | None = None,
-        slot_wait_s: float = 30.0,
-    ) -> list[GenResult]:
-        """Answer a batch; ``on_step`` gets a text delta per request per decoding step.
+        version: AdapterVersion | None = None,
+    ) -> Ticket | None:
+        """Queue ``req`` for the decode loop; ``on_delta`` gets its text as it is decoded and
+        ``on_done`` its result (or error) once. Both run on the loop thread.
 
-        Requests for up to ``slots`` distinct adapters (plus any number for the base) share
-        one decode; requests beyond that wait for the next round. Requests that cannot be
-        served get an error result (and ``None`` deltas) and do not hold the others back.
+        ``version``: the exact adapter version, when the caller resolved ``req.adapter``
+        already (the ingress does: one resolution per request). Returns the ticket (for
+        ``cancel``), or None when the request failed at once (``on_done`` was called).
         """
-        results = [GenResult() for _ in requests]
-        ids: dict[int, list[int]] = {}
-        for i, req in enumerate(requests):
-            try:
-                ids[i] = (
-                    list(self.tokenizer(req.prompt)["input_ids"])
-                    if isinstance(req.prompt, str)
-                    else list(req.prompt)
-                )
-                if not ids[i]:
-                    raise RequestRejected("empty prompt")
-            except ValueError as exc:
-                results[i] = GenResult(error=str(exc), kind="invalid")
-                ids.pop(i, None)
-        pending = list(ids)
-        waited_since: float | None = None
-        while pending:
-            deferred = self._round(requests, pending, ids, results, on_step)
-            if len(deferred) == len(pending):  # no slot at all: others' batches pin them all
-                waited_since = waited_since or time.monotonic()
-                if time.monotonic() - waited_since > slot_wait_s:
-                    for i in deferred:
-                        results[i] = GenResult(error="no free adapter slot", kind="busy")
-                    break
-                time.sleep(0.01)
-            else:
-                waited_since = None
-            pending = deferred
-        return results
-
-    def _round(
-        self,
-        requests: Sequence[GenRequest],
-        pending: list[int],
-        ids: dict[int, list[int]],
-        results: list[GenResult],
-        on_step: Callable[[list[str | None]], None] | None,
-    ) -> list[int]:
-        """Decode every pending request that gets a slot; returns those that did not."""
-        rows: list[DecodeRow] = []
-        index: list[int] = []
-        held: list[int] = []
-        deferred: list[int] = []
+        result = GenResult(adapter=None)
         try:
-            for i in pending:
-                req = requests[i]
-                version = None
+            ids = (list(self.tokenizer(req.prompt)["input_ids"]) if isinstance(req.prompt, str)
+                   else list(req.prompt))  # fmt: skip
+            if not ids:
+                raise RequestRejected("empty prompt")
+            result.prompt_tokens = len(ids)
+            adapter, load = None, None
+            if self.merged is not None:
+                ref = version.ref if version else req.adapter and self.resolve(req.adapter).ref
+                if ref != self.merged.ref:
+                    raise RequestRejected(
+                        f"this deployment serves only {self.merged.ref} (merged); asked for "
+                        f"{req.adapter or 'the base'}"
+                    )
+                result.adapter = self.merged.ref
+            elif req.adapter is not None:
                 try:
-                    slot, version = self._prepare(req)
-                except NoFreeSlot:
-                    deferred.append(i)
-                    continue
-                except (StorageError, AdapterMismatch, LoraError, ValueError) as exc:
-                    if version is not None or isinstance(exc, IntegrityError | NotFound):
-                        # never keep bytes that failed, nor a version the catalog deleted
-                        self._forget(req.adapter)
-                    results[i] = GenResult(error=str(exc), kind=error_kind(exc))
-                    continue
-                if slot != BASE_SLOT:
-                    held.append(slot)
-                results[i].adapter = version.ref if version else None
-                results[i].prompt_tokens = len(ids[i])
-                index.append(i)
-                rows.append(DecodeRow(ids[i], slot, req.max_tokens, req.temperature, req.top_p,
-                                      req.seed, tuple(req.stop)))  # fmt: skip
-            if not rows:
-                return deferred
-            step_cb = None
-            if on_step is not None:
-                n = len(requests)
+                    version = version or self.resolve(req.adapter)
+                    host = self.stage(version)
+                except (NotFound, IntegrityError):  # never keep a deleted or corrupt version
+                    self.forget(version.ref if version else None)
+                    raise
+                adapter, result.adapter = version.ref, version.ref
+                load = functools.partial(self._load_into, host)
+            row = DecodeRow(ids, BASE_SLOT, req.max_tokens, req.temperature, req.top_p,
+                            req.seed, tuple(req.stop))  # fmt: skip
 
-                def step_cb(deltas: list[str | None]) -> None:
-                    full: list[str | None] = [None] * n
-                    for i, d in zip(index, deltas, strict=True):
-                        full[i] = d
-                    on_step(full)
+            def done(out: RowOutput | None, error: tuple[str, str] | None) -> None:
+                if out is not None:
+                    result.text, result.finish_reason = out.text, out.finish_reason
+                    result.completion_tokens = len(out.token_ids)
+                if error is not None:
+                    result.error, result.kind = error[0], error[1]  # type: ignore[assignment]
+                on_done(result)
 
-            st = self.tier_stats
-            st.batches += 1
-            st.rows += len(rows)
-            st.max_rows = max(st.max_rows, len(rows))
-            st.max_adapters = max(st.max_adapters, len({r.slot for r in rows}))
-            with self._forward_lock:
-                outs = decode_batch(self.model, self.tokenizer, self.layers, rows, on_step=step_cb)
-            for i, o in zip(index, outs, strict=True):
-                r = results[i]
-                r.text, r.finish_reason = o.text, o.finish_reason
-                r.completion_tokens = len(o.token_ids)
-                if o.error is not None:  # this row failed alone; its batch-mates are answered
-                    r.error, r.kind = o.error, "internal"
-        finally:
-            for slot in held:
-                self.slots.release(slot)
-        return deferred
+            ticket = Ticket(row, on_delta or (lambda _: None), done, adapter=adapter, load=load)
+            self.scheduler.submit(ticket)
+            return ticket
+        except (StorageError, AdapterMismatch, LoraError, ValueError, Overloaded) as exc:
+            result.error, result.kind = str(exc), error_kind(exc)
+            on_done(result)
+            return None
 
-    def _forget(self, ref: str | None) -> None:
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop decoding a request whose caller went away."""
+        self.scheduler.cancel(ticket)
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        """Answer ``requests`` (submitted together; they share steps with anything running).
+
+        A request that cannot be served gets an error result; the others are answered.
+        """
+        results: list[GenResult | None] = [None] * len(requests)
+        done = threading.Semaphore(0)
+
+        def finisher(i: int) -> Callable[[GenResult], None]:
+            def finish(result: GenResult) -> None:
+                results[i] = result
+                done.release()
+
+            return finish
+
+        for i, req in enumerate(requests):
+            self.submit(req, finisher(i))
+        for _ in requests:
+            done.acquire()
+        return [r for r in results if r is not None]
+
+    def forget(self, ref: str | None) -> None:
+        """Drop an exact version from the slot and host tiers (deleted, or bad bytes)."""
         if ref is None:
             return
-        version = self.resolve.cached(ref)
-        if version is not None:
-            self.slots.evict(version.ref)
-            with self._host_lock:
-                self._host.pop(version.ref, None)
+        self.slots.evict(ref)
+        with self._host_lock:
+            self._host.pop(ref, None)
+
+    def drop_host(self, ref: str) -> None:
+        """Drop an exact version from host memory (its device slot, if any, stays)."""
+        with self._host_lock:
+            self._host.pop(ref, None)
+
+    def sweep_deleted(self) -> list[str]:
+        """Drop resident versions the catalog no longer has; returns their refs."""
+        with self._host_lock:
+            resident = set(self._host)
+        resident |= set(self.slots.resident())
+        gone = []
+        for ref in sorted(resident):
+            try:
+                self.registry.resolve(ref)
+            except NotFound:
+                self.forget(ref)
+                gone.append(ref)
+            except StorageError:  # the catalog is away: keep serving, look again later
+                log.warning("could not check %s against the catalog", ref)
+        if gone:
+            log.info("dropped deleted versions from this replica: %s", gone)
+        return gone
+
+    def _sweep_loop(self, period_s: float) -> None:
+        while not self._closed.wait(period_s):
+            try:
+                self.sweep_deleted()
+            except Exception:  # a sweep must never take the replica down
+                log.exception("sweeping deleted versions failed")
+
+    def close(self) -> None:
+        """Stop the decode loop and the sweeper."""
+        self._closed.set()
+        self.scheduler.close()
 
     def complete(
         self, requests: list[tuple[str, str | None]], *, max_new_tokens: int = 32
     ) -> list[Completion]:
-        """Greedy completions for (prompt, adapter ref or None for the base), one batch."""
+        """Greedy completions for (prompt, adapter ref or None for the base)."""
         out = self.generate([GenRequest(p, a, max_new_tokens) for p, a in requests])
         return [Completion(r.text, r.adapter, r.error) for r in out]
 
@@ -439,6 +459,7 @@ class ServingEngine:
             host_bytes = sum(a.nbytes for a in self._host.values())
         loads = self.tier_stats.load_ms
         s = self.slots.stats
+        loop = self.scheduler.stats
         return {
             "merged": self.merged.ref if self.merged else None,
             "slots": {"n": self.slots.n, "resident": self.slots.resident(), "hits": s.hits,
@@ -447,7 +468,9 @@ class ServingEngine:
                      "hits": self.tier_stats.host_hits, "misses": self.tier_stats.host_misses,
                      "load_ms_p50": statistics.median(loads) if loads else None},
             "disk": {"downloads": self.registry.cache.downloads},
-            "batches": {"count": self.tier_stats.batches, "rows": self.tier_stats.rows,
-                        "max_rows": self.tier_stats.max_rows,
-                        "max_adapters": self.tier_stats.max_adapters},
+            "batches": {"count": loop.forwards, "rows": loop.rows, "max_rows": loop.max_rows,
+                        "max_adapters": loop.max_adapters, "steps": loop.steps},
+            "queue": {"waiting": loop.waiting, "running": loop.running,
+                      "admitted": loop.admitted, "rejected": loop.rejected},
+            "kv": {"budget_tokens": self.kv_tokens, "bytes": self.scheduler.decoder.kv.nbytes()},
         }  # fmt: skip

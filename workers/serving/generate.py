@@ -6,8 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from workers.serving.decode import DecodeRow, decode_batch
+from workers.serving.decode import DecodeRow
 from workers.serving.multi_lora import MultiLoraLinear
+from workers.serving.stepper import decode_batch
 
 
 def generate_mixed(

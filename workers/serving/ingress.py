@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage.auth import Principal, Unauthorized, authenticate
+from storage.catalog.domain import AdapterVersion
 from storage.errors import InvalidName, NotFound, StorageError
 from storage.fingerprint import fingerprint_model_dir
 from storage.names import parse_ref
@@ -40,7 +41,8 @@ from workers.serving.resolver import RefResolver
 
 # The one place an engine error kind becomes an HTTP status.
 STATUS_OF_KIND = {"not_found": 404, "invalid": 400, "mismatch": 422, "busy": 503,
-                  "corrupt": 502, "internal": 500}  # fmt: skip
+                  "overloaded": 429, "corrupt": 502, "internal": 500}  # fmt: skip
+RETRY_AFTER_S = 1  # what a 429 or 503 asks a client to wait: a few decode steps
 
 
 def status_of(kind: str | None) -> int:
@@ -59,7 +61,9 @@ def _app() -> FastAPI:
 
     @app.exception_handler(HttpError)
     async def _err(_: Request, exc: HttpError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.status, exc.param), exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+        return JSONResponse(error_body(exc.message, exc.status, exc.param), exc.status,
+                            headers=headers)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,12 +125,12 @@ def ingress_class(opts: ServeOptions) -> Any:
             except Unauthorized as exc:
                 raise HttpError(401, str(exc)) from None
 
-        async def _resolve(self, model: str, authorization: str | None) -> str | None:
+        async def _resolve(self, model: str, authorization: str | None) -> AdapterVersion | None:
             """Authenticate and resolve off the event loop (both may query the catalog)."""
             who = await asyncio.to_thread(self._who, authorization)
             return await asyncio.to_thread(self._target, model, who)
 
-        def _target(self, model: str, who: Principal) -> str | None:
+        def _target(self, model: str, who: Principal) -> AdapterVersion | None:
             """The exact adapter version for ``model`` (None: the bare base)."""
             if model == self.opts.base_name:
                 return None
@@ -144,7 +148,7 @@ def ingress_class(opts: ServeOptions) -> Any:
                 raise HttpError(404, str(exc), "model") from None
             except StorageError as exc:
                 raise HttpError(503, str(exc)) from None
-            return version.ref
+            return version
 
         def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest,
                         chat: bool) -> list[int]:  # fmt: skip
@@ -154,10 +158,12 @@ def ingress_class(opts: ServeOptions) -> Any:
             return list(self.tokenizer(body.text())["input_ids"])  # type: ignore[union-attr]
 
         async def _run(
-            self, adapter: str | None, payload: dict[str, Any]
+            self, version: AdapterVersion | None, payload: dict[str, Any]
         ) -> DeploymentResponseGenerator:
+            adapter = version.ref if version else None
             handle = self.server.options(multiplexed_model_id=adapter or "", stream=True)
-            gen = handle.generate.remote({**payload, "adapter": adapter})
+            # the exact version travels with the request: the replica does not resolve again
+            gen = handle.generate.remote({**payload, "adapter": adapter, "version": version})
             assert isinstance(gen, DeploymentResponseGenerator)
             first = await gen.__anext__()
             if "error" in first:
@@ -166,7 +172,7 @@ def ingress_class(opts: ServeOptions) -> Any:
 
         async def _answer(self, body: CompletionRequest | ChatCompletionRequest,
                           authorization: str | None, *, chat: bool) -> Any:  # fmt: skip
-            adapter = await self._resolve(body.model, authorization)
+            version = await self._resolve(body.model, authorization)
             # tokenizing a long prompt takes a while: never on the event loop
             prompt = await asyncio.to_thread(self._prompt_ids, body, chat)
             if len(prompt) + body.limit() > self.context:
@@ -176,8 +182,8 @@ def ingress_class(opts: ServeOptions) -> Any:
             payload = {"prompt": prompt, "max_tokens": body.limit(),
                        "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
                        "stop": list(body.stops())}  # fmt: skip
-            gen = await self._run(adapter, payload)
-            name = adapter or self.opts.base_name
+            gen = await self._run(version, payload)
+            name = version.ref if version else self.opts.base_name
             if body.stream:
                 fmt = StreamFormatter(name, chat=chat)
 
@@ -247,8 +253,9 @@ def ingress_class(opts: ServeOptions) -> Any:
         @app.post("/v1/adapters/{namespace}/{ref}/load")
         async def load(self, namespace: str, ref: str,
                        authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
-            adapter = await self._resolve(f"{namespace}/{ref}", authorization)
-            handle = self.server.options(multiplexed_model_id=adapter or "")
+            version = await self._resolve(f"{namespace}/{ref}", authorization)
+            adapter = version.ref if version else ""
+            handle = self.server.options(multiplexed_model_id=adapter)
             try:
                 return dict(await handle.load.remote())
             except Exception as exc:  # the replica's error, shown to the caller
@@ -257,8 +264,9 @@ def ingress_class(opts: ServeOptions) -> Any:
         @app.post("/v1/adapters/{namespace}/{ref}/unload")
         async def unload(self, namespace: str, ref: str,
                          authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
-            adapter = await self._resolve(f"{namespace}/{ref}", authorization)
-            handle = self.server.options(multiplexed_model_id=adapter or "")
+            version = await self._resolve(f"{namespace}/{ref}", authorization)
+            adapter = version.ref if version else ""
+            handle = self.server.options(multiplexed_model_id=adapter)
             return {"adapter": adapter, "unloaded": bool(await handle.unload.remote())}
 
         @app.get("/v1/serving/stats")

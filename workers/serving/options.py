@@ -20,6 +20,8 @@ class ServeOptions(BaseModel):
     max_replicas: int | None = Field(default=None, ge=1)  # set: autoscale replicas..max
     alias_ttl_s: float = Field(default=2.0, ge=0)
     merged: str | None = None
-    max_batch_size: int = Field(default=32, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    max_batch_size: int = Field(default=32, ge=1, le=4096)  # rows decoded together
+    kv_cache_mb: float = Field(default=512.0, gt=0)  # KV budget per replica
+    prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens prefilled per step
+    max_queue: int = Field(default=256, ge=1)  # waiting requests per replica; then 429
     num_cpus: float = Field(default=1.0, ge=0)
