@@ -28,6 +28,15 @@ def serve(
     ),
     alias_ttl: float = typer.Option(2.0, min=0, help="Seconds a resolved @alias is trusted."),
     cpus_per_replica: float = typer.Option(1.0, min=0, help="Ray CPUs per model replica."),
+    max_batch_size: int = typer.Option(
+        32, min=1, max=4096, help="Requests decoded together per replica (rows per step)."
+    ),
+    kv_cache_mb: float = typer.Option(
+        512.0, min=1, help="KV-cache budget per replica (MiB); admission waits when it is full."
+    ),
+    max_queue: int = typer.Option(
+        256, min=1, help="Requests waiting per replica; beyond it the API answers 429."
+    ),
 ) -> None:
     """Serve the base and every adapter of it in the catalog (Ctrl-C stops)."""
     import ray
@@ -55,7 +64,8 @@ def serve(
         base_name=base_name, settings_json=settings_to_json(settings),
         slots=slots, max_rank=max_rank, host_adapters=host_adapters, replicas=replicas,
         max_replicas=max_replicas, alias_ttl_s=alias_ttl, merged=merged,
-        num_cpus=cpus_per_replica,
+        num_cpus=cpus_per_replica, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb,
+        max_queue=max_queue,
     )  # fmt: skip
     if settings.api_token is None:
         err_console.print("warning: LORAFLEET_API_TOKEN is not set: only namespace tokens work")

@@ -316,9 +316,13 @@ class Registry:
     def resolve(self, ref: str) -> AdapterVersion:
         return repo.resolve_adapter(self.catalog, ref=parse_ref(ref))
 
-    def fetch(self, ref: str) -> tuple[AdapterVersion, Path]:
-        """Resolve and bring a version into the node cache (verified); returns its directory."""
-        version = self.resolve(ref)
+    def fetch(self, ref: str | AdapterVersion) -> tuple[AdapterVersion, Path]:
+        """Bring a version into the node cache (verified); returns its directory.
+
+        ``ref`` is resolved through the catalog; a version record the caller already holds
+        (e.g. the serving ingress resolved it) is used as it is: no second catalog query.
+        """
+        version = ref if isinstance(ref, AdapterVersion) else self.resolve(ref)
         return version, self.cache.get(version, self.store)
 
     def list(self, **filters: Any) -> list[AdapterVersion]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,8 +78,23 @@ def test_real_chat_model_trains_and_serves_equal_to_peft(smollm_dir: Path, tmp_p
     prompts = [chat_prompt_ids(tok, [ChatMessage(**m) for m in chat]) for chat in CHATS]
     requests = [GenRequest(p, adapter=a, max_tokens=12)
                 for p in prompts for a in (version.ref, None)]  # fmt: skip
-    served = engine.generate(requests)
+    # continuous batching: each request joins while the ones before it are mid-answer
+    served: list[Any] = [None] * len(requests)
+    finished = threading.Semaphore(0)
+    for i, req in enumerate(requests):
+        first_text = threading.Event()
+
+        def done(result: Any, i: int = i, started: threading.Event = first_text) -> None:
+            served[i] = result
+            started.set()
+            finished.release()
+
+        engine.submit(req, done, lambda _, e=first_text: e.set())
+        assert first_text.wait(60)  # this one is decoding (or done); the next joins its batch
+    for _ in requests:
+        assert finished.acquire(timeout=120)
     assert all(r.error is None for r in served), [r.error for r in served]
+    assert engine.stats()["batches"]["max_rows"] >= 2  # they did share forward passes
 
     model, _ = load_base(smollm_dir)
     peft_model = PeftModel.from_pretrained(model, str(trained.adapter_dir))

@@ -294,6 +294,12 @@ def test_a_deleted_version_stops_being_served_within_the_ttl(app: App, tiny_base
     with pytest.raises(openai.NotFoundError):  # and it stays refused
         _complete(client, v.ref, PROMPTS[0])
 
+    def dropped() -> bool:  # the replica's host and slot tiers let go of it too
+        stats = app.stats()
+        return v.ref not in stats["host"]["resident"] and v.ref not in stats["slots"]["resident"]
+
+    wait_until(dropped, timeout_s=10, what="the replica to drop the deleted version")
+
 
 def test_unknown_and_foreign_adapters_are_404_bad_tokens_401(app: App) -> None:
     client = app.client()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from peft import PeftModel
@@ -154,3 +156,52 @@ def test_concurrent_stages_of_one_adapter_share_one_load(setup):
     assert len({id(a) for a in staged}) == 1  # one parsed copy in host memory
     assert registry.cache.downloads - downloads == len(version.files)  # each file once
     assert engine.stats()["host"]["misses"] == 1  # the other seven waited for that load
+
+
+def test_a_deleted_version_leaves_every_tier(setup):
+    """The sweep drops a version the catalog deleted from host memory and its slot; a request
+    for it is then not found (the ingress refuses it first in the app)."""
+    registry, engine, _ = setup
+    version = registry.resolve("team/b")
+    assert engine.generate([GenRequest(PROMPTS[0], version.ref, 4)])[0].error is None
+    stats = engine.stats()
+    assert version.ref in stats["host"]["resident"] and version.ref in stats["slots"]["resident"]
+    assert engine.sweep_deleted() == []  # nothing deleted yet: nothing dropped
+    registry.delete(version.ref)
+    assert engine.sweep_deleted() == [version.ref]
+    stats = engine.stats()
+    assert version.ref not in stats["host"]["resident"]
+    assert version.ref not in stats["slots"]["resident"]
+    gone = engine.generate([GenRequest(PROMPTS[0], version.ref, 4)])[0]
+    assert gone.kind == "not_found"
+
+
+def test_a_full_queue_answers_overloaded_and_the_rest_are_served(tmp_path, tiny_base_dir):
+    """Beyond ``max_queue`` waiting requests, submit answers ``overloaded`` at once (the HTTP
+    layer's 429); those admitted are answered as usual."""
+    import threading
+
+    registry = Registry.from_settings(load_settings({"LORAFLEET_HOME": str(tmp_path / "home")}))
+    engine = ServingEngine(tiny_base_dir, registry, slots=1, max_rank=8, alias_ttl_s=0.0,
+                           max_rows=1, max_queue=1)  # fmt: skip
+    step, held, release = engine.scheduler.decoder.step, threading.Event(), threading.Event()
+
+    def gated():  # type: ignore[no-untyped-def]
+        held.set()
+        assert release.wait(30)
+        return step()
+
+    engine.scheduler.decoder.step = gated  # type: ignore[method-assign]
+    results: list = []
+    engine.submit(GenRequest(PROMPTS[0], None, 3), results.append)
+    assert held.wait(30)  # running, its step held
+    engine.submit(GenRequest(PROMPTS[1], None, 3), results.append)  # waits: max_rows=1
+    engine.submit(GenRequest(PROMPTS[2], None, 3), results.append)  # no room in the queue
+    assert [r.kind for r in results] == ["overloaded"]
+    release.set()
+    for _ in range(600):
+        if len(results) == 3:
+            break
+        time.sleep(0.05)
+    assert [r.error for r in results[1:]] == [None, None]
+    engine.close()

@@ -1,17 +1,22 @@
-"""The serving engine of one replica: base once, adapters in tiers, mixed batches.
+"""The serving engine of one replica: base once, adapters in tiers, continuous batching.
 
 Plain Python; the Ray Serve deployment (``deployments.py``) is a thin shell around it. A
-request names an adapter reference (``ns/name``, ``ns/name:3``, ``ns/name@alias``) or the base.
-References resolve through the catalog with a short TTL, so promoting an alias moves traffic
-without a redeploy. An adapter reaches a device slot through tiers:
+request names an adapter reference (``ns/name``, ``ns/name:3``, ``ns/name@alias``) or the base,
+or comes with the exact version its caller resolved (the ingress does: one resolution per
+request). References resolve through the catalog with a short TTL, so promoting an alias moves
+traffic without a redeploy. ``submit`` hands a request to the replica's decode loop
+(``scheduler.py``), where it joins the running batch at the next step and leaves the step it
+ends; rows of any adapters and the base share every forward pass. An adapter reaches a device
+slot through tiers:
 
-    device slots (LRU, pinned while a batch runs)  ←  host memory (parsed tensors, LRU)
+    device slots (LRU, pinned while a request runs)  ←  host memory (parsed tensors, LRU)
         ←  node disk cache (SHA-256 verified, one download per node)  ←  object store
 
 Before an adapter enters the host tier its base fingerprint and every shape are checked
 against the served base. A request whose adapter cannot be served fails alone; the rest of
-the batch is served. In merged mode the replica serves exactly one adapter folded into the
-base weights (no LoRA work per token).
+the batch is served. Every ``alias_ttl_s`` a sweeper asks the catalog whether the resident
+versions still exist and drops deleted ones from every tier. In merged mode the replica
+serves exactly one adapter folded into the base weights (no LoRA work per token).
 """
 
 from __future__ import annotations
@@ -253,7 +258,7 @@ class ServingEngine:
                 f"(fingerprint {version.base_model.fingerprint[:12]}), but this server serves "
                 f"a different base (fingerprint {self.fingerprint[:12]})"
             )
-        _, directory = self.registry.fetch(version.ref)  # verified download into the cache
+        _, directory = self.registry.fetch(version)  # verified download into the cache
         weights = read_adapter_weights(directory)
         pairs = parse_adapter_keys(weights)
         config = read_adapter_config(directory)
@@ -310,7 +315,7 @@ class ServingEngine:
         version = self.resolve(ref)
         if version.base_model.fingerprint != self.fingerprint:
             raise AdapterMismatch(f"adapter {version.ref} was trained on another base")
-        _, directory = self.registry.fetch(version.ref)
+        _, directory = self.registry.fetch(version)
         load_adapter(self.model, directory)
         merge_lora(self.model)
         remove_lora(self.model)  # plain linear layers again: not even a branch per token

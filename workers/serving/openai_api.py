@@ -220,6 +220,7 @@ class StreamFormatter:
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape (the ``openai`` client raises its typed errors from it)."""
     kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 422: "invalid_request_error"}  # fmt: skip
+             404: "not_found_error", 422: "invalid_request_error",
+             429: "rate_limit_error"}  # fmt: skip
     kind = kinds.get(status, "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}

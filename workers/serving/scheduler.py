@@ -54,7 +54,7 @@ class Ticket:
     queued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     seq: Live | None = None
-    slot: int = BASE_SLOT
+    slot: int = BASE_SLOT  # the slot acquired for ``adapter`` (else the row's own slot)
 
 
 @dataclass
@@ -193,7 +193,9 @@ class ContinuousScheduler:
         return admit
 
     def _start(self, ticket: Ticket) -> None:
-        row = dataclasses.replace(ticket.row, slot=ticket.slot)
+        row = ticket.row
+        if ticket.adapter is not None:
+            row = dataclasses.replace(row, slot=ticket.slot)
         ticket.seq = self.decoder.add(row, tag=ticket)
         self._running.append(ticket)
         self.stats.admitted += 1
