@@ -2,10 +2,11 @@
 
 Traffic (``--only traffic``; the engine's decode loop, ``ContinuousScheduler``):
 - open-loop Poisson arrivals, output lengths drawn from 8 to 256 tokens, 16 adapters + base,
-  at rising rates: the static batcher (the same kernels, admitting only into an empty batch:
-  what the replica did before) and the continuous one, interleaved at each rate; then paired
-  rounds at the first rate where the static batcher's p99 time to first token passes 2 s.
-  Reported: p50/p99 TTFT, p99 inter-token latency, tokens/s;
+  at rising rates: the previous static batcher (``bench/static_baseline.py``: a batch runs
+  until its longest row ends) and the continuous one, interleaved at each rate; then paired
+  rounds at the first rate where the static batcher's p99 time to first token passes 2 s,
+  and at the highest rate (both saturated). Reported: p50/p99 TTFT, p99 inter-token latency
+  (between streamed deltas), tokens/s (all tokens / first arrival to last answer);
 - offline (all requests at once): base-only tokens/s vs transformers' ``generate_batch``
   (its paged continuous batching) on the same model, prompts and lengths; and 16 adapters
   vs base-only.
@@ -140,29 +141,36 @@ def _traffic_requests(tok: Any, rate: float, seed: int) -> list[tuple[float, Any
 
 def _serve_traffic(model: Any, tok: Any, layers: Any, arrivals: list[tuple[float, Any]],
                    *, static: bool) -> dict[str, float]:  # fmt: skip
-    """Replay ``arrivals`` open-loop against a decode loop; latency and throughput figures."""
+    """Replay ``arrivals`` open-loop against the continuous decode loop (or, ``static``, the
+    previous static batcher); latency and throughput figures."""
     import threading
 
+    from bench.static_baseline import StaticServer
     from workers.serving.scheduler import ContinuousScheduler, Ticket
     from workers.serving.stepper import StepDecoder
 
-    decoder = StepDecoder(model, tok, layers, max_rows=TRAFFIC_ROWS, kv_tokens=1 << 20)
-    loop = ContinuousScheduler(decoder, static=static, max_queue=10_000)
     times: list[list[float]] = [[] for _ in arrivals]
     tokens = [0] * len(arrivals)
     left = threading.Semaphore(0)
 
-    def ticket(i: int, row: Any) -> Ticket:
+    def callbacks(i: int) -> tuple[Any, Any]:
         def on_delta(_: str) -> None:
             times[i].append(time.perf_counter())
 
-        def on_done(out: Any, error: Any) -> None:
+        def on_done(out: Any, error: Any = None) -> None:
             tokens[i] = len(out.token_ids) if out is not None else 0
             times[i].append(time.perf_counter())
             left.release()
 
-        return Ticket(row, on_delta, on_done)
+        return on_delta, on_done
 
+    if static:
+        server = StaticServer(model, tok, layers, max_rows=TRAFFIC_ROWS)
+        submit = lambda i, row: server.submit(row, *callbacks(i))  # noqa: E731
+    else:
+        decoder = StepDecoder(model, tok, layers, max_rows=TRAFFIC_ROWS, kv_tokens=1 << 20)
+        server = ContinuousScheduler(decoder, max_queue=10_000)  # type: ignore[assignment]
+        submit = lambda i, row: server.submit(Ticket(row, *callbacks(i)))  # type: ignore[attr-defined]  # noqa: E731
     t0 = time.perf_counter()
     sent = []
     for i, (offset, row) in enumerate(arrivals):
@@ -170,11 +178,11 @@ def _serve_traffic(model: Any, tok: Any, layers: Any, arrivals: list[tuple[float
         if delay > 0:
             time.sleep(delay)
         sent.append(time.perf_counter())
-        loop.submit(ticket(i, row))
+        submit(i, row)
     for _ in arrivals:
         left.acquire()
     end = max(t[-1] for t in times)
-    loop.close()
+    server.close()
     ttft = [t[0] - s for t, s in zip(times, sent, strict=True)]
     gaps = [b - a for t in times for a, b in itertools.pairwise(t[:-1])]  # the last is "done"
     return {"ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),

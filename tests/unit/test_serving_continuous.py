@@ -200,30 +200,26 @@ def test_the_queue_is_bounded_and_answers_overloaded(base) -> None:  # type: ign
     loop.close()
 
 
-def test_continuous_admission_beats_static_on_a_newcomer(base) -> None:  # type: ignore[no-untyped-def]
-    """With the loop held on the long request's first step, a short request arrives. In
-    continuous mode it is admitted at the next step and ends long before the long one; in
-    static mode it waits for the whole batch to end. (Counted in steps, not seconds.)"""
+def test_a_newcomer_is_admitted_at_the_next_step_not_after_the_batch(base) -> None:  # type: ignore[no-untyped-def]
+    """With the loop held on a long request's first step, a short request arrives: it joins at
+    the next step and ends long before the long one (counted in steps, not seconds)."""
     model, tok = base
     long = DecodeRow(tok(PROMPTS[0])["input_ids"], max_new_tokens=30, min_new_tokens=30)
     short = DecodeRow(tok(PROMPTS[1])["input_ids"], max_new_tokens=2, min_new_tokens=2)
-    finished_at: dict[str, dict[str, int]] = {}
-    for static in (False, True):
-        decoder = StepDecoder(model, tok, {}, max_rows=4, kv_tokens=4096)
-        gate = _Gate(decoder)
-        loop = ContinuousScheduler(decoder, static=static)
-        results: dict[str, Any] = {}
-        loop.submit(_ticket(long, results, "long", loop))
-        assert gate.reached.wait(30)
-        loop.submit(_ticket(short, results, "short", loop))
-        gate.open.set()
-        for name in ("short", "long"):
-            assert results[name].wait(60)
-        order = {name: results[name + ".step"] for name in ("short", "long")}
-        finished_at["static" if static else "continuous"] = order
-        loop.close()
-    assert finished_at["continuous"]["short"] <= 4  # admitted at once, two tokens
-    assert finished_at["static"]["short"] > 30  # waited for the long request's 30 tokens
+    decoder = StepDecoder(model, tok, {}, max_rows=4, kv_tokens=4096)
+    gate = _Gate(decoder)
+    loop = ContinuousScheduler(decoder)
+    results: dict[str, Any] = {}
+    loop.submit(_ticket(long, results, "long", loop))
+    assert gate.reached.wait(30)
+    loop.submit(_ticket(short, results, "short", loop))
+    gate.open.set()
+    for name in ("short", "long"):
+        assert results[name].wait(60)
+    assert results["short.step"] <= 4  # admitted at once: prefill, then two tokens
+    assert results["long.step"] >= 30  # one step per token of its 30
+    assert loop.stats.max_rows == 2  # and they shared forward passes
+    loop.close()
 
 
 def test_a_full_queue_is_a_429_with_retry_after_and_kinds_map_to_statuses() -> None:

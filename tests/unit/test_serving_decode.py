@@ -24,8 +24,10 @@ def test_text_tracker_holds_back_stop_prefixes_and_cuts_at_the_stop() -> None:
 
 def test_text_tracker_waits_for_whole_characters() -> None:
     t = TextTracker(_CharTokenizer(), ())
-    assert t.update([ord("a"), 0xFFFD], final=False) == "a"  # a half-decoded character
+    assert t.update([ord("a")], final=False) == "a"
+    assert t.update([ord("a"), 0xFFFD], final=False) == ""  # a half-decoded character
     assert t.update([ord("a"), ord("é")], final=True) == "é"
+    assert t.text == "aé"
 
 
 def test_rows_keep_their_own_length_and_match_generate(base) -> None:  # type: ignore[no-untyped-def]

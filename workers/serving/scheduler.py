@@ -10,9 +10,8 @@ requests ``submit`` raises ``Overloaded`` at once (the HTTP layer answers 429), 
 and latency stay bounded under any load.
 
 Compared with a static batch, a newcomer waits for one step, not for the slowest row of the
-batch before it (``bench/serving.py`` measures time to first token under Poisson arrivals).
-``static=True`` admits only into an empty batch — the old behaviour, kept as the benchmark's
-baseline on the same kernels.
+batch before it (``bench/serving.py`` measures time to first token under Poisson arrivals
+against the previous static batcher, kept there as the baseline).
 """
 
 from __future__ import annotations
@@ -80,11 +79,10 @@ class ContinuousScheduler:
         *,
         max_queue: int = 256,
         slot_wait_s: float = 30.0,
-        static: bool = False,
         name: str = "lorafleet-decode",
     ) -> None:
         self.decoder, self.slots = decoder, slots
-        self.max_queue, self.slot_wait_s, self.static = max_queue, slot_wait_s, static
+        self.max_queue, self.slot_wait_s = max_queue, slot_wait_s
         self.stats = LoopStats()
         self._queue: deque[Ticket] = deque()
         self._running: list[Ticket] = []
@@ -163,8 +161,6 @@ class ContinuousScheduler:
 
     def _pick(self) -> list[Ticket]:
         """Tickets to admit now, in arrival order (called with the lock held)."""
-        if self.static and not self.decoder.idle:
-            return []
         admit: list[Ticket] = []
         now = time.monotonic()
         for ticket in list(self._queue):
