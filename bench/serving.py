@@ -454,6 +454,7 @@ def bench_cold_load(base_dir: Path, work: Path, rounds: int = 5) -> dict[str, An
         for _ in range(rounds):
             ready_t.append(ready())
             raw_t.append(raw())
+        engine.close()
         catalog.dispose()
     finally:
         moto.stop()

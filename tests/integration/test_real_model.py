@@ -95,6 +95,7 @@ def test_real_chat_model_trains_and_serves_equal_to_peft(smollm_dir: Path, tmp_p
         assert finished.acquire(timeout=120)
     assert all(r.error is None for r in served), [r.error for r in served]
     assert engine.stats()["batches"]["max_rows"] >= 2  # they did share forward passes
+    engine.close()
 
     model, _ = load_base(smollm_dir)
     peft_model = PeftModel.from_pretrained(model, str(trained.adapter_dir))

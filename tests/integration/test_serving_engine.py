@@ -38,7 +38,8 @@ def setup(tmp_path, tiny_base_dir):  # type: ignore[no-untyped-def]
     registry.register_base(name="tiny", path=tiny_base_dir)
     dirs = {n: _publish(registry, tiny_base_dir, tmp_path, n, i) for i, n in enumerate("abc")}
     engine = ServingEngine(tiny_base_dir, registry, slots=2, max_rank=8, alias_ttl_s=0.0)
-    return registry, engine, dirs
+    yield registry, engine, dirs
+    engine.close()  # its decode-loop thread holds the model
 
 
 def _peft(tiny_base_dir, adapter_dir, prompt):  # type: ignore[no-untyped-def]
@@ -101,6 +102,7 @@ def test_merged_mode_equals_unmerged_and_serves_only_its_adapter(setup, tiny_bas
     other = merged.generate([GenRequest(PROMPTS[0], "team/b", 4), GenRequest(PROMPTS[0], None)])
     assert [r.kind for r in other] == ["invalid", "invalid"]
     assert "only team/a:1" in (other[0].error or "")
+    merged.close()
 
 
 def test_more_distinct_adapters_than_slots_in_one_call(setup):

@@ -70,6 +70,43 @@ def _resume() -> str:
     return f"{lost} · {seconds:.1f} s"
 
 
+def _spread(d: dict[str, float], digits: int) -> str:
+    return f"{_x(d['ratio'], digits)} ({d['min']:.{digits}f}–{d['max']:.{digits}f})"
+
+
+def _traffic(at: str, key: str, digits: int = 2) -> str:
+    return _spread(_get("serving", "traffic", at, key), digits)
+
+
+def _rate(at: str) -> str:
+    return f"{_get('serving', 'traffic', at, 'rate_per_s'):g}/s"
+
+
+def _ladder() -> list[str]:
+    rows = []
+    for rate, run in _get("serving", "traffic", "ladder").items():
+        s, c = run["static"], run["continuous"]
+        rows.append(f"| {rate} | {s['ttft_p99_s']:.2f} s · {c['ttft_p99_s']:.2f} s | "
+                    f"{s['itl_p99_ms']:.0f} ms · {c['itl_p99_ms']:.0f} ms | "
+                    f"{s['tokens_per_s']:,.0f} · {c['tokens_per_s']:,.0f} |")  # fmt: skip
+    return rows
+
+
+def _offline(key: str, digits: int) -> str:
+    r = _get("serving", "offline", "ratios")
+    return f"{_x(r[key], digits)} ({r[key + '_min']:.{digits}f}–{r[key + '_max']:.{digits}f})"
+
+
+def _batch(key: str, digits: int) -> str:
+    r = _get("serving", "ratios")
+    return f"{_x(r[key], digits)} ({r[key + '_min']:.{digits}f}–{r[key + '_max']:.{digits}f})"
+
+
+def _merged() -> str:
+    m = _get("serving", "merged_vs_base")
+    return f"{_x(m['ratio'])} ({m['ratio_min']:.3f}–{m['ratio_max']:.3f})"
+
+
 TARGETS = ("q_proj,v_proj", "all-linear")
 FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("train vs PEFT", lambda: _train("ours_vs_peft")),
@@ -85,9 +122,17 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("allreduce", lambda: f"{_shared(4, 'allreduce_over_lora_bytes'):.4f}"),
     ("submit", _submit),
     ("admission", _admission),
-    ("serving 16 vs 1", lambda: _x(_get("serving", "ratios", "ours16_vs_ours1"))),
-    ("serving vs PEFT", lambda: _x(_get("serving", "ratios", "ours16_vs_peft16"), 2)),
-    ("merged", lambda: _x(_get("serving", "ratios", "merged_vs_base_latency"))),
+    ("serving 16 vs 1", lambda: _batch("ours16_vs_ours1", 3)),
+    ("serving vs PEFT", lambda: _batch("ours16_vs_peft16", 2)),
+    ("merged", _merged),
+    ("2-s rate", lambda: _rate("at_2s_rate")),
+    ("TTFT at the 2-s rate", lambda: _traffic("at_2s_rate", "ttft_p99_s", 3)),
+    ("tokens/s at the 2-s rate", lambda: _traffic("at_2s_rate", "tokens_per_s")),
+    ("saturated rate", lambda: _rate("saturated")),
+    ("tokens/s saturated", lambda: _traffic("saturated", "tokens_per_s")),
+    ("TTFT saturated", lambda: _traffic("saturated", "ttft_p99_s", 3)),
+    ("vs generate_batch", lambda: _offline("base_vs_generate_batch", 2)),
+    ("16 adapters vs base", lambda: _offline("adapters16_vs_base", 3)),
     ("cold load", _cold),
     ("base fetch", _base_fetch),
     ("bytes per node", _per_node),
@@ -99,6 +144,12 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
 def test_benchmark_table_matches_results(name: str, figure: Callable[[], str]) -> None:
     table = (ROOT / "README.md").read_text().split("## Benchmarks", 1)[1]
     assert figure() in table, f"README's {name} figure differs from bench/results"
+
+
+def test_serving_rate_table_matches_results() -> None:
+    table = (ROOT / "README.md").read_text().split("## Benchmarks", 1)[1]
+    for row in _ladder():
+        assert row in table, f"README's serving rate table lacks {row}"
 
 
 def test_readme_names_the_two_commands() -> None:

@@ -47,6 +47,9 @@ class AppArgs(BaseModel):
     merged: str | None = None
     alias_ttl_s: float = Field(default=2.0, ge=0)
     cpus_per_replica: float = Field(default=1.0, ge=0)
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    kv_cache_mb: float = Field(default=512.0, gt=0)
+    max_queue: int = Field(default=256, ge=1)
 
 
 def options_from(args: AppArgs) -> Any:
@@ -62,6 +65,8 @@ def options_from(args: AppArgs) -> Any:
         slots=args.slots, max_rank=args.max_rank, host_adapters=args.host_adapters,
         replicas=args.replicas, max_replicas=args.max_replicas, merged=args.merged,
         alias_ttl_s=args.alias_ttl_s, num_cpus=args.cpus_per_replica,
+        max_batch_size=args.max_batch_size, kv_cache_mb=args.kv_cache_mb,
+        max_queue=args.max_queue,
     )  # fmt: skip
 
 

@@ -145,14 +145,13 @@ class ContinuousScheduler:
                 continue
             try:
                 report = self.decoder.step()
-            except Exception:  # never let the loop die; fail what was running
+            except Exception:  # never let the loop die: fail what was running, go on
                 log.exception("decode step failed")
+                self.decoder.reset()
                 for ticket in list(self._running):
-                    if ticket.seq is not None:
-                        self.decoder.cancel(ticket.seq)
-                        ticket.seq.out.error = "the decode step failed"
-                        ticket.seq.out.finish_reason = "error"
-                report = self.decoder.step()  # retires them
+                    self._finish(ticket, RowOutput(error="the decode step failed",
+                                                   finish_reason="error"))  # fmt: skip
+                continue
             self._account(report.forwards)
             for seq, delta in report.deltas:
                 seq.tag.on_delta(delta)

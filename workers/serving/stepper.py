@@ -172,6 +172,14 @@ class StepDecoder:
             seq.done = True
             seq.out.finish_reason = seq.out.finish_reason or "cancelled"
 
+    def reset(self) -> list[Live]:
+        """Drop every sequence and the KV buffers (after a failure the loop cannot explain);
+        returns the sequences dropped."""
+        dropped = self.live + self._ended
+        self.live, self._ended = [], []
+        self.kv.release()
+        return dropped
+
     @property
     def idle(self) -> bool:
         return not self.live and not self._ended
