@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -38,15 +39,22 @@ def test_pinned_slots_are_never_evicted():
     assert slots.acquire("b", lambda s: None) == slot
 
 
-def test_concurrent_misses_share_one_load():
+def _until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(1000):
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_concurrent_misses_share_one_load() -> None:
     slots = AdapterSlots(4)
-    started, gate = threading.Event(), threading.Event()
+    gate = threading.Event()
     loads = []
 
     def slow_load(slot: int) -> None:
         loads.append(slot)
-        started.set()
-        gate.wait(5)
+        assert gate.wait(10)
 
     results = []
     threads = [
@@ -55,19 +63,23 @@ def test_concurrent_misses_share_one_load():
     ]
     for t in threads:
         t.start()
-    started.wait(5)
+    # the load is held until the nine others are blocked waiting for it
+    _until(lambda: slots.stats.coalesced == 9, "nine callers waiting on the one load")
     gate.set()
     for t in threads:
         t.join()
     assert len(loads) == 1 and len(set(results)) == 1 and len(results) == 10
+    assert (slots.stats.misses, slots.stats.loads) == (1, 1)
 
 
-def test_a_failed_load_reaches_every_waiter_and_frees_the_slot():
+def test_a_failed_load_reaches_every_waiter_and_frees_the_slot() -> None:
     slots = AdapterSlots(1)
     gate = threading.Event()
+    calls = []
 
     def broken(slot: int) -> None:
-        gate.wait(5)
+        calls.append(slot)
+        assert gate.wait(10)
         raise ValueError("corrupt adapter")
 
     errors = []
@@ -81,8 +93,10 @@ def test_a_failed_load_reaches_every_waiter_and_frees_the_slot():
     threads = [threading.Thread(target=worker) for _ in range(3)]
     for t in threads:
         t.start()
+    _until(lambda: slots.stats.coalesced == 2, "two callers waiting on the one load")
     gate.set()
     for t in threads:
         t.join()
-    assert len(errors) == 3
+    assert len(errors) == 3 and len(calls) == 1  # one load failed; all three were told
+    assert slots.stats.load_errors == 1
     assert slots.acquire("good", lambda s: None) == 0  # the slot was given back

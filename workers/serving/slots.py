@@ -26,6 +26,7 @@ class SlotStats:
     loads: int = 0
     evictions: int = 0
     load_errors: int = 0
+    coalesced: int = 0  # callers that found the load they needed in flight and waited for it
     evicted: list[str] = field(default_factory=list)
 
 
@@ -79,6 +80,7 @@ class AdapterSlots:
                     event = threading.Event()
                     self._loading[key] = event
                     break
+                self.stats.coalesced += 1
             waiting.wait()
             with self._lock:
                 error = self._errors.get(key)

@@ -198,14 +198,17 @@ class StepDecoder:
             for s in decoding:
                 if not s.done:
                     s.cached += 1
-        prefill, budget = [], self.prefill_chunk
+        prefill, budget, width = [], self.prefill_chunk, 0
         for s in self.live:
             if budget <= 0:
                 break
             if not s.done and s.filled < len(s.row.prompt_ids):
                 n = min(len(s.row.prompt_ids) - s.filled, budget)
+                if prefill and (len(prefill) + 1) * max(width, n) > 2 * self.prefill_chunk:
+                    break  # rows are padded to the longest chunk: bound the padded work too
                 prefill.append((s, n))
                 budget -= n
+                width = max(width, n)
         if prefill:
             seqs = [s for s, _ in prefill]
             tokens = [list(s.row.prompt_ids[s.filled : s.filled + n]) for s, n in prefill]
