@@ -198,7 +198,8 @@ class StepDecoder:
             for s in decoding:
                 if not s.done:
                     s.cached += 1
-        prefill, budget, width = [], self.prefill_chunk, 0
+        prefill: list[tuple[Live, int]] = []
+        budget, width = self.prefill_chunk, 0
         for s in self.live:
             if budget <= 0:
                 break
