@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -24,7 +24,7 @@ from orchestrator.api_files import UploadGuard, files_router
 from orchestrator.http_errors import ApiError
 from orchestrator.lifecycle import TERMINAL, IllegalTransition
 from orchestrator.service import cancel_job, submit_job
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import IdempotencyKeyError, JobSpec, SpecError
 from storage.auth import Principal, Unauthorized, authenticate
 from storage.catalog import jobs
 from storage.catalog.domain import AdapterVersion
@@ -214,7 +214,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         job_id: str,
         request: Request,
         stream: bool = False,
-        after: int = 0,
+        after: int = Query(0, ge=0, le=2**63 - 1),  # an event id: a 64-bit column
         who: Principal = Depends(principal),
     ) -> dict[str, Any] | StreamingResponse:
         job = visible_job(job_id, who)
@@ -304,6 +304,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(exc), "field": exc.field}}, 422)
+        status = 400 if isinstance(exc, IdempotencyKeyError) else 422
+        return JSONResponse({"error": {"message": str(exc), "field": exc.field}}, status)
 
     return app

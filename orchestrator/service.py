@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from orchestrator.lifecycle import ACTIVE, STATES, TERMINAL, check_transition
 from orchestrator.scheduling import Gang
 from orchestrator.spec import JobSpec, ResourcesSpec, SpecError, parse_spec
+from orchestrator.spec import idempotency_key as choose_key
 from storage.catalog import files as file_repo
 from storage.catalog import jobs
 from storage.catalog import repository as repo
@@ -48,16 +49,17 @@ def submit_job(db: Catalog, spec: JobSpec, *, idempotency_key: str | None = None
     returns the first job.
 
     Raises:
-        SpecError: an input that is not registered/uploaded (see ``check_inputs``).
+        SpecError: an input that is not registered/uploaded (see ``check_inputs``), or
+            idempotency keys that are empty or disagree (``spec.idempotency_key``).
         IdempotencyConflict: the key was used with a different spec.
     """
+    key = choose_key(idempotency_key, spec.idempotency_key)
     check_inputs(db, spec)
-    key = idempotency_key or spec.idempotency_key
     job, created = jobs.create_job(
         db,
         namespace=spec.namespace,
         name=spec.name,
-        spec=spec.model_dump(mode="json"),
+        spec=spec.compared(),
         priority=spec.priority,
         max_failures=spec.max_failures,
         idempotency_key=key,

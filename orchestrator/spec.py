@@ -39,13 +39,21 @@ class SpecError(ValueError):
         self.field = field
 
 
+# Bounds a real cluster could run; beyond them a spec is a mistake (or an attack), refused at
+# submission rather than overflowing in the runner (epochs=1e308) or never ending (1e300).
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
+INT64 = 2**63 - 1
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: Infinity / NaN are refused at the boundary, in every float field
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LoraSpec(_Strict):
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="Scaling numerator (alpha/r).")
+    alpha: float = Field(16.0, gt=0, le=1e6, description="Scaling numerator (alpha/r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
@@ -64,16 +72,16 @@ class LoraSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)
     lr: float = Field(3e-3, gt=0, lt=1)
-    batch_size: int = Field(16, ge=1, description="Examples per worker per micro-step.")
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1, le=65536, description="Examples per worker per micro-step.")
+    grad_accum: int = Field(1, ge=1, le=65536)
     seq_len: int = Field(128, ge=2, le=131072)
-    seed: int = 0
-    warmup_steps: int = Field(10, ge=0)
-    eval_every: int = Field(50, ge=0)
-    checkpoint_every: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=INT64)
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS)
+    eval_every: int = Field(50, ge=0, le=MAX_STEPS)
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:
@@ -83,10 +91,10 @@ class TrainingSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    nodes: int = Field(1, ge=1)
-    workers_per_node: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(0, ge=0)
-    cpus_per_worker: float = Field(1, gt=0)
+    nodes: int = Field(1, ge=1, le=4096)
+    workers_per_node: int = Field(1, ge=1, le=256)
+    gpus_per_worker: float = Field(0, ge=0, le=64)
+    cpus_per_worker: float = Field(1, gt=0, le=1024)
 
     @property
     def workers(self) -> int:
@@ -116,13 +124,21 @@ class JobSpec(_Strict):
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     max_failures: int = Field(0, ge=0, le=100)
     idempotency_key: str | None = Field(None, min_length=1, max_length=128)
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list, max_length=64)
 
     @field_validator("name", "namespace")
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.fullmatch(v):
             raise ValueError(NAME_RULE)
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        for tag in v:  # checked now, not at publish after the whole run
+            if not NAME_RE.fullmatch(tag):
+                raise ValueError(f"invalid tag {tag!r}: {NAME_RULE}")
         return v
 
     @field_validator("base_model")
@@ -154,8 +170,33 @@ class JobSpec(_Strict):
         return v
 
     def canonical_json(self) -> str:
-        """Stable JSON of the spec (what idempotency compares)."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable JSON of the spec (what idempotency compares: the key itself is not part)."""
+        return json.dumps(self.compared(), sort_keys=True, separators=(",", ":"))
+
+    def compared(self) -> dict[str, Any]:
+        """The spec as stored and compared for idempotency: everything but the key."""
+        return self.model_dump(mode="json", exclude={"idempotency_key"})
+
+
+class IdempotencyKeyError(SpecError):
+    """The idempotency keys of a submission are unusable (a request error, not a spec one)."""
+
+
+def idempotency_key(header: str | None, body: str | None) -> str | None:
+    """The one idempotency key of a submission, as AWS client tokens behave.
+
+    Raises:
+        IdempotencyKeyError: an empty key (it would silently mean none), or a header key and a
+            body key that differ (which one did the client mean?).
+    """
+    if header is not None and not header.strip():
+        raise IdempotencyKeyError("idempotency_key", "the Idempotency-Key header must not be "
+                                  "empty")  # fmt: skip
+    if header is not None and body is not None and header != body:
+        raise IdempotencyKeyError("idempotency_key", "the Idempotency-Key header and the "
+                                  "body's idempotency_key differ; send one, or the same in "
+                                  "both")  # fmt: skip
+    return header if header is not None else body
 
 
 def _first_error(exc: ValidationError) -> SpecError:

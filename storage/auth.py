@@ -35,6 +35,9 @@ def authenticate(catalog: Catalog, admin_token: str | None, authorization: str |
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthorized("missing bearer token")
     token = authorization.split(" ", 1)[1].strip()
+    if not token or not token.isascii() or not token.isprintable():
+        # compare_digest raises TypeError on non-ASCII text: such a token matches nothing
+        raise Unauthorized("malformed bearer token")
     if admin_token is not None and hmac.compare_digest(token, admin_token):
         return Principal(None)
     ns = repo.namespace_for_token(catalog, token=token)

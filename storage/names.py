@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from storage.errors import InvalidName, InvalidReference
 
+MAX_VERSION = 2**63 - 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _REF_RE = re.compile(
     r"^(?P<namespace>[^/:@]+)/(?P<name>[^/:@]+)(?::(?P<version>[^/:@]+)|@(?P<alias>[^/:@]+))?$"
@@ -74,7 +75,10 @@ def parse_ref(text: str) -> AdapterRef:
         raise InvalidReference(str(exc)) from None
     version = None
     if m["version"] is not None:
-        if not m["version"].isdigit() or int(m["version"]) < 1:
+        digits = m["version"]
+        # ASCII digits only: str.isdigit() is also true for '²' and '١' (int() takes the second,
+        # not the first); and a version is a 64-bit column
+        if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= MAX_VERSION:
             raise InvalidReference(f"invalid version in {text!r}: use a positive integer")
-        version = int(m["version"])
+        version = int(digits)
     return AdapterRef(namespace, name, version, alias)

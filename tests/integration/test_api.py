@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -159,6 +160,52 @@ def test_idempotency(api):
         t.join()
     assert len({i for _, i in ids}) == 1
     assert sorted(c for c, _ in ids).count(201) == 1
+
+
+def test_idempotency_keys_are_checked_like_client_tokens(api):
+    client, registry, tokens = api
+    url, hdr = "/v1/fine_tuning/jobs", _h(tokens["a"])
+    before = len(jobs.list_jobs(registry.catalog))
+    empty = client.post(url, json=_body(), headers={**hdr, "Idempotency-Key": ""})
+    assert empty.status_code == 400 and empty.json()["error"]["field"] == "idempotency_key"
+    differ = client.post(url, json=_body(idempotency_key="one"),
+                         headers={**hdr, "Idempotency-Key": "two"})  # fmt: skip
+    assert differ.status_code == 400 and "differ" in differ.json()["error"]["message"]
+    assert len(jobs.list_jobs(registry.catalog)) == before  # nothing was stored
+    # the key is not part of the compared body: header first, then the same key in the body
+    first = client.post(url, json=_body(name="k"), headers={**hdr, "Idempotency-Key": "same"})
+    again = client.post(url, json=_body(name="k", idempotency_key="same"), headers=hdr)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+
+
+def test_hostile_inputs_are_4xx_and_store_nothing(api):
+    """Inputs a review found answering 500: each is a 4xx naming the field, and no job row is
+    left behind."""
+    client, registry, tokens = api
+    hdr = _h(tokens["a"])
+    before = len(jobs.list_jobs(registry.catalog))
+    for token in ("tök", "se\u00a0cret"):  # non-ASCII bearer tokens, as raw header bytes
+        auth = f"Bearer {token}".encode()
+        r = client.get("/v1/fine_tuning/jobs", headers={"Authorization": auth})  # type: ignore[dict-item]
+        assert r.status_code == 401, r.text
+    for ref in ("x:²", "x:١", f"x:{2**63}"):
+        r = client.get(f"/v1/adapters/a/{ref}", headers=hdr)
+        assert 400 <= r.status_code < 500, (ref, r.text)
+    for patch in ({"training": {"epochs": float("inf")}}, {"lora": {"alpha": float("inf")}},
+                  {"resources": {"cpus_per_worker": float("inf")}},
+                  {"training": {"epochs": 1e308}}, {"tags": ["No Spaces"]}):  # fmt: skip
+        raw = json.dumps(_body(**patch))  # Infinity, as JavaScript clients may send it
+        r = client.post("/v1/fine_tuning/jobs", content=raw,
+                        headers={**hdr, "Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 422, (patch, r.text)
+        field = r.json()["error"]["field"]
+        assert field and field.split(".")[0] in patch, (patch, field)
+    assert len(jobs.list_jobs(registry.catalog)) == before
+    job = client.post("/v1/fine_tuning/jobs", json=_body(name="ev"), headers=hdr).json()
+    r = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"after": 2**63},
+                   headers=hdr)  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["field"] == "after"
 
 
 def test_adapter_routes(api, tiny_base_dir, tmp_path):

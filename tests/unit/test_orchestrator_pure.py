@@ -62,6 +62,16 @@ def test_specs_name_data_not_paths(patch, field):
         ({"output_adapter": "other/a"}, "output_adapter"),
         ({"output_adapter": "team/a:2"}, "output_adapter"),
         ({"priority": 1000}, "priority"),
+        ({"training": {"epochs": float("inf")}}, "training.epochs"),
+        ({"training": {"epochs": float("nan")}}, "training.epochs"),
+        ({"training": {"epochs": 1e308}}, "training.epochs"),
+        ({"training": {"max_steps": 10**12}}, "training.max_steps"),
+        ({"training": {"batch_size": 10**9}}, "training.batch_size"),
+        ({"training": {"seed": 2**64}}, "training.seed"),
+        ({"lora": {"alpha": float("inf")}}, "lora.alpha"),
+        ({"resources": {"cpus_per_worker": float("inf")}}, "resources.cpus_per_worker"),
+        ({"resources": {"nodes": 10**6}}, "resources.nodes"),
+        ({"tags": ["Bad Tag"]}, "tags"),
     ],
 )
 def test_bad_specs_name_the_field(patch, field):
@@ -81,6 +91,21 @@ def test_missing_field_and_bad_files(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(["a", "list"]))
     with pytest.raises(SpecError, match="mapping"):
         load_spec(tmp_path / "t.yaml")
+
+
+def test_idempotency_keys_behave_like_client_tokens():
+    from orchestrator.spec import IdempotencyKeyError, idempotency_key
+
+    assert idempotency_key(None, None) is None
+    assert idempotency_key("k", None) == idempotency_key(None, "k") == idempotency_key("k", "k")
+    with pytest.raises(IdempotencyKeyError, match="empty"):
+        idempotency_key("", None)
+    with pytest.raises(IdempotencyKeyError, match="differ") as info:
+        idempotency_key("a", "b")
+    assert info.value.field == "idempotency_key"
+    # the key is not part of what a retry is compared on
+    with_key = parse_spec({**BASE, "idempotency_key": "k"})
+    assert with_key.canonical_json() == parse_spec(BASE).canonical_json()
 
 
 def test_canonical_json_ignores_key_order():

@@ -49,11 +49,27 @@ def test_parse_ref(text, expected):
         "team/" + "x" * 65,
         "team/x y",
         "",
+        "team/x:²",  # str.isdigit() says yes; int() says no
+        "team/x:١",  # Arabic-Indic one: int() would read it as 1
+        f"team/x:{2**63}",  # beyond a 64-bit version column
     ],
 )
 def test_bad_refs(text):
     with pytest.raises(InvalidReference):
         parse_ref(text)
+
+
+def test_the_largest_version_parses():
+    assert parse_ref(f"team/x:{2**63 - 1}").version == 2**63 - 1
+
+
+@pytest.mark.parametrize("token", ["tök", "se\u2028cret", "", "a\x00b"])
+def test_malformed_bearer_tokens_are_unauthorized_not_errors(token):
+    from storage.auth import Unauthorized, authenticate
+
+    # no catalog is touched: a malformed token is refused before any lookup
+    with pytest.raises(Unauthorized):
+        authenticate(None, "admin-secret", f"Bearer {token}")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "-x", "", "A", "a" * 65, "x\0"])
