@@ -300,7 +300,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         status, message = storage_status(exc)
         if status >= 500:  # the detail (store URIs, server paths) stays in the server's log
             log.error("request failed: %s", exc)
-        return JSONResponse({"error": {"message": message, "field": None}}, status)
+        headers = {"Retry-After": "5"} if status == 503 else None  # an outage: come back
+        return JSONResponse({"error": {"message": message, "field": None}}, status,
+                            headers=headers)  # fmt: skip
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:

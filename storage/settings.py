@@ -70,10 +70,27 @@ class Settings(BaseModel):
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    def __repr_args__(self) -> Any:
+        # repr() and str() reach logs and tracebacks: never show the catalog's password (the
+        # token is a SecretStr already)
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name == "catalog_url" else value
+
     @property
     def embedded_catalog(self) -> bool:
         """True for the default SQLite file under home (safe to migrate automatically)."""
         return self.catalog_url == default_catalog_url(self.home)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
 
 
 def default_catalog_url(home: Path) -> str:

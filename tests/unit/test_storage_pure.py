@@ -59,6 +59,21 @@ def test_bad_refs(text):
         parse_ref(text)
 
 
+def test_settings_never_show_the_catalog_password_or_the_token():
+    from storage.settings import mask_url
+
+    url = "postgresql+psycopg://lf:hunter2@db:5432/lf"
+    s = load_settings({"LORAFLEET_HOME": "/tmp/lf-x", "LORAFLEET_API_TOKEN": "tok-123",
+                       "LORAFLEET_CATALOG_URL": url})  # fmt: skip
+    for shown in (repr(s), str(s), f"{s}"):
+        assert "hunter2" not in shown and "tok-123" not in shown
+        assert "lf:***@db:5432" in shown
+    assert s.catalog_url.endswith("lf:hunter2@db:5432/lf")  # the value itself is intact
+    assert mask_url("sqlite:////tmp/a@b/catalog.db") == "sqlite:////tmp/a@b/catalog.db"
+    assert mask_url("postgresql://lf@db/lf") == "postgresql://lf@db/lf"  # no password
+    assert mask_url("postgresql://lf:p@ss@db/lf") == "postgresql://lf:***@db/lf"
+
+
 def test_the_largest_version_parses():
     assert parse_ref(f"team/x:{2**63 - 1}").version == 2**63 - 1
 
