@@ -13,6 +13,7 @@ from orchestrator.cli_catalog import adapters_app, db_app, gc, register_base
 from orchestrator.cli_common import console, fmt_bytes, train_progress, user_errors
 from orchestrator.cli_files import files_app
 from orchestrator.cli_jobs import jobs_app, server, submit
+from orchestrator.cli_namespaces import namespaces_app
 from orchestrator.cli_serve import serve
 from workers.errors import WorkerError
 
@@ -26,6 +27,7 @@ app.add_typer(adapters_app, name="adapters")
 app.command("gc")(user_errors(gc))
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(files_app, name="files")
+app.add_typer(namespaces_app, name="namespaces")
 app.command("submit")(submit)
 app.command("server")(server)
 app.command("serve")(serve)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from orchestrator.scheduling import ActiveJob, Decision, Limits, NodeFree, QueuedJob, decide
 from orchestrator.service import gang_of
 from storage.catalog import jobs
+from storage.catalog import repository as repo
 from storage.catalog.db import Catalog
-from storage.catalog.models import NamespaceRow
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,8 @@ class SchedulerCore:
         self._seen_starting: dict[str, float] = {}
 
     def _limits(self) -> dict[str, Limits]:
-        with self.catalog.session() as s:
-            rows = s.query(NamespaceRow).all()
-            return {r.name: Limits(r.max_concurrent_jobs, r.max_cpus, r.max_gpus) for r in rows}
+        return {n.name: Limits(n.max_concurrent_jobs, n.max_cpus, n.max_gpus, n.max_priority)
+                for n in repo.list_namespaces(self.catalog)}  # fmt: skip
 
     def tick(self) -> Decision:
         """Stop cancelled runs, resume orphaned ones, admit what fits; returns the decision."""

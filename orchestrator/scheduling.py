@@ -1,12 +1,16 @@
 """Admission decisions: which queued jobs start now, and why the others wait (pure).
 
-Order: higher priority first; among equal priorities, the namespace with the fewest active
-jobs goes next (so two teams share the cluster instead of the earlier submitter taking it
-all), then submission time. A job is admitted only if its whole gang fits at once — every
-worker on the requested number of distinct nodes — and its namespace stays within its limits
-(concurrent jobs, total CPUs, total GPUs). A job that is blocked by cluster resources holds
-back every lower-priority job (no starvation of large jobs by a stream of small ones); a job
-that can never fit the cluster waits with that reason and blocks nobody.
+Order: higher priority first — a job's priority counts only up to its namespace's maximum,
+which an admin sets (the default keeps tenants equal) — then, among equal priorities, the
+namespace with the fewest active jobs (so two teams share the cluster instead of the earlier
+submitter taking it all), then submission time. A job is admitted only if its whole gang fits
+at once — every worker on the requested number of distinct nodes — and its namespace stays
+within its limits (concurrent jobs, total CPUs, total GPUs).
+
+A job blocked by cluster resources holds back the lower-priority jobs of its own namespace (a
+team's big job is not overtaken by the same team's stream of small ones), but jobs of other
+namespaces that fit start meanwhile (backfill): one team's priority never idles the cluster
+for everyone. A job that can never fit the cluster waits with that reason and blocks nobody.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Limits:
     max_concurrent_jobs: int | None = None
     max_cpus: float | None = None
     max_gpus: float | None = None
+    max_priority: int | None = None  # a job's priority counts up to this (None: as asked)
 
 
 @dataclass(frozen=True)
@@ -110,15 +115,22 @@ def decide(
         cpus[j.namespace] += j.gang.cpus
         gpus[j.namespace] += j.gang.gpus
     decision = Decision()
-    pending = sorted(queued, key=lambda j: (-j.priority, j.submitted_at))
-    blocked_below: int | None = None  # priority under which nothing may jump a blocked job
+
+    def rank(j: QueuedJob) -> int:
+        cap = limits.get(j.namespace, Limits()).max_priority
+        return j.priority if cap is None else min(j.priority, cap)
+
+    pending = sorted(queued, key=lambda j: (-rank(j), j.submitted_at))
+    blocked: dict[str, int] = {}  # namespace -> priority of its job waiting for resources
     while pending:
-        top = pending[0].priority
-        same = [j for j in pending if j.priority == top]
+        top = rank(pending[0])
+        same = [j for j in pending if rank(j) == top]
         job = min(same, key=lambda j: (count[j.namespace], j.submitted_at))
         pending.remove(job)
-        if blocked_below is not None and job.priority < blocked_below:
-            decision.waiting[job.id] = "behind a higher-priority job waiting for resources"
+        if job.namespace in blocked and rank(job) < blocked[job.namespace]:
+            decision.waiting[job.id] = (
+                f"behind a higher-priority job of namespace {job.namespace} waiting for resources"
+            )
             continue
         lim = limits.get(job.namespace, Limits())
         g = job.gang
@@ -153,7 +165,7 @@ def decide(
                 f"waiting for resources: {g.cpus:g} CPU / {g.gpus:g} GPU as {g.nodes} × "
                 f"{g.workers_per_node} workers"
             )
-            blocked_below = job.priority
+            blocked.setdefault(job.namespace, rank(job))
             continue
         for i in placement:
             n = free[i]

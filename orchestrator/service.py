@@ -23,7 +23,8 @@ class Submitted:
 
 
 def check_inputs(db: Catalog, spec: JobSpec) -> None:
-    """The spec's base must be registered and its data files uploaded to its own namespace.
+    """The spec's base must be registered, its data files uploaded to its own namespace, and
+    its priority within its namespace's maximum.
 
     Raises:
         SpecError: naming the field (another namespace's file is "not found", as if it did
@@ -33,6 +34,14 @@ def check_inputs(db: Catalog, spec: JobSpec) -> None:
         repo.get_base_model(db, name=spec.base_model)
     except NotFound:
         raise SpecError("base_model", f"no registered base named {spec.base_model!r}") from None
+    try:
+        ceiling = repo.get_namespace(db, name=spec.namespace).max_priority
+    except NotFound:
+        ceiling = repo.DEFAULT_MAX_PRIORITY  # a namespace's first job
+    if spec.priority > ceiling:
+        raise SpecError("priority", f"{spec.priority} is above namespace {spec.namespace}'s "
+                        f"maximum of {ceiling} (an admin sets it: lorafleet namespaces limits "
+                        f"{spec.namespace} --max-priority N)")  # fmt: skip
     for field in ("training_data", "validation_data"):
         file_id = getattr(spec, field)
         if file_id is None:

@@ -15,6 +15,7 @@ class Namespace:
     max_concurrent_jobs: int | None = None
     max_gpus: float | None = None
     max_cpus: float | None = None
+    max_priority: int = 0  # highest job priority its members may ask for (set by an admin)
 
 
 def files_digest(files: tuple[FileDigest, ...]) -> str:

@@ -38,6 +38,7 @@ class NamespaceRow(Base):
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
     max_gpus: Mapped[float | None] = mapped_column(Float)
     max_cpus: Mapped[float | None] = mapped_column(Float)
+    max_priority: Mapped[int | None] = mapped_column(Integer)  # None: DEFAULT_MAX_PRIORITY
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

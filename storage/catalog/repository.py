@@ -33,11 +33,14 @@ from storage.errors import AdapterExists, AdapterNotFound, BaseModelNotFound, No
 from storage.names import AdapterRef, validate_name
 
 READY, PENDING, DELETED = "ready", "pending", "deleted"
+DEFAULT_MAX_PRIORITY = 0  # every tenant equal until an admin raises a namespace's maximum
 
 
 # -- conversions (rows never leave this module) ---------------------------------------------
 def _ns(row: NamespaceRow) -> Namespace:
-    return Namespace(row.id, row.name, row.max_concurrent_jobs, row.max_gpus, row.max_cpus)
+    max_priority = row.max_priority if row.max_priority is not None else DEFAULT_MAX_PRIORITY
+    return Namespace(row.id, row.name, row.max_concurrent_jobs, row.max_gpus, row.max_cpus,
+                     max_priority)  # fmt: skip
 
 
 def _base(row: BaseModelRow) -> BaseModel:
@@ -102,6 +105,12 @@ def ensure_namespace(db: Catalog, *, name: str) -> Namespace:
     validate_name(name, kind="namespace")
     with db.session() as s:
         return _ns(_namespace_row(s, name, create=True))
+
+
+def list_namespaces(db: Catalog) -> list[Namespace]:
+    """Every namespace with its limits, by name."""
+    with db.session() as s:
+        return [_ns(r) for r in s.scalars(select(NamespaceRow).order_by(NamespaceRow.name))]
 
 
 def get_namespace(db: Catalog, *, name: str) -> Namespace:
@@ -417,13 +426,15 @@ def set_namespace_limits(
     max_concurrent_jobs: int | None = None,
     max_cpus: float | None = None,
     max_gpus: float | None = None,
+    max_priority: int | None = None,
 ) -> Namespace:
-    """Set a namespace's quota (None lifts a limit)."""
+    """Set a namespace's quota (None lifts a limit; ``max_priority`` None is the default 0)."""
     validate_name(namespace, kind="namespace")
     with db.session() as s:
         row = _namespace_row(s, namespace, create=True)
         row.max_concurrent_jobs = max_concurrent_jobs
         row.max_cpus = max_cpus
         row.max_gpus = max_gpus
+        row.max_priority = max_priority
         s.flush()
         return _ns(row)

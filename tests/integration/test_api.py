@@ -139,7 +139,7 @@ def test_idempotency(api):
     again = client.post("/v1/fine_tuning/jobs", json=_body(), headers=hdr)
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["id"] == again.json()["id"]
-    other = client.post("/v1/fine_tuning/jobs", json=_body(priority=3), headers=hdr)
+    other = client.post("/v1/fine_tuning/jobs", json=_body(max_failures=3), headers=hdr)
     assert other.status_code == 409 and other.json()["error"]["field"] == "idempotency_key"
 
     ids, lock = [], threading.Lock()
@@ -177,6 +177,17 @@ def test_idempotency_keys_are_checked_like_client_tokens(api):
     again = client.post(url, json=_body(name="k", idempotency_key="same"), headers=hdr)
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["id"] == again.json()["id"]
+
+
+def test_priority_is_capped_by_the_namespace_maximum(api):
+    client, registry, tokens = api
+    hdr = _h(tokens["a"])
+    r = client.post("/v1/fine_tuning/jobs", json=_body(name="loud", priority=100), headers=hdr)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "priority"
+    assert "maximum of 0" in r.json()["error"]["message"]  # the default: every team equal
+    repo.set_namespace_limits(registry.catalog, namespace="a", max_priority=10)
+    r = client.post("/v1/fine_tuning/jobs", json=_body(name="loud", priority=10), headers=hdr)
+    assert r.status_code == 201 and r.json()["priority"] == 10
 
 
 def test_hostile_inputs_are_4xx_and_store_nothing(api):

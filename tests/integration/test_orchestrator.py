@@ -64,7 +64,8 @@ def _state(registry, job_id):  # type: ignore[no-untyped-def]
 
 def test_limit_priority_order_and_publish(env):
     settings, registry = env
-    repo.set_namespace_limits(registry.catalog, namespace="team", max_concurrent_jobs=1)
+    repo.set_namespace_limits(registry.catalog, namespace="team", max_concurrent_jobs=1,
+                              max_priority=5)  # fmt: skip
     a = submit_job(registry.catalog, _spec(registry, "low-a")).job
     b = submit_job(registry.catalog, _spec(registry, "low-b")).job
     c = submit_job(registry.catalog, _spec(registry, "high", priority=5)).job

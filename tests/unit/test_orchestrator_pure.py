@@ -167,11 +167,24 @@ def test_job_that_never_fits_blocks_nobody():
     assert d.admit == ["j2"] and "cannot fit the cluster" in d.waiting["j1"]
 
 
-def test_blocked_high_priority_holds_back_lower_priority():
-    d = decide(
-        [_q(1, prio=5, workers_per_node=3), _q(2, prio=0)], [], [NodeFree(cpus=2, total_cpus=4)]
-    )
-    assert d.admit == [] and "higher-priority" in d.waiting["j2"]
+def test_blocked_high_priority_holds_back_its_own_namespace_only():
+    nodes = [NodeFree(cpus=2, total_cpus=4)]
+    big, mine, theirs = _q(1, prio=5, workers_per_node=3), _q(2, prio=0), _q(3, "b", prio=0)
+    d = decide([big, mine, theirs], [], nodes)
+    # the team's small job does not overtake its big one; another team's job backfills
+    assert d.admit == ["j3"] and "higher-priority job of namespace a" in d.waiting["j2"]
+    assert "waiting for resources" in d.waiting["j1"]
+
+
+def test_priority_counts_only_up_to_the_namespace_maximum():
+    nodes = [NodeFree(cpus=1)]
+    loud, quiet = _q(1, "a", prio=100), _q(2, "b", prio=0, t=0.5)
+    # a default maximum of 0 for both: equal, so submission time decides
+    equal = {"a": Limits(max_priority=0), "b": Limits(max_priority=0)}
+    assert decide([loud, quiet], [], nodes, equal).admit == ["j2"]
+    # an admin raised a's maximum: its priority counts now
+    raised = {"a": Limits(max_priority=10), "b": Limits(max_priority=0)}
+    assert decide([loud, quiet], [], nodes, raised).admit == ["j1"]
 
 
 def test_gpu_quota():
