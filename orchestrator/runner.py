@@ -112,6 +112,11 @@ def run_job(job_id: str, settings: Settings) -> str:
         result = train_distributed(dspec)
     except (WorkerError, StorageError, ValueError) as exc:
         return _fail(db, job_id, str(exc))
+    except Exception as exc:  # anything else fails the job too, with its reason: a runner
+        # that died instead would be retried by the scheduler, and a bad spec retried fails
+        # the same way again
+        log.exception("job %s: unexpected error", job_id)
+        return _fail(db, job_id, f"{type(exc).__name__}: {exc}")
     try:
         current = jobs.get_job(db, job_id=job_id)
         if current.state != "running":  # cancelled meanwhile: publish nothing
@@ -137,7 +142,7 @@ def run_job(job_id: str, settings: Settings) -> str:
             tags=spec.tags,
             created_by=f"job:{job_id}",
         )
-    except (StorageError, ValueError) as exc:
+    except Exception as exc:
         # the trained adapter stays staged in the object store (staging/<run>/)
         return _fail(db, job_id, f"publish failed: {exc}")
     finally:

@@ -141,3 +141,25 @@ def test_files_are_one_record_per_content_per_namespace(catalog):
     assert deleted.id == other.id and left == 1  # team's record still names the bytes
     with pytest.raises(files.FileNotFound):
         files.get_file(catalog, file_id=results[0][0].id, namespace="blue")
+
+
+def test_the_runner_fails_a_job_with_its_reason_whatever_it_raises(tmp_path, monkeypatch):
+    """An unexpected exception (here an OverflowError) ends the job `failed` with the reason;
+    it never escapes as a lost runner, which the scheduler would retry."""
+    from orchestrator import runner
+    from storage.settings import load_settings
+
+    settings = load_settings({"LORAFLEET_HOME": str(tmp_path / "home")})
+    from storage.registry import Registry
+
+    db = Registry.from_settings(settings).catalog
+    job, _ = jobs.create_job(db, namespace="team", name="j", spec=SPEC)
+    jobs.transition_job(db, job_id=job.id, allowed_from={"queued"}, to="starting")
+
+    def overflow(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(runner, "build_distributed_spec", overflow)
+    assert runner.run_job(job.id, settings) == "failed"
+    failed = jobs.get_job(db, job_id=job.id)
+    assert failed.error is not None and failed.error.startswith("OverflowError: cannot convert")
