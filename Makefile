@@ -47,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests --durations=20
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
