@@ -92,6 +92,10 @@ def _ladder() -> list[str]:
     return rows
 
 
+def _static_ttft(at: str) -> str:
+    return f"static's p99 is {_get('serving', 'traffic', at, 'ttft_p99_s', 'static_median'):.2f} s"
+
+
 def _offline(key: str, digits: int) -> str:
     r = _get("serving", "offline", "ratios")
     return f"{_x(r[key], digits)} ({r[key + '_min']:.{digits}f}–{r[key + '_max']:.{digits}f})"
@@ -125,9 +129,11 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("serving 16 vs 1", lambda: _batch("ours16_vs_ours1", 3)),
     ("serving vs PEFT", lambda: _batch("ours16_vs_peft16", 2)),
     ("merged", _merged),
-    ("2-s rate", lambda: _rate("at_2s_rate")),
-    ("TTFT at the 2-s rate", lambda: _traffic("at_2s_rate", "ttft_p99_s", 3)),
-    ("tokens/s at the 2-s rate", lambda: _traffic("at_2s_rate", "tokens_per_s")),
+    ("TTFT at 4/s", lambda: _traffic("at_4_per_s", "ttft_p99_s", 3)),
+    ("TTFT at 8/s", lambda: _traffic("at_8_per_s", "ttft_p99_s", 3)),
+    ("tokens/s at 4/s", lambda: _traffic("at_4_per_s", "tokens_per_s")),
+    ("tokens/s at 8/s", lambda: _traffic("at_8_per_s", "tokens_per_s")),
+    ("static TTFT at 4/s", lambda: _static_ttft("at_4_per_s")),
     ("saturated rate", lambda: _rate("saturated")),
     ("tokens/s saturated", lambda: _traffic("saturated", "tokens_per_s")),
     ("TTFT saturated", lambda: _traffic("saturated", "ttft_p99_s", 3)),
