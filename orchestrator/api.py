@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.api_files import UploadGuard, files_router
@@ -27,7 +27,8 @@ from orchestrator.service import cancel_job, submit_job
 from orchestrator.spec import IdempotencyKeyError, JobSpec, SpecError
 from storage.auth import Principal, Unauthorized, authenticate
 from storage.catalog import jobs
-from storage.catalog.domain import AdapterVersion
+from storage.catalog import repository as repo
+from storage.catalog.domain import AdapterVersion, ApiToken
 from storage.errors import (
     CatalogUnavailable,
     IntegrityError,
@@ -39,6 +40,15 @@ from storage.errors import (
 )
 from storage.registry import Registry
 from storage.settings import Settings
+
+
+class TokenBody(BaseModel):
+    """A token to create: its namespace, a name, a scope and an optional lifetime."""
+
+    namespace: str
+    name: str
+    scope: str = "write"
+    expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)
 
 
 class PromoteBody(BaseModel):
@@ -137,11 +147,60 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": {"message": str(exc.detail), "field": None}}, exc.status_code)
 
-    def principal(authorization: str | None = Header(default=None)) -> Principal:
+    def principal(request: Request, authorization: str | None = Header(default=None)) -> Principal:
         try:
-            return authenticate(db, admin, authorization)
+            who = authenticate(db, admin, authorization)
         except Unauthorized as exc:
             raise ApiError(401, str(exc)) from None
+        # the one place scopes are enforced: a read token lists, shows and downloads (GET);
+        # every POST or DELETE changes something and needs a write token
+        if request.method not in ("GET", "HEAD") and not who.can_write:
+            raise ApiError(403, "this token is read-only: it may list and download, not change")
+        return who
+
+    def token_object(t: ApiToken, secret: str | None = None) -> dict[str, Any]:
+        def ts(d: Any) -> float | None:
+            return d.timestamp() if d is not None else None
+
+        body = {"id": t.id, "object": "token", "namespace": t.namespace, "name": t.name,
+                "scope": t.scope, "created_at": ts(t.created_at),
+                "expires_at": ts(t.expires_at), "revoked_at": ts(t.revoked_at)}  # fmt: skip
+        if secret is not None:
+            body["token"] = secret  # shown once, never stored
+        return body
+
+    @app.post("/v1/tokens", status_code=201)
+    def create_token(body: TokenBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        if not who.can_manage_tokens(body.namespace):
+            raise ApiError(403, f"this token may not manage namespace {body.namespace}'s tokens")
+        try:
+            secret = repo.create_token(
+                db, namespace=body.namespace, name=body.name, scope=body.scope,
+                expires_in_s=body.expires_in_s,
+            )  # fmt: skip
+        except InvalidName as exc:
+            field = "scope" if "scope" in str(exc) else "name"
+            raise ApiError(422, str(exc), field) from None
+        owner = repo.token_owner(db, token=secret)
+        assert owner is not None
+        return token_object(owner, secret)
+
+    @app.get("/v1/tokens")
+    def list_tokens(namespace: str | None = None, who: Principal = Depends(principal)) -> dict:
+        scope = namespace if who.namespace is None else who.namespace
+        if not who.can_manage_tokens(scope):
+            raise ApiError(403, "listing tokens needs an admin token")
+        data = [token_object(t) for t in repo.list_tokens(db, namespace=scope)]
+        return {"object": "list", "data": data}
+
+    @app.delete("/v1/tokens/{token_id}")
+    def revoke_token(token_id: int, who: Principal = Depends(principal)) -> dict[str, Any]:
+        if not who.can_manage_tokens(who.namespace):
+            raise ApiError(403, "revoking tokens needs an admin token")
+        try:
+            return token_object(repo.revoke_token(db, token_id=token_id, namespace=who.namespace))
+        except NotFound as exc:
+            raise ApiError(404, str(exc)) from None
 
     def visible_job(job_id: str, who: Principal) -> jobs.Job:
         try:

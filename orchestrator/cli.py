@@ -15,6 +15,7 @@ from orchestrator.cli_files import files_app
 from orchestrator.cli_jobs import jobs_app, server, submit
 from orchestrator.cli_namespaces import namespaces_app
 from orchestrator.cli_serve import serve
+from orchestrator.cli_tokens import tokens_app
 from workers.errors import WorkerError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -28,6 +29,7 @@ app.command("gc")(user_errors(gc))
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(files_app, name="files")
 app.add_typer(namespaces_app, name="namespaces")
+app.add_typer(tokens_app, name="tokens")
 app.command("submit")(submit)
 app.command("server")(server)
 app.command("serve")(serve)

@@ -18,12 +18,24 @@ class Unauthorized(Exception):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: ``namespace`` None is the admin."""
+    """Who is calling: ``namespace`` None is the admin; ``scope`` what the token may do."""
 
     namespace: str | None
+    scope: str = "admin"  # read < write < admin (the admin token: admin of every namespace)
 
     def can_see(self, namespace: str) -> bool:
         return self.namespace is None or self.namespace == namespace
+
+    @property
+    def can_write(self) -> bool:
+        """Submit, cancel, upload, promote, delete (a read token lists and downloads only)."""
+        return self.scope in ("write", "admin")
+
+    def can_manage_tokens(self, namespace: str | None) -> bool:
+        """The admin token: any namespace's tokens; a namespace admin token: its own."""
+        if self.namespace is None:
+            return True
+        return self.scope == "admin" and namespace == self.namespace
 
 
 def authenticate(catalog: Catalog, admin_token: str | None, authorization: str | None) -> Principal:
@@ -40,7 +52,7 @@ def authenticate(catalog: Catalog, admin_token: str | None, authorization: str |
         raise Unauthorized("malformed bearer token")
     if admin_token is not None and hmac.compare_digest(token, admin_token):
         return Principal(None)
-    ns = repo.namespace_for_token(catalog, token=token)
-    if ns is None:
-        raise Unauthorized("invalid token")
-    return Principal(ns.name)
+    owner = repo.token_owner(catalog, token=token)
+    if owner is None:
+        raise Unauthorized("invalid, revoked or expired token")
+    return Principal(owner.namespace, owner.scope)

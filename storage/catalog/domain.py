@@ -18,6 +18,22 @@ class Namespace:
     max_priority: int = 0  # highest job priority its members may ask for (set by an admin)
 
 
+TOKEN_SCOPES = ("read", "write", "admin")  # each includes the ones before it
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A namespace's bearer token as the catalog describes it (never the secret itself)."""
+
+    id: int
+    namespace: str
+    name: str
+    scope: str
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
 def files_digest(files: tuple[FileDigest, ...]) -> str:
     """One SHA-256 over a set of stored files (name, digest, size), in name order."""
     h = hashlib.sha256()

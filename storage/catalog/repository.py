@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable
+from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import and_, select, update
@@ -18,7 +19,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from storage.catalog.db import Catalog
-from storage.catalog.domain import AdapterVersion, BaseModel, FileDigest, Namespace
+from storage.catalog.domain import (
+    TOKEN_SCOPES,
+    AdapterVersion,
+    ApiToken,
+    BaseModel,
+    FileDigest,
+    Namespace,
+)
 from storage.catalog.models import (
     AdapterRepoRow,
     AdapterTagRow,
@@ -29,7 +37,13 @@ from storage.catalog.models import (
     NamespaceRow,
     utcnow,
 )
-from storage.errors import AdapterExists, AdapterNotFound, BaseModelNotFound, NotFound
+from storage.errors import (
+    AdapterExists,
+    AdapterNotFound,
+    BaseModelNotFound,
+    InvalidName,
+    NotFound,
+)
 from storage.names import AdapterRef, validate_name
 
 READY, PENDING, DELETED = "ready", "pending", "deleted"
@@ -124,27 +138,82 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(db: Catalog, *, namespace: str, name: str) -> str:
-    """Create a bearer token for ``namespace``; returns the only copy of the plaintext."""
+def create_token(
+    db: Catalog,
+    *,
+    namespace: str,
+    name: str,
+    scope: str = "write",
+    expires_in_s: float | None = None,
+) -> str:
+    """Create a bearer token for ``namespace``; returns the only copy of the plaintext (the
+    catalog keeps its SHA-256). ``scope``: read (list and download), write (also submit,
+    cancel, upload, promote, delete), admin (also manage the namespace's tokens)."""
     validate_name(name, kind="token name")
+    if scope not in TOKEN_SCOPES:
+        raise InvalidName(f"invalid scope {scope!r}: use one of {', '.join(TOKEN_SCOPES)}")
+    if expires_in_s is not None and expires_in_s <= 0:
+        raise InvalidName("a token's lifetime must be positive")
+    expires = utcnow() + timedelta(seconds=expires_in_s) if expires_in_s is not None else None
     token = "lf_" + secrets.token_urlsafe(32)
     with db.session() as s:
         ns = _namespace_row(s, namespace, create=True)
-        s.add(ApiTokenRow(namespace_id=ns.id, name=name, token_sha256=token_digest(token)))
+        s.add(ApiTokenRow(namespace_id=ns.id, name=name, token_sha256=token_digest(token),
+                          scope=scope, expires_at=expires))  # fmt: skip
     return token
 
 
-def namespace_for_token(db: Catalog, *, token: str) -> Namespace | None:
-    """The namespace a live token belongs to, or None."""
+def _token(row: ApiTokenRow, namespace: str) -> ApiToken:
+    return ApiToken(row.id, namespace, row.name, row.scope, row.created_at, row.expires_at,
+                    row.revoked_at)  # fmt: skip
+
+
+def list_tokens(db: Catalog, *, namespace: str | None = None) -> list[ApiToken]:
+    """Tokens (never their secrets), oldest first; revoked and expired ones included."""
     with db.session() as s:
-        row = s.scalar(
-            select(NamespaceRow)
-            .join(ApiTokenRow, ApiTokenRow.namespace_id == NamespaceRow.id)
+        q = select(ApiTokenRow, NamespaceRow.name).join(NamespaceRow)
+        if namespace is not None:
+            q = q.where(NamespaceRow.name == namespace)
+        return [_token(row, ns) for row, ns in s.execute(q.order_by(ApiTokenRow.id))]
+
+
+def revoke_token(db: Catalog, *, token_id: int, namespace: str | None = None) -> ApiToken:
+    """Revoke a token at once (idempotent). Raises ``NotFound`` (also for another namespace's
+    token when ``namespace`` is given)."""
+    with db.session() as s:
+        q = select(ApiTokenRow, NamespaceRow.name).join(NamespaceRow)
+        q = q.where(ApiTokenRow.id == token_id)
+        if namespace is not None:
+            q = q.where(NamespaceRow.name == namespace)
+        found = s.execute(q).first()
+        if found is None:
+            raise NotFound(f"token {token_id} not found")
+        row, ns = found
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+        s.flush()
+        return _token(row, ns)
+
+
+def token_owner(db: Catalog, *, token: str) -> ApiToken | None:
+    """The live (neither revoked nor expired) token with this secret, or None."""
+    with db.session() as s:
+        found = s.execute(
+            select(ApiTokenRow, NamespaceRow.name)
+            .join(NamespaceRow)
             .where(
                 ApiTokenRow.token_sha256 == token_digest(token), ApiTokenRow.revoked_at.is_(None)
             )
-        )
-        return _ns(row) if row else None
+        ).first()
+        if found is None:
+            return None
+        row, ns = found
+        expires = row.expires_at
+        if expires is not None and expires.tzinfo is None:  # SQLite drops the zone: it is UTC
+            expires = expires.replace(tzinfo=UTC)
+        if expires is not None and expires <= utcnow():
+            return None
+        return _token(row, ns)
 
 
 # -- base models ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -392,3 +393,45 @@ def test_store_faults_are_5xx_without_server_details(api):
     r = client.get(f"/v1/files/{FILES['a']}/content", headers=h)
     assert r.status_code == 502, r.text
     assert "blobs/" not in r.text and "file://" not in r.text and "/tmp" not in r.text
+
+
+def test_tokens_scopes_expiry_and_revocation_route_by_route(api):
+    """A read token lists, shows and downloads; every route that changes something is a 403
+    for it. Revoked and expired tokens are 401. Token routes need an admin."""
+    client, registry, tokens = api
+    admin = _h(ADMIN)
+    r = client.post("/v1/tokens", json={"namespace": "a", "name": "ro", "scope": "read"},
+                    headers=admin)  # fmt: skip
+    assert r.status_code == 201 and r.json()["token"].startswith("lf_"), r.text
+    ro, ro_id = _h(r.json()["token"]), r.json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json=_body(name="rw"), headers=_h(tokens["a"]))
+    job_id = job.json()["id"]
+    reads = ["/v1/fine_tuning/jobs", f"/v1/fine_tuning/jobs/{job_id}",
+             f"/v1/fine_tuning/jobs/{job_id}/events", "/v1/files", f"/v1/files/{FILES['a']}",
+             f"/v1/files/{FILES['a']}/content", "/v1/adapters"]  # fmt: skip
+    for path in reads:
+        assert client.get(path, headers=ro).status_code == 200, path
+    writes = [
+        ("post", "/v1/fine_tuning/jobs", {"json": _body(name="nope")}),
+        ("post", f"/v1/fine_tuning/jobs/{job_id}/cancel", {}),
+        ("post", "/v1/files", {"data": {"purpose": "fine-tune"},
+                               "files": {"file": ("x.jsonl", DATA["a"], "application/jsonl")}}),
+        ("delete", f"/v1/files/{FILES['a']}", {}),
+        ("post", "/v1/adapters/a/x/promote", {"json": {"alias": "prod"}}),
+        ("delete", "/v1/adapters/a/x:1", {}),
+        ("post", "/v1/tokens", {"json": {"namespace": "a", "name": "more"}}),
+    ]  # fmt: skip
+    for method, path, kw in writes:
+        r = getattr(client, method)(path, headers=ro, **kw)
+        assert r.status_code == 403 and "read-only" in r.text, (method, path, r.text)
+    assert len(jobs.list_jobs(registry.catalog)) == 1  # the read token created nothing
+    # a namespace token may not manage tokens; the admin lists them, never their secrets
+    assert client.get("/v1/tokens", headers=_h(tokens["a"])).status_code == 403
+    listed = client.get("/v1/tokens", params={"namespace": "a"}, headers=admin).json()["data"]
+    assert {t["scope"] for t in listed} == {"write", "read"} and "token" not in listed[0]
+    assert client.delete(f"/v1/tokens/{ro_id}", headers=admin).status_code == 200
+    assert client.get("/v1/fine_tuning/jobs", headers=ro).status_code == 401  # revoked
+    short = repo.create_token(registry.catalog, namespace="a", name="short", expires_in_s=0.2)
+    assert client.get("/v1/files", headers=_h(short)).status_code == 200
+    time.sleep(0.5)
+    assert client.get("/v1/files", headers=_h(short)).status_code == 401  # expired

@@ -126,8 +126,8 @@ def test_concurrent_publishes_get_consecutive_versions(catalog):
 
 def test_tokens_are_stored_hashed(catalog):
     token = repo.create_token(catalog, namespace="team", name="ci")
-    assert repo.namespace_for_token(catalog, token=token).name == "team"
-    assert repo.namespace_for_token(catalog, token=token + "x") is None
+    assert repo.token_owner(catalog, token=token).namespace == "team"
+    assert repo.token_owner(catalog, token=token + "x") is None
     from sqlalchemy import text
 
     with catalog.engine.connect() as conn:

@@ -193,3 +193,13 @@ def test_gpu_quota():
         [_q(1, gpus_per_worker=1, workers_per_node=2)], [], [NodeFree(cpus=8, gpus=8)], limits
     )
     assert d.admit == [] and "GPU quota" in d.waiting["j1"]
+
+
+def test_token_lifetimes_parse_or_say_what_is_accepted():
+    from orchestrator.cli_tokens import parse_duration
+
+    assert parse_duration("30d") == 30 * 86400 and parse_duration("12h") == 43200
+    assert parse_duration("15m") == 900 and parse_duration("90s") == 90
+    for bad in ("0d", "30", "1w", "-1d", "1.5h", "d"):
+        with pytest.raises(ValueError, match="30d"):
+            parse_duration(bad)

@@ -125,6 +125,12 @@ def ingress_class(opts: ServeOptions) -> Any:
             except Unauthorized as exc:
                 raise HttpError(401, str(exc)) from None
 
+        async def _writer(self, authorization: str | None) -> None:
+            """Loading and unloading change a replica: a read-only token may not."""
+            who = await asyncio.to_thread(self._who, authorization)
+            if not who.can_write:
+                raise HttpError(403, "this token is read-only: it may not load or unload")
+
         async def _resolve(self, model: str, authorization: str | None) -> AdapterVersion | None:
             """Authenticate and resolve off the event loop (both may query the catalog)."""
             who = await asyncio.to_thread(self._who, authorization)
@@ -253,6 +259,7 @@ def ingress_class(opts: ServeOptions) -> Any:
         @app.post("/v1/adapters/{namespace}/{ref}/load")
         async def load(self, namespace: str, ref: str,
                        authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
+            await self._writer(authorization)
             version = await self._resolve(f"{namespace}/{ref}", authorization)
             adapter = version.ref if version else ""
             handle = self.server.options(multiplexed_model_id=adapter)
@@ -264,6 +271,7 @@ def ingress_class(opts: ServeOptions) -> Any:
         @app.post("/v1/adapters/{namespace}/{ref}/unload")
         async def unload(self, namespace: str, ref: str,
                          authorization: str | None = Header(default=None)) -> dict:  # fmt: skip
+            await self._writer(authorization)
             version = await self._resolve(f"{namespace}/{ref}", authorization)
             adapter = version.ref if version else ""
             handle = self.server.options(multiplexed_model_id=adapter)
