@@ -25,7 +25,14 @@ from storage.catalog import files as file_repo
 from storage.catalog import repository as repo
 from storage.catalog.db import Catalog, open_catalog
 from storage.catalog.domain import AdapterVersion, BaseModel, DataFile, FileDigest
-from storage.errors import AdapterExists, AdapterRejected, IntegrityError, InvalidName, NotFound
+from storage.errors import (
+    AdapterExists,
+    AdapterRejected,
+    IntegrityError,
+    InvalidName,
+    NotFound,
+    ObjectNotFound,
+)
 from storage.fingerprint import TensorInfo, fingerprint_model_dir
 from storage.names import parse_ref, validate_name
 from storage.objects import ObjectStore, open_store
@@ -276,15 +283,36 @@ class Registry:
         self.check_adapter(adapter_dir, base)
         manifest = inspect_adapter_dir(adapter_dir)
         prefix = f"{ADAPTER_ROOT}/{target.namespace}/{target.name}/{uuid.uuid4().hex}"
+        # the lease comes before the first byte: gc keeps what it finds under a leased prefix
+        repo.take_publish_lease(self.catalog, prefix=prefix)
+        try:
+            return self._publish_leased(prefix, target, base, manifest, job_id=job_id,
+                                        dataset_sha256=dataset_sha256, metrics=metrics,
+                                        hyperparameters=hyperparameters, tags=tags,
+                                        created_by=created_by)  # fmt: skip
+        finally:
+            repo.drop_publish_lease(self.catalog, prefix=prefix)
+
+    def _publish_leased(
+        self, prefix: str, target: Any, base: BaseModel, manifest: Any, **lineage: Any
+    ) -> AdapterVersion:
         digests = []
         t0 = time.perf_counter()
         for path in manifest.files:
             put = self.store.put_file(path, f"{prefix}/{path.name}")
-            stored = self.store.stat(put.key)
-            if stored.size != put.size:
-                raise IntegrityError(f"{put.key}: stored {stored.size} bytes, sent {put.size}")
             digests.append(FileDigest(path.name, put.sha256, put.size))
+        # ready only once every object is checked again, after the last upload: a missing or
+        # short object (whatever removed it) fails the publish instead of the first fetch
+        for d in digests:
+            key = f"{prefix}/{d.name}"
+            try:
+                stored = self.store.stat(key)
+            except ObjectNotFound:
+                raise IntegrityError(f"{key} vanished while publishing") from None
+            if stored.size != d.size:
+                raise IntegrityError(f"{key}: stored {stored.size} bytes, sent {d.size}")
         log.info("uploaded %s in %.0f ms", prefix, (time.perf_counter() - t0) * 1000)
+        hyperparameters = lineage.pop("hyperparameters")
         return repo.create_adapter_version(
             self.catalog,
             namespace=target.namespace,
@@ -296,12 +324,8 @@ class Registry:
             alpha=manifest.alpha,
             target_modules=manifest.target_modules,
             use_rslora=manifest.use_rslora,
-            job_id=job_id,
-            dataset_sha256=dataset_sha256,
-            metrics=metrics,
             hyperparameters=hyperparameters or {"lora": manifest.config},
-            tags=tags,
-            created_by=created_by,
+            **lineage,
         )
 
     def import_adapter(
@@ -341,14 +365,20 @@ class Registry:
         """Delete objects that nothing in the catalog references.
 
         Orphans of failed publishes, bytes of deleted versions, and blobs no base or uploaded
-        file names all go. Objects younger than
-        ``min_age_s`` are kept, since they may belong to a publish still in flight.
+        file names all go. A publish in flight holds a lease on its prefix, so its objects stay
+        whatever ``min_age_s`` says; objects younger than ``min_age_s`` are kept too (blob
+        uploads of bases and files take no lease).
         """
-        live = repo.live_object_prefixes(self.catalog)
+        # The order matters. Objects are listed first: any object listed was uploaded after
+        # its publish took its lease. Leases are read next, then live versions: a publish
+        # creates its version row before it drops its lease, so every listed object is
+        # covered by one or the other.
+        candidates = [*self.store.list(f"{ADAPTER_ROOT}/"), *self.store.list(f"{BLOB_ROOT}/")]
+        leased = repo.leased_prefixes(self.catalog)
+        live = repo.live_object_prefixes(self.catalog) | leased
         blobs = repo.live_blob_digests(self.catalog)
         now = time.time()
         orphans, deleted = [], []
-        candidates = [*self.store.list(f"{ADAPTER_ROOT}/"), *self.store.list(f"{BLOB_ROOT}/")]
         for obj in candidates:
             prefix, name = obj.key.rsplit("/", 1)
             if prefix in live or (prefix == BLOB_ROOT and name in blobs):

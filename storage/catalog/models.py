@@ -192,3 +192,11 @@ class AliasRow(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+
+
+class PublishLeaseRow(Base):
+    """A publish in flight: gc keeps the objects under ``prefix`` while the lease exists."""
+
+    __tablename__ = "publish_leases"
+    prefix: Mapped[str] = mapped_column(String(512), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import UTC, timedelta
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
@@ -35,6 +35,7 @@ from storage.catalog.models import (
     ApiTokenRow,
     BaseModelRow,
     NamespaceRow,
+    PublishLeaseRow,
     utcnow,
 )
 from storage.errors import (
@@ -477,6 +478,24 @@ def live_blob_digests(db: Catalog) -> set[str]:
         for files in s.scalars(select(BaseModelRow.files)):
             live |= {f["sha256"] for f in (files or {}).values()}
         return live
+
+
+def take_publish_lease(db: Catalog, *, prefix: str) -> None:
+    """Record a publish in flight under ``prefix`` (before its first object is uploaded)."""
+    with db.session() as s:
+        s.add(PublishLeaseRow(prefix=prefix))
+
+
+def drop_publish_lease(db: Catalog, *, prefix: str) -> None:
+    """The publish under ``prefix`` ended (its version row exists, or it failed)."""
+    with db.session() as s:
+        s.execute(delete(PublishLeaseRow).where(PublishLeaseRow.prefix == prefix))
+
+
+def leased_prefixes(db: Catalog) -> set[str]:
+    """Prefixes of publishes in flight (gc keeps their objects)."""
+    with db.session() as s:
+        return set(s.scalars(select(PublishLeaseRow.prefix)))
 
 
 def live_object_prefixes(db: Catalog) -> set[str]:

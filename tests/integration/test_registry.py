@@ -169,6 +169,43 @@ def test_gc_removes_orphans_and_deleted_versions_only(registry, adapter_dir, tmp
     assert all(registry.store.exists(blob_key(f.sha256)) for f in base.files)
 
 
+def test_gc_during_a_publish_keeps_its_objects(registry, adapter_dir, monkeypatch):
+    """gc with no age margin runs between a publish's uploads: the lease keeps the objects
+    already uploaded, and the version that becomes ready is complete and fetchable."""
+    put, ran = registry.store.put_file, []
+
+    def put_then_gc(path, key):  # type: ignore[no-untyped-def]
+        info = put(path, key)
+        if not ran:  # after the first object of the publish is stored
+            ran.append(registry.gc(min_age_s=0))
+        return info
+
+    monkeypatch.setattr(registry.store, "put_file", put_then_gc)
+    version = registry.publish(adapter_dir=adapter_dir, ref="team/racing", base_model="tiny")
+    assert ran and ran[0].deleted_keys == []  # gc saw the object and kept it
+    assert repo.leased_prefixes(registry.catalog) == set()  # the lease is gone with the publish
+    monkeypatch.undo()
+    _, fetched = registry.fetch(version.ref)  # every object there, verified
+    assert (fetched / "adapter_config.json").is_file()
+    assert registry.gc(min_age_s=0).deleted_keys == []  # ready now: live, kept for good
+
+
+def test_a_publish_whose_object_vanishes_never_becomes_ready(registry, adapter_dir, monkeypatch):
+    put = registry.store.put_file
+
+    def put_then_lose(path, key):  # type: ignore[no-untyped-def]
+        info = put(path, key)
+        if key.endswith("adapter_config.json"):
+            registry.store.delete(key)  # whatever removed it, the re-check sees it
+        return info
+
+    monkeypatch.setattr(registry.store, "put_file", put_then_lose)
+    with pytest.raises(IntegrityError, match="vanished"):
+        registry.publish(adapter_dir=adapter_dir, ref="team/broken", base_model="tiny")
+    assert all(v.name != "broken" for v in registry.list(namespace="team"))
+    assert repo.leased_prefixes(registry.catalog) == set()
+
+
 def test_import_peft_adapter(registry, tiny_base_dir, tmp_path):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
