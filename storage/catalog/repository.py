@@ -453,7 +453,16 @@ def set_alias(db: Catalog, *, ref: AdapterRef, alias: str) -> AdapterVersion:
             .values(version_id=row.id, updated_at=utcnow())
         ).rowcount  # type: ignore[attr-defined]
         if not moved:
-            s.add(AliasRow(repo_id=row.repo_id, alias=alias, version_id=row.id))
+            try:
+                with s.begin_nested():  # a first promotion: another may insert at once
+                    s.add(AliasRow(repo_id=row.repo_id, alias=alias, version_id=row.id))
+                    s.flush()
+            except sa_exc.IntegrityError:  # it did: the alias exists now, move it to ours
+                s.execute(
+                    update(AliasRow)
+                    .where(AliasRow.repo_id == row.repo_id, AliasRow.alias == alias)
+                    .values(version_id=row.id, updated_at=utcnow())
+                )
         s.flush()
         return _version(s, row)
 

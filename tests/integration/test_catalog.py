@@ -124,6 +124,37 @@ def test_concurrent_publishes_get_consecutive_versions(catalog):
     assert sorted(results) == list(range(1, 25))
 
 
+def test_sixteen_concurrent_first_promotions_make_one_alias(catalog):
+    """Sixteen promotions of one new alias at once: no error, exactly one alias row, pointing
+    at one of the promoted versions (the last writer's)."""
+    from sqlalchemy import func, select
+
+    from storage.catalog.models import AliasRow
+    from storage.names import AdapterRef
+
+    base = _base(catalog)
+    versions = [_new_version(catalog, base.id, name="race").version for _ in range(16)]
+    barrier, errors = threading.Barrier(16), []
+
+    def promote(v: int) -> None:
+        barrier.wait()
+        try:
+            repo.set_alias(catalog, ref=AdapterRef("team", "race", v, None), alias="prod")
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with catalog.session() as s:
+        assert s.scalar(select(func.count()).select_from(AliasRow)) == 1
+    resolved = repo.resolve_adapter(catalog, ref=AdapterRef("team", "race", None, "prod"))
+    assert resolved.version in versions
+
+
 def test_tokens_are_stored_hashed(catalog):
     token = repo.create_token(catalog, namespace="team", name="ci")
     assert repo.token_owner(catalog, token=token).namespace == "team"
