@@ -163,3 +163,65 @@ def test_the_runner_fails_a_job_with_its_reason_whatever_it_raises(tmp_path, mon
     assert runner.run_job(job.id, settings) == "failed"
     failed = jobs.get_job(db, job_id=job.id)
     assert failed.error is not None and failed.error.startswith("OverflowError: cannot convert")
+
+
+class _FakeCluster:
+    """The scheduler's cluster hooks, recorded: two 1-CPU slots, runners we kill by hand."""
+
+    def __init__(self) -> None:
+        self.alive: set[str] = set()
+        self.started: list[str] = []
+        self.killed: list[str] = []
+        self.released: list[str] = []
+
+    def hooks(self):  # type: ignore[no-untyped-def]
+        from orchestrator.scheduler import ClusterHooks
+        from orchestrator.scheduling import NodeFree
+
+        def start(job_id: str) -> None:
+            self.started.append(job_id)
+            self.alive.add(job_id)
+
+        def kill(job_id: str) -> bool:
+            self.killed.append(job_id)
+            self.alive.discard(job_id)
+            return True
+
+        def release(job_id: str) -> int:
+            self.released.append(job_id)
+            return 0
+
+        free = lambda: [NodeFree(cpus=2 - len(self.alive), total_cpus=2)]  # noqa: E731
+        return ClusterHooks(start, self.alive.__contains__, kill, release, free)
+
+
+def test_scheduler_tick_admits_stops_cancelled_and_resumes_lost_runners(catalog):
+    """SchedulerCore.tick over the real catalog with fake cluster hooks (no Ray)."""
+    from orchestrator.scheduler import SchedulerCore
+    from orchestrator.service import cancel_job
+
+    cluster = _FakeCluster()
+    core = SchedulerCore(catalog, cluster.hooks(), grace_s=3600)
+    ids = [jobs.create_job(catalog, namespace="team", name=f"j{i}", spec=SPEC)[0].id
+           for i in range(3)]  # fmt: skip
+    decision = core.tick()
+    assert decision.admit == ids[:2] and cluster.started == ids[:2]  # two slots, in order
+    assert "waiting for resources" in decision.waiting[ids[2]]
+    assert jobs.get_job(catalog, job_id=ids[2]).status_reason == decision.waiting[ids[2]]
+    assert core.tick().admit == []  # a second tick changes nothing
+    # a cancelled job's runner is stopped and its resources released; the waiting job starts
+    cancel_job(catalog, job_id=ids[0])
+    assert core.tick().admit == [ids[2]]
+    assert cluster.killed == [ids[0]] and ids[0] in cluster.released
+    # a running job whose runner vanished is resumed: starting again, a new runner
+    jobs.transition_job(catalog, job_id=ids[1], allowed_from={"starting"}, to="running")
+    cluster.alive.discard(ids[1])
+    core.tick()
+    resumed = jobs.get_job(catalog, job_id=ids[1])
+    assert resumed.state == "starting" and resumed.attempts == 2
+    assert cluster.started.count(ids[1]) == 2 and ids[1] in cluster.released
+    # a job still `starting` without a runner is left alone within the grace period
+    cluster.alive.discard(ids[2])
+    core.tick()
+    assert jobs.get_job(catalog, job_id=ids[2]).state == "starting"
+    assert cluster.started.count(ids[2]) == 1
