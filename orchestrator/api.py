@@ -23,12 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orchestrator.api_files import UploadGuard, files_router
 from orchestrator.http_errors import ApiError
 from orchestrator.lifecycle import TERMINAL, IllegalTransition
+from orchestrator.objects import adapter_object, event_object, job_object, token_object
 from orchestrator.service import cancel_job, submit_job
 from orchestrator.spec import IdempotencyKeyError, JobSpec, SpecError
 from storage.auth import Principal, Unauthorized, authenticate
 from storage.catalog import jobs
 from storage.catalog import repository as repo
-from storage.catalog.domain import AdapterVersion, ApiToken
+from storage.catalog.domain import AdapterVersion
 from storage.errors import (
     CatalogUnavailable,
     IntegrityError,
@@ -73,52 +74,6 @@ def storage_status(exc: StorageError) -> tuple[int, str]:
     return 400, str(exc)
 
 
-def job_object(job: jobs.Job, adapter: str | None = None) -> dict[str, Any]:
-    """A job as the API shows it (OpenAI's field names where they fit)."""
-    spec = job.spec
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "namespace": job.namespace,
-        "name": job.name,
-        "status": job.state,
-        "status_reason": job.status_reason,
-        "model": spec.get("base_model"),
-        "training_file": spec.get("training_data"),
-        "validation_file": spec.get("validation_data"),
-        "hyperparameters": {"lora": spec.get("lora"), "training": spec.get("training")},
-        "resources": spec.get("resources"),
-        "priority": job.priority,
-        "attempts": job.attempts,
-        "error": job.error,
-        "fine_tuned_model": adapter,
-        "created_at": int(job.created_at.timestamp()),
-        "started_at": int(job.started_at.timestamp()) if job.started_at else None,
-        "finished_at": int(job.finished_at.timestamp()) if job.finished_at else None,
-    }
-
-
-def adapter_object(v: AdapterVersion) -> dict[str, Any]:
-    return {
-        "id": v.ref,
-        "object": "adapter",
-        "namespace": v.namespace,
-        "name": v.name,
-        "version": v.version,
-        "state": v.state,
-        "aliases": list(v.aliases),
-        "tags": list(v.tags),
-        "base_model": {"name": v.base_model.name, "fingerprint": v.base_model.fingerprint},
-        "lora": {"r": v.r, "alpha": v.alpha, "target_modules": v.target_modules,
-                 "use_rslora": v.use_rslora},
-        "lineage": {"job_id": v.job_id, "dataset_sha256": v.dataset_sha256,
-                    "hyperparameters": v.hyperparameters, "created_by": v.created_by},
-        "metrics": v.metrics,
-        "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in v.files],
-        "created_at": int(v.created_at.timestamp()) if v.created_at else None,
-    }  # fmt: skip
-
-
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     """The API app over the configured catalog and object store."""
     reg = registry or Registry.from_settings(settings)
@@ -157,17 +112,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         if request.method not in ("GET", "HEAD") and not who.can_write:
             raise ApiError(403, "this token is read-only: it may list and download, not change")
         return who
-
-    def token_object(t: ApiToken, secret: str | None = None) -> dict[str, Any]:
-        def ts(d: Any) -> float | None:
-            return d.timestamp() if d is not None else None
-
-        body = {"id": t.id, "object": "token", "namespace": t.namespace, "name": t.name,
-                "scope": t.scope, "created_at": ts(t.created_at),
-                "expires_at": ts(t.expires_at), "revoked_at": ts(t.revoked_at)}  # fmt: skip
-        if secret is not None:
-            body["token"] = secret  # shown once, never stored
-        return body
 
     @app.post("/v1/tokens", status_code=201)
     def create_token(body: TokenBody, who: Principal = Depends(principal)) -> dict[str, Any]:
@@ -263,10 +207,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             return job_object(cancel_job(db, job_id=job.id))
         except (IllegalTransition, jobs.JobStateConflict) as exc:
             raise ApiError(409, str(exc), "status") from None
-
-    def event_object(e: jobs.JobEvent) -> dict[str, Any]:
-        return {"id": e.id, "object": "fine_tuning.job.event", "created_at": e.ts.timestamp(),
-                "type": e.kind, "data": e.data}  # fmt: skip
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=None)
     def events(

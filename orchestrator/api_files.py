@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from orchestrator.http_errors import ApiError
+from orchestrator.objects import file_object
 from orchestrator.uploads import UploadTooLarge, check_size, upload_dataset
 from storage.auth import Principal
 from storage.catalog import files as file_repo
@@ -69,16 +70,6 @@ async def _refuse(send: Any, status: int, message: str) -> None:
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
-
-
-def file_object(f: DataFile) -> dict[str, Any]:
-    """A file as the API shows it (OpenAI's fields, plus namespace, rows and digest)."""
-    return {
-        "id": f.id, "object": "file", "bytes": f.bytes, "filename": f.filename,
-        "purpose": f.purpose, "status": "processed", "namespace": f.namespace, "rows": f.rows,
-        "sha256": f.sha256,
-        "created_at": int(f.created_at.timestamp()) if f.created_at else None,
-    }  # fmt: skip
 
 
 def _target_namespace(who: Principal, namespace: str | None) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import console, fmt_bytes, user_errors
+from orchestrator.cli_common import OUTPUT, Format, console, emit, fmt_bytes, user_errors
+from orchestrator.objects import adapter_object
 
 db_app = typer.Typer(no_args_is_help=True, help="Catalog database schema.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter catalog.")
@@ -87,6 +88,7 @@ def adapters_list(
     tag: str | None = typer.Option(None, help="Only adapters with this tag."),
     metric: list[str] = typer.Option([], help="Metric filter, e.g. eval_loss<0.5 (repeatable)."),
     deleted: bool = typer.Option(False, help="Include deleted versions."),
+    output: Format = OUTPUT,
 ) -> None:
     """List adapter versions."""
     from storage.metric_filter import parse_metric_filter
@@ -96,6 +98,8 @@ def adapters_list(
         namespace=namespace, base_model=base, tag=tag, include_deleted=deleted
     )
     versions = [v for v in versions if all(f.matches(v.metrics) for f in filters)]
+    if emit([adapter_object(v) for v in versions], output):
+        return
     table = Table("adapter", "state", "base", "r", "targets", "size", "aliases", "tags", "created")
     for v in versions:
         targets = (
@@ -120,9 +124,12 @@ def adapters_list(
 @user_errors
 def adapters_show(
     ref: str = typer.Argument(..., help="ns/name, ns/name:VERSION or ns/name@ALIAS"),
+    output: Format = OUTPUT,
 ) -> None:
     """Show one version with its lineage."""
     v = _registry().resolve(ref)
+    if emit(adapter_object(v), output):
+        return
     table = Table(title=v.ref, show_header=False)
     table.add_column("field")
     table.add_column("value")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
+import sys
 from collections.abc import Callable
+from enum import Enum
 from typing import Any, TypeVar
 
 import typer
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,9 +29,34 @@ from storage.errors import StorageError
 from workers.errors import WorkerError
 from workers.lora.errors import LoraError
 
-console = Console()
+# Piped, rich would fit tables into 80 columns and cut identifiers ("acc/de…"): a console
+# that is not a terminal is as wide as the content needs.
+console = Console() if sys.stdout.isatty() else Console(width=10_000)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+OUTPUT = typer.Option(Format.table, "--output", "-o", help="table, or the API's objects as "
+                      "json or yaml (for scripts).")  # fmt: skip
+
+
+def emit(data: Any, fmt: Format) -> bool:
+    """Print ``data`` (the API's objects) as JSON or YAML; False for ``table`` (the caller
+    prints its table)."""
+    if fmt is Format.json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    elif fmt is Format.yaml:
+        typer.echo(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=True))
+    else:
+        return False
+    return True
+
 
 # Exceptions that mean "the user can fix this": printed as one line, exit code 1.
 USER_ERRORS: tuple[type[Exception], ...] = (

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import console, fmt_bytes, user_errors
+from orchestrator.cli_common import OUTPUT, Format, console, emit, fmt_bytes, user_errors
+from orchestrator.objects import file_object
 
 files_app = typer.Typer(no_args_is_help=True, help="Uploaded data files (file-…).")
 
@@ -45,13 +46,19 @@ def files_upload(
 
 @files_app.command("list")
 @user_errors
-def files_list(namespace: str | None = typer.Option(None, help="Only this namespace.")) -> None:
+def files_list(
+    namespace: str | None = typer.Option(None, help="Only this namespace."),
+    output: Format = OUTPUT,
+) -> None:
     """List uploaded files, newest first."""
     from storage.catalog import files
 
     registry, _ = _registry()
+    listed = files.list_files(registry.catalog, namespace=namespace)
+    if emit([file_object(f) for f in listed], output):
+        return
     table = Table("id", "namespace", "filename", "rows", "bytes", "sha256", "created")
-    for f in files.list_files(registry.catalog, namespace=namespace):
+    for f in listed:
         created = f.created_at.strftime("%Y-%m-%d %H:%M:%S") if f.created_at else "-"
         table.add_row(f.id, f.namespace, f.filename, str(f.rows), fmt_bytes(f.bytes),
                       f.sha256[:16], created)  # fmt: skip
@@ -60,12 +67,14 @@ def files_list(namespace: str | None = typer.Option(None, help="Only this namesp
 
 @files_app.command("show")
 @user_errors
-def files_show(file_id: str = typer.Argument(...)) -> None:
+def files_show(file_id: str = typer.Argument(...), output: Format = OUTPUT) -> None:
     """Show one file's record."""
     from storage.catalog import files
 
     registry, _ = _registry()
     f = files.get_file(registry.catalog, file_id=file_id)
+    if emit(file_object(f), output):
+        return
     table = Table(title=f.id, show_header=False)
     for k, v in (("namespace", f.namespace), ("filename", f.filename), ("purpose", f.purpose),
                  ("rows", str(f.rows)), ("bytes", f"{f.bytes:,}"), ("sha256", f.sha256),

@@ -11,7 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from orchestrator.cli_common import console, err_console, user_errors
+from orchestrator.cli_common import OUTPUT, Format, console, emit, err_console, user_errors
+from orchestrator.objects import event_object, job_object
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
 
@@ -136,12 +137,15 @@ def submit(
 def jobs_list(
     namespace: str | None = typer.Option(None, help="Only this namespace."),
     state: str | None = typer.Option(None, help="Only jobs in this state."),
+    output: Format = OUTPUT,
 ) -> None:
     """List jobs, newest first."""
     from storage.catalog import jobs
 
     rows = jobs.list_jobs(_registry(_settings()).catalog, namespace=namespace,
                           states=[state] if state else None)  # fmt: skip
+    if emit([job_object(j) for j in rows], output):
+        return
     table = Table("id", "namespace", "name", "state", "priority", "attempts", "created", "reason")
     for j in rows:
         table.add_row(
@@ -159,7 +163,7 @@ def jobs_list(
 
 @jobs_app.command("show")
 @user_errors
-def jobs_show(job_id: str = typer.Argument(...)) -> None:
+def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> None:
     """Show one job: state, why it waits, error, checkpoint, adapter."""
     from storage.catalog import jobs
 
@@ -167,6 +171,8 @@ def jobs_show(job_id: str = typer.Argument(...)) -> None:
     j = jobs.get_job(catalog, job_id=job_id)
     adapter = next((e.data.get("ref") for e in jobs.list_events(catalog, job_id=job_id)
                     if e.kind == "adapter"), None)  # fmt: skip
+    if emit(job_object(j, adapter), output):
+        return
     table = Table(title=j.id, show_header=False)
     table.add_column("field")
     table.add_column("value")
@@ -188,11 +194,14 @@ def jobs_show(job_id: str = typer.Argument(...)) -> None:
 
 @jobs_app.command("events")
 @user_errors
-def jobs_events(job_id: str = typer.Argument(...)) -> None:
+def jobs_events(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> None:
     """Print a job's events (state changes, metrics, adapter)."""
     from storage.catalog import jobs
 
-    for e in jobs.list_events(_registry(_settings()).catalog, job_id=job_id):
+    events = jobs.list_events(_registry(_settings()).catalog, job_id=job_id)
+    if emit([event_object(e) for e in events], output):
+        return
+    for e in events:
         console.print(f"{e.ts:%H:%M:%S} {e.kind:10s} {e.data}", highlight=False)
 
 

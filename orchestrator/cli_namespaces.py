@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import console, user_errors
+from orchestrator.cli_common import OUTPUT, Format, console, emit, user_errors
 
 namespaces_app = typer.Typer(no_args_is_help=True, help="Teams (namespaces) and their limits.")
 
@@ -22,12 +22,17 @@ def _limit(value: float | None) -> str:
 
 @namespaces_app.command("list")
 @user_errors
-def namespaces_list() -> None:
+def namespaces_list(output: Format = OUTPUT) -> None:
     """Every namespace with its limits ("-": none)."""
+    from dataclasses import asdict
+
     from storage.catalog import repository as repo
 
+    listed = repo.list_namespaces(_catalog())
+    if emit([{k: v for k, v in asdict(n).items() if k != "id"} for n in listed], output):
+        return
     table = Table("namespace", "max jobs", "max CPUs", "max GPUs", "max priority")
-    for n in repo.list_namespaces(_catalog()):
+    for n in listed:
         table.add_row(n.name, _limit(n.max_concurrent_jobs), _limit(n.max_cpus),
                       _limit(n.max_gpus), str(n.max_priority))  # fmt: skip
     console.print(table)

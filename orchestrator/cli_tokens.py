@@ -7,7 +7,7 @@ import re
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import console, user_errors
+from orchestrator.cli_common import OUTPUT, Format, console, emit, user_errors
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens of namespaces.")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -54,16 +54,23 @@ def tokens_create(
 
 @tokens_app.command("list")
 @user_errors
-def tokens_list(namespace: str | None = typer.Option(None, help="Only this namespace.")) -> None:
+def tokens_list(
+    namespace: str | None = typer.Option(None, help="Only this namespace."),
+    output: Format = OUTPUT,
+) -> None:
     """Every token (never its secret), with its scope, expiry and revocation."""
+    from orchestrator.objects import token_object
     from storage.catalog import repository as repo
 
+    listed = repo.list_tokens(_catalog(), namespace=namespace)
+    if emit([token_object(t) for t in listed], output):
+        return
     table = Table("id", "namespace", "name", "scope", "created", "expires", "revoked")
 
     def ts(d) -> str:  # type: ignore[no-untyped-def]
         return d.strftime("%Y-%m-%d %H:%M") if d is not None else "-"
 
-    for t in repo.list_tokens(_catalog(), namespace=namespace):
+    for t in listed:
         table.add_row(str(t.id), t.namespace, t.name, t.scope, ts(t.created_at),
                       ts(t.expires_at), ts(t.revoked_at))  # fmt: skip
     console.print(table)

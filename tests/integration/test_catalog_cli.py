@@ -75,3 +75,36 @@ def test_catalog_commands(home, tiny_base_dir, tmp_path):
 def test_behind_schema_is_reported(home, monkeypatch, tmp_path):
     monkeypatch.setenv("LORAFLEET_CATALOG_URL", f"sqlite:///{tmp_path / 'shared.db'}")
     assert "lorafleet db upgrade" in _fails("adapters", "list")
+
+
+def test_lists_print_the_apis_objects_for_scripts_and_never_cut_ids(home, tiny_base_dir, tmp_path):
+    import json
+
+    import yaml
+
+    from orchestrator.objects import adapter_object, token_object
+    from storage.catalog import repository as repo
+    from storage.registry import Registry
+
+    model, _ = load_base(tiny_base_dir)
+    cfg = LoraConfig(r=4)
+    inject_lora(model, cfg)
+    save_adapter(model, cfg, tmp_path / "ad")
+    _ok("base", "register", "tiny", tiny_base_dir)
+    long = "accounting-department-invoices/" + "x" * 60  # longer than 80 columns with the rest
+    _ok("adapters", "import", tmp_path / "ad", "--name", long, "--base", "tiny")
+    registry = Registry.from_settings()
+    expected = [adapter_object(v) for v in registry.list()]
+    assert json.loads(_ok("adapters", "list", "-o", "json")) == json.loads(json.dumps(expected))
+    assert yaml.safe_load(_ok("adapters", "list", "-o", "yaml"))[0]["id"] == f"{long}:1"
+    assert json.loads(_ok("adapters", "show", f"{long}:1", "--output", "json"))["version"] == 1
+    table = _ok("adapters", "list")  # piped (not a terminal): nothing cut
+    assert f"{long}:1" in table and "…" not in table
+    _ok("tokens", "create", "--namespace", "accounting-department-invoices", "--scope", "read")
+    tokens = json.loads(_ok("tokens", "list", "-o", "json"))
+    assert [t["scope"] for t in tokens] == ["read"] and "token" not in tokens[0]
+    assert tokens == json.loads(json.dumps(
+        [token_object(t) for t in repo.list_tokens(registry.catalog)]))  # fmt: skip
+    assert json.loads(_ok("jobs", "list", "-o", "json")) == []
+    assert json.loads(_ok("files", "list", "-o", "json")) == []
+    assert "invalid value" in _fails("adapters", "list", "-o", "xml").lower()

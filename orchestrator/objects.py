@@ -1,0 +1,85 @@
+"""The JSON shape of every object the API returns, and ``lorafleet … -o json`` prints.
+
+One owner for these shapes: the REST API and the CLI call the same functions, so a script
+that reads one reads the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage.catalog import jobs
+from storage.catalog.domain import AdapterVersion, ApiToken, DataFile
+
+
+def job_object(job: jobs.Job, adapter: str | None = None) -> dict[str, Any]:
+    """A job as the API shows it (OpenAI's field names where they fit)."""
+    spec = job.spec
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "namespace": job.namespace,
+        "name": job.name,
+        "status": job.state,
+        "status_reason": job.status_reason,
+        "model": spec.get("base_model"),
+        "training_file": spec.get("training_data"),
+        "validation_file": spec.get("validation_data"),
+        "hyperparameters": {"lora": spec.get("lora"), "training": spec.get("training")},
+        "resources": spec.get("resources"),
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "error": job.error,
+        "fine_tuned_model": adapter,
+        "created_at": int(job.created_at.timestamp()),
+        "started_at": int(job.started_at.timestamp()) if job.started_at else None,
+        "finished_at": int(job.finished_at.timestamp()) if job.finished_at else None,
+    }
+
+
+def adapter_object(v: AdapterVersion) -> dict[str, Any]:
+    return {
+        "id": v.ref,
+        "object": "adapter",
+        "namespace": v.namespace,
+        "name": v.name,
+        "version": v.version,
+        "state": v.state,
+        "aliases": list(v.aliases),
+        "tags": list(v.tags),
+        "base_model": {"name": v.base_model.name, "fingerprint": v.base_model.fingerprint},
+        "lora": {"r": v.r, "alpha": v.alpha, "target_modules": v.target_modules,
+                 "use_rslora": v.use_rslora},
+        "lineage": {"job_id": v.job_id, "dataset_sha256": v.dataset_sha256,
+                    "hyperparameters": v.hyperparameters, "created_by": v.created_by},
+        "metrics": v.metrics,
+        "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in v.files],
+        "created_at": int(v.created_at.timestamp()) if v.created_at else None,
+    }  # fmt: skip
+
+
+def file_object(f: DataFile) -> dict[str, Any]:
+    """A file as the API shows it (OpenAI's fields, plus namespace, rows and digest)."""
+    return {
+        "id": f.id, "object": "file", "bytes": f.bytes, "filename": f.filename,
+        "purpose": f.purpose, "status": "processed", "namespace": f.namespace, "rows": f.rows,
+        "sha256": f.sha256,
+        "created_at": int(f.created_at.timestamp()) if f.created_at else None,
+    }  # fmt: skip
+
+
+def event_object(e: jobs.JobEvent) -> dict[str, Any]:
+    return {"id": e.id, "object": "fine_tuning.job.event", "created_at": e.ts.timestamp(),
+            "type": e.kind, "data": e.data}  # fmt: skip
+
+
+def token_object(t: ApiToken, secret: str | None = None) -> dict[str, Any]:
+    def ts(d: Any) -> float | None:
+        return d.timestamp() if d is not None else None
+
+    body = {"id": t.id, "object": "token", "namespace": t.namespace, "name": t.name,
+            "scope": t.scope, "created_at": ts(t.created_at),
+            "expires_at": ts(t.expires_at), "revoked_at": ts(t.revoked_at)}  # fmt: skip
+    if secret is not None:
+        body["token"] = secret  # shown once, never stored
+    return body
