@@ -185,15 +185,26 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @app.get("/v1/fine_tuning/jobs")
     def list_jobs(
-        namespace: str | None = None, state: str | None = None, who: Principal = Depends(principal)
+        namespace: str | None = None,
+        state: str | None = None,
+        limit: int = Query(20, ge=1, le=100),
+        after: str | None = Query(None, max_length=64, description="The last id of a page."),
+        who: Principal = Depends(principal),
     ) -> dict[str, Any]:
         if who.namespace is not None:
             if namespace not in (None, who.namespace):
-                return {"object": "list", "data": []}
+                return {"object": "list", "data": [], "has_more": False}
             namespace = who.namespace
         states = [state] if state else None
-        data = [job_object(j) for j in jobs.list_jobs(db, namespace=namespace, states=states)]
-        return {"object": "list", "data": data}
+        try:
+            page, more = jobs.page_jobs(db, namespace=namespace, states=states, limit=limit,
+                                        after=after)  # fmt: skip
+        except NotFound:
+            raise ApiError(400, f"after: no job {after} to continue from", "after") from None
+        data = [job_object(j) for j in page]
+        return {"object": "list", "data": data, "has_more": more,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}  # fmt: skip
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     def get_job(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:

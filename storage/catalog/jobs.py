@@ -174,6 +174,47 @@ def list_jobs(
         return [_job(row, ns) for row, ns in s.execute(q).all()]
 
 
+def page_jobs(
+    db: Catalog,
+    *,
+    namespace: str | None = None,
+    states: Iterable[str] | None = None,
+    limit: int = 20,
+    after: str | None = None,
+) -> tuple[list[Job], bool]:
+    """One page of jobs, newest first: the ``limit`` jobs after job ``after`` (a keyset
+    cursor, so a page costs the same however many jobs exist), and whether more follow.
+
+    Raises:
+        JobNotFound: ``after`` is not a job (of ``namespace``, when given).
+    """
+    with db.session() as s:
+        q = select(JobRow, NamespaceRow.name).join(
+            NamespaceRow, NamespaceRow.id == JobRow.namespace_id
+        )
+        if namespace is not None:
+            q = q.where(NamespaceRow.name == namespace)
+        if states is not None:
+            q = q.where(JobRow.state.in_(list(states)))
+        if after is not None:
+            cursor = s.get(JobRow, after)
+            if cursor is None or (
+                namespace is not None and cursor.namespace_id != _ns_id(s, namespace)
+            ):
+                raise JobNotFound(f"job {after} not found")
+            q = q.where(
+                (JobRow.created_at < cursor.created_at)
+                | ((JobRow.created_at == cursor.created_at) & (JobRow.id > cursor.id))
+            )
+        q = q.order_by(JobRow.created_at.desc(), JobRow.id).limit(limit + 1)
+        rows = s.execute(q).all()
+        return [_job(row, ns) for row, ns in rows[:limit]], len(rows) > limit
+
+
+def _ns_id(s: Any, namespace: str) -> int | None:
+    return s.scalar(select(NamespaceRow.id).where(NamespaceRow.name == namespace))
+
+
 def transition_job(
     db: Catalog,
     *,

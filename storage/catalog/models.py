@@ -96,6 +96,8 @@ class JobRow(Base):
     __table_args__ = (
         UniqueConstraint("namespace_id", "idempotency_key"),
         Index("ix_jobs_state_priority", "state", "priority", "created_at"),
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_namespace_created", "namespace_id", "created_at", "id"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))

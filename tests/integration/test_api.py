@@ -435,3 +435,28 @@ def test_tokens_scopes_expiry_and_revocation_route_by_route(api):
     assert client.get("/v1/files", headers=_h(short)).status_code == 200
     time.sleep(0.5)
     assert client.get("/v1/files", headers=_h(short)).status_code == 401  # expired
+
+
+def test_job_lists_come_in_pages(api):
+    """OpenAI's paging: limit ≤ 100, an ``after`` cursor, ``has_more``; pages walk every job
+    once, newest first; a cursor from another namespace is refused."""
+    client, _, tokens = api
+    hdr = _h(tokens["a"])
+    made = [client.post("/v1/fine_tuning/jobs", json=_body(name=f"p{i}"), headers=hdr).json()["id"]
+            for i in range(7)]  # fmt: skip
+    seen, after, pages = [], None, 0
+    while True:
+        params = {"limit": 3, **({"after": after} if after else {})}
+        page = client.get("/v1/fine_tuning/jobs", params=params, headers=hdr).json()
+        seen += [j["id"] for j in page["data"]]
+        pages += 1
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert pages == 3 and seen == list(reversed(made))  # newest first, each once
+    assert client.get("/v1/fine_tuning/jobs", params={"limit": 101},
+                      headers=hdr).status_code == 422  # fmt: skip
+    other = client.post("/v1/fine_tuning/jobs", json=_body("b", name="theirs"),
+                        headers=_h(tokens["b"])).json()["id"]  # fmt: skip
+    r = client.get("/v1/fine_tuning/jobs", params={"after": other}, headers=hdr)
+    assert r.status_code == 400 and r.json()["error"]["field"] == "after"
