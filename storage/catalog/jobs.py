@@ -163,15 +163,18 @@ def list_jobs(
 ) -> list[Job]:
     """Jobs, newest first, optionally filtered by namespace and states."""
     with db.session() as s:
-        q = select(JobRow, NamespaceRow.name).join(
-            NamespaceRow, NamespaceRow.id == JobRow.namespace_id
-        )
-        if namespace is not None:
-            q = q.where(NamespaceRow.name == namespace)
-        if states is not None:
-            q = q.where(JobRow.state.in_(list(states)))
-        q = q.order_by(JobRow.created_at.desc(), JobRow.id)
+        q = _jobs_query(namespace, states).order_by(JobRow.created_at.desc(), JobRow.id)
         return [_job(row, ns) for row, ns in s.execute(q).all()]
+
+
+def _jobs_query(namespace: str | None, states: Iterable[str] | None) -> Any:
+    """Jobs with their namespace's name, filtered (the one query both listings share)."""
+    q = select(JobRow, NamespaceRow.name).join(NamespaceRow, NamespaceRow.id == JobRow.namespace_id)
+    if namespace is not None:
+        q = q.where(NamespaceRow.name == namespace)
+    if states is not None:
+        q = q.where(JobRow.state.in_(list(states)))
+    return q
 
 
 def page_jobs(
@@ -189,13 +192,7 @@ def page_jobs(
         JobNotFound: ``after`` is not a job (of ``namespace``, when given).
     """
     with db.session() as s:
-        q = select(JobRow, NamespaceRow.name).join(
-            NamespaceRow, NamespaceRow.id == JobRow.namespace_id
-        )
-        if namespace is not None:
-            q = q.where(NamespaceRow.name == namespace)
-        if states is not None:
-            q = q.where(JobRow.state.in_(list(states)))
+        q = _jobs_query(namespace, states)
         if after is not None:
             cursor = s.get(JobRow, after)
             if cursor is None or (
