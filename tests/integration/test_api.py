@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -433,8 +432,10 @@ def test_tokens_scopes_expiry_and_revocation_route_by_route(api):
     assert client.get("/v1/fine_tuning/jobs", headers=ro).status_code == 401  # revoked
     short = repo.create_token(registry.catalog, namespace="a", name="short", expires_in_s=0.2)
     assert client.get("/v1/files", headers=_h(short)).status_code == 200
-    time.sleep(0.5)
-    assert client.get("/v1/files", headers=_h(short)).status_code == 401  # expired
+    from infra.servers import wait_until
+
+    wait_until(lambda: client.get("/v1/files", headers=_h(short)).status_code == 401,
+               timeout_s=10, what="the short-lived token to expire")  # fmt: skip
 
 
 def test_job_lists_come_in_pages(api):
