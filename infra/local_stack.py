@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -30,12 +31,14 @@ from rich.console import Console
 
 from infra.private_nodes import PrivateCluster, cluster_processes, private_cluster
 from infra.servers import (
+    database_owner,
     fresh_database,
     postgres_server,
     processes_with_env,
     seaweedfs_s3,
     set_fake_aws_credentials,
 )
+from storage.settings import mask_url
 
 MARKER = "LORAFLEET_STACK_ID"  # in the environment of every process the stack starts
 BUCKET = "lorafleet-demo"
@@ -77,7 +80,9 @@ def cluster_stack(
         pg = stack.enter_context(postgres_server())
         if pg is None:
             raise RuntimeError("no PostgreSQL: install it (initdb/pg_ctl) or start a server")
-        catalog_url = stack.enter_context(fresh_database(pg))
+        catalog_url = stack.enter_context(
+            database_owner(pg, stack.enter_context(fresh_database(pg)))
+        )
         endpoint = stack.enter_context(seaweedfs_s3())
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
             Bucket=BUCKET
@@ -90,6 +95,8 @@ def cluster_stack(
             "LORAFLEET_CATALOG_URL": catalog_url,
             "LORAFLEET_OBJECT_STORE": f"s3://{BUCKET}/lorafleet",
             "LORAFLEET_S3_ENDPOINT": endpoint,
+            # every node's own copy of the secrets (a deployment mounts them: infra/kuberay)
+            "LORAFLEET_API_TOKEN": secrets.token_urlsafe(24),
         }
         subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade"], env=env,
                        check=True, capture_output=True, timeout=120)  # fmt: skip
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key in ("LORAFLEET_CATALOG_URL", "LORAFLEET_OBJECT_STORE", "LORAFLEET_S3_ENDPOINT",
                     "LORAFLEET_RAY_ADDRESS"):  # fmt: skip
-            console.print(f"  {key}={env[key]}", highlight=False)
+            console.print(f"  {key}={mask_url(env[key])}", highlight=False)
         code = run_quickstart(env, args.steps, capture=False).returncode
     finally:
         with console.status("stopping the stack…"):

@@ -8,6 +8,7 @@ and stops it.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -254,6 +255,31 @@ def fresh_database(server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def database_owner(server_url: str, database_url: str) -> Iterator[str]:
+    """``database_url`` reached as a new role that owns it, with a password in the URL.
+
+    A deployment's catalog URL carries a password; the local stack uses one too, so what
+    would leak it (a Ray argument, a log line) is exercised as in production.
+    """
+    import psycopg
+
+    role, password = f"lf_{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(16)
+    admin = server_url.replace("postgresql+psycopg://", "postgresql://")
+    base, _, name = database_url.rpartition("/")
+    scheme, _, rest = base.partition("://")
+    host = rest.rpartition("@")[2]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
+        conn.execute(f'ALTER DATABASE "{name}" OWNER TO "{role}"')
+    try:
+        yield f"{scheme}://{role}:{password}@{host}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
 def require_postgres() -> bool:

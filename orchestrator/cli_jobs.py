@@ -169,8 +169,8 @@ def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> Non
 
     catalog = _registry(_settings()).catalog
     j = jobs.get_job(catalog, job_id=job_id)
-    adapter = next((e.data.get("ref") for e in jobs.list_events(catalog, job_id=job_id)
-                    if e.kind == "adapter"), None)  # fmt: skip
+    found = jobs.list_events(catalog, job_id=job_id, kinds=["adapter"], limit=1)
+    adapter = found[0].data.get("ref") if found else None
     if emit(job_object(j, adapter), output):
         return
     table = Table(title=j.id, show_header=False)
@@ -198,7 +198,7 @@ def jobs_events(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> N
     """Print a job's events (state changes, metrics, adapter)."""
     from storage.catalog import jobs
 
-    events = jobs.list_events(_registry(_settings()).catalog, job_id=job_id)
+    events = list(jobs.iter_events(_registry(_settings()).catalog, job_id=job_id))
     if emit([event_object(e) for e in events], output):
         return
     for e in events:

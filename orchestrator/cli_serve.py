@@ -45,7 +45,7 @@ def serve(
     from orchestrator.uploads import local_base
     from storage.errors import InvalidName, NotFound
     from storage.registry import Registry
-    from storage.settings import load_settings, settings_to_json
+    from storage.settings import load_settings, settings_for_nodes
     from workers.errors import WorkerError
     from workers.serving.deployments import ServeOptions, start, stop
 
@@ -61,7 +61,7 @@ def serve(
     if merged is not None:
         registry.resolve(merged)  # unknown reference: a clear error before Ray starts
     opts = ServeOptions(
-        base_name=base_name, settings_json=settings_to_json(settings),
+        base_name=base_name, settings_json=settings_for_nodes(settings),
         slots=slots, max_rank=max_rank, host_adapters=host_adapters, replicas=replicas,
         max_replicas=max_replicas, alias_ttl_s=alias_ttl, merged=merged,
         num_cpus=cpus_per_replica, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb,

@@ -1,6 +1,6 @@
 """The REST API's error value: an HTTP status, a message and the offending field.
 
-Only the HTTP layer (``orchestrator.api`` and its routers) raises it; below that, errors are
+Only the HTTP layer (the ``orchestrator.api`` package) raises it; below that, errors are
 domain exceptions that this layer maps to a status.
 """
 

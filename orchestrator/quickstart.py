@@ -113,7 +113,7 @@ def run_quickstart(
     from storage.catalog import jobs
     from storage.catalog import repository as repo
     from storage.registry import Registry
-    from storage.settings import load_settings, settings_to_json
+    from storage.settings import load_settings, settings_for_nodes
     from workers.base_model import load_base
     from workers.datasets import read_jsonl
     from workers.demo_task import HELDOUT_FILE, TRAIN_FILE, exact_match
@@ -185,8 +185,8 @@ def run_quickstart(
             failed = jobs.get_job(registry.catalog, job_id=job.id)
             console.print(f"[bold red]job {result.job_state}[/]: {failed.error or '-'}")
             return result
-        ref = next(str(e.data["ref"]) for e in jobs.list_events(registry.catalog, job_id=job.id)
-                   if e.kind == "adapter")  # fmt: skip
+        adapter_events = jobs.iter_events(registry.catalog, job_id=job.id, kinds=["adapter"])
+        ref = str(next(adapter_events).data["ref"])
         result.adapter = ref
 
         console.rule("[bold]3. published to the catalog")
@@ -196,7 +196,7 @@ def run_quickstart(
 
         console.rule("[bold]4. serve with Ray Serve, ask through the OpenAI API")
         opts = deployments.ServeOptions(
-            base_name=BASE_NAME, settings_json=settings_to_json(settings),
+            base_name=BASE_NAME, settings_json=settings_for_nodes(settings),
             slots=4, max_rank=64, num_cpus=1.0,
         )  # fmt: skip
         with console.status("deploying the serving app…"):

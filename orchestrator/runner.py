@@ -18,7 +18,7 @@ from storage.catalog import files as file_repo
 from storage.catalog import jobs
 from storage.errors import StorageError
 from storage.registry import Registry
-from storage.settings import Settings, on_this_node, settings_to_json
+from storage.settings import Settings, mask_url, settings_for_nodes, settings_on_node
 from storage.staging import checkpoint_root, remove_staged
 from workers.errors import WorkerError
 from workers.lora import LoraConfig
@@ -89,7 +89,7 @@ def build_distributed_spec(
         use_gpu=spec.resources.gpus_per_worker > 0,
         checkpoint_every=spec.training.checkpoint_every,
         max_failures=spec.max_failures,
-        event_sink={"catalog_url": settings.catalog_url, "job_id": job.id},
+        event_sink={"catalog_url": mask_url(settings.catalog_url), "job_id": job.id},
     )  # fmt: skip
 
 
@@ -100,7 +100,6 @@ def run_job(job_id: str, settings: Settings) -> str:
     store or catalog refused — rather than escaping as a lost runner (which the scheduler
     would retrain).
     """
-    settings = on_this_node(settings)
     registry = Registry.from_settings(settings)
     db = registry.catalog
     job = jobs.get_job(db, job_id=job_id)
@@ -173,10 +172,8 @@ def start_runner(job_id: str, settings: Settings) -> None:
     @ray.remote(num_cpus=0, max_restarts=0)
     class JobRunner:
         def run(self, job_id: str, settings_json: str) -> str:
-            from storage.settings import Settings as S
-
             try:
-                return run_job(job_id, S.model_validate_json(settings_json))
+                return run_job(job_id, settings_on_node(settings_json))
             finally:
                 ray.actor.exit_actor()
 
@@ -184,7 +181,7 @@ def start_runner(job_id: str, settings: Settings) -> None:
         name=runner_name(job_id), namespace=RAY_NAMESPACE, lifetime="detached",
         resources=ON_HEAD,
     ).remote()  # fmt: skip
-    actor.run.remote(job_id, settings_to_json(settings))
+    actor.run.remote(job_id, settings_for_nodes(settings))
 
 
 def runner_alive(job_id: str) -> bool:
@@ -211,9 +208,7 @@ def release_placement_groups(catalog: Any, job_id: str) -> int:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     removed = 0
-    for event in jobs.list_events(catalog, job_id=job_id):
-        if event.kind != "placement_group":
-            continue
+    for event in jobs.iter_events(catalog, job_id=job_id, kinds=["placement_group"]):
         pg = PlacementGroup(PlacementGroupID(bytes.fromhex(event.data["id"])))
         with contextlib.suppress(Exception):  # already gone: nothing to release
             remove_placement_group(pg)

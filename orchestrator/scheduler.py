@@ -213,16 +213,17 @@ def start_scheduler_actor(settings: Settings, *, interval_s: float = 0.5) -> obj
     import ray
 
     from orchestrator.runner import ON_HEAD, RAY_NAMESPACE
-    from storage.settings import settings_to_json
+    from storage.settings import settings_for_nodes
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
     class SchedulerActor:
-        def __init__(self, settings_json: str, interval_s: float) -> None:
+        def __init__(self, settings_json: str, interval_s: float, upgrade: bool) -> None:
             from storage.catalog.db import open_catalog
-            from storage.settings import Settings as S
+            from storage.settings import settings_on_node
 
-            s = S.model_validate_json(settings_json)
-            catalog = open_catalog(s.catalog_url, auto_upgrade=s.embedded_catalog)
+            s = settings_on_node(settings_json)
+            # whether the catalog is the sender's embedded one is decided where it is configured
+            catalog = open_catalog(s.catalog_url, auto_upgrade=upgrade)
             self.loop = SchedulerLoop(SchedulerCore(catalog, ray_hooks(s)), interval_s).start()
 
         def ticks(self) -> int:
@@ -231,4 +232,4 @@ def start_scheduler_actor(settings: Settings, *, interval_s: float = 0.5) -> obj
     return SchedulerActor.options(  # type: ignore[attr-defined]
         name=SCHEDULER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
         resources=ON_HEAD,
-    ).remote(settings_to_json(settings), interval_s)  # fmt: skip
+    ).remote(settings_for_nodes(settings), interval_s, settings.embedded_catalog)  # fmt: skip

@@ -38,6 +38,10 @@ class CatalogUnavailable(StorageError):
     """The catalog database cannot be reached."""
 
 
+class CatalogDriverMissing(StorageError):
+    """The catalog URL names a database whose Python driver is not installed."""
+
+
 class SchemaOutOfDate(StorageError):
     """The catalog schema is behind the code: run ``lorafleet db upgrade``."""
 

@@ -143,20 +143,63 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"configuration {field}: {err['msg']}") from None
 
 
-def on_this_node(settings: Settings, env: Mapping[str, str] | None = None) -> Settings:
-    """``settings`` as handed to another node, with that node's own home (its cache).
+def is_masked(url: str) -> bool:
+    """True when ``url``'s password was replaced by ``***`` (it crossed from another node)."""
+    return mask_url(url) == url and ":***@" in url
 
-    Nodes share the catalog and the object store, never a disk: a path under the home of the
-    process that sent the settings means nothing here.
+
+def settings_for_nodes(settings: Settings) -> str:
+    """The settings as JSON for another node (a Ray actor, task, Train worker or replica).
+
+    No secret is in it: Ray keeps arguments in its control store and may print them, so the
+    token is left out and the catalog URL's password is masked. The receiving node completes
+    them from its own configuration (``settings_on_node``), as ``infra/`` mounts them.
+    """
+    data = settings.model_dump(mode="json", exclude={"api_token"})
+    data["catalog_url"] = mask_url(settings.catalog_url)
+    return json.dumps(data)
+
+
+def node_catalog_url(sent: str, env: Mapping[str, str] | None = None) -> str:
+    """The catalog URL to use on this node for a URL sent by another one.
+
+    A masked password is filled from this node's own configured catalog URL (same user, host
+    and database).
+
+    Raises:
+        SettingsError: a secret was sent in clear, or this node lacks the password.
+    """
+    if mask_url(sent) != sent:
+        raise SettingsError("a catalog password was sent to another node in clear; send "
+                            "settings_for_nodes(settings) instead")  # fmt: skip
+    if not is_masked(sent):
+        return sent
+    own = load_settings(env).catalog_url
+    if mask_url(own) != sent:
+        raise SettingsError(
+            f"this node has no password for the catalog {sent}: set LORAFLEET_CATALOG_URL "
+            "on every node from your secret store (infra/ mounts it as lorafleet-secrets)"
+        )
+    return own
+
+
+def settings_on_node(text: str, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings sent by another node (``settings_for_nodes``), completed on this one.
+
+    The home (its cache) and the secrets are this node's own: nodes share the catalog and the
+    object store, never a disk, and secrets never travel as Ray arguments.
+
+    Raises:
+        SettingsError: the text carries a secret, or this node lacks one it needs.
     """
     env = os.environ if env is None else env
-    home = Path(env.get("LORAFLEET_HOME") or Path.home() / ".lorafleet").expanduser()
-    return settings.model_copy(update={"home": home})
-
-
-def settings_to_json(settings: Settings) -> str:
-    """The settings as JSON for another process (a Ray actor); the token travels in clear."""
-    data = settings.model_dump(mode="json")
-    if settings.api_token is not None:
-        data["api_token"] = settings.api_token.get_secret_value()
-    return json.dumps(data)
+    sent = Settings.model_validate_json(text)
+    if sent.api_token is not None:
+        raise SettingsError("an API token was sent to another node; send "
+                            "settings_for_nodes(settings) instead")  # fmt: skip
+    own = load_settings(env)
+    return sent.model_copy(update={
+        "home": own.home,
+        "catalog_url": node_catalog_url(sent.catalog_url, env),
+        "api_token": own.api_token,
+    })  # fmt: skip

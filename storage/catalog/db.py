@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.errors import CatalogUnavailable, SchemaOutOfDate
+from storage.errors import CatalogDriverMissing, CatalogUnavailable, SchemaOutOfDate
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -57,14 +57,20 @@ def make_engine(url: str) -> Engine:
         _sqlite_pragmas(engine)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        url = str(parsed.set(drivername="postgresql+psycopg"))
-    return create_engine(
-        url,
-        pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=20,
-        connect_args={"connect_timeout": 5} if "postgresql" in url else {},
-    )
+        # str(URL) masks the password (SQLAlchemy 2): render it in full for the driver
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    try:
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+            connect_args={"connect_timeout": 5} if "postgresql" in url else {},
+        )
+    except ImportError as exc:  # the driver is an extra: say which one to install
+        extra = " (pip install 'lorafleet[postgres]')" if "postgresql" in url else ""
+        raise CatalogDriverMissing(f"the catalog's database driver is not installed: "
+                                   f"{exc.name or exc}{extra}") from None  # fmt: skip
 
 
 def _unavailable(exc: Exception, url: Any) -> CatalogUnavailable:
@@ -153,7 +159,8 @@ def open_catalog(url: str, *, auto_upgrade: bool = False) -> Catalog:
     catalog = Catalog(url)
     if auto_upgrade:
         if catalog.current_revision() != catalog.head_revision():
-            log.info("migrating catalog %s to %s", url, catalog.head_revision())
+            shown = make_url(url).render_as_string(hide_password=True)
+            log.info("migrating catalog %s to %s", shown, catalog.head_revision())
             catalog.upgrade()
     else:
         catalog.check_schema()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
@@ -98,15 +99,41 @@ def get_file(db: Catalog, *, file_id: str, namespace: str | None = None) -> Data
         return _file(row[0], row[1])
 
 
+def _files_query(namespace: str | None) -> Any:
+    q = select(FileRow, NamespaceRow.name).join(
+        NamespaceRow, NamespaceRow.id == FileRow.namespace_id
+    )
+    return q if namespace is None else q.where(NamespaceRow.name == namespace)
+
+
 def list_files(db: Catalog, *, namespace: str | None = None) -> list[DataFile]:
     """Files, newest first; one namespace's when given."""
     with db.session() as s:
-        q = select(FileRow, NamespaceRow.name).join(
-            NamespaceRow, NamespaceRow.id == FileRow.namespace_id
-        )
-        if namespace is not None:
-            q = q.where(NamespaceRow.name == namespace)
-        return [_file(r, n) for r, n in s.execute(q.order_by(FileRow.created_at.desc()))]
+        q = _files_query(namespace).order_by(FileRow.created_at.desc(), FileRow.id)
+        return [_file(r, n) for r, n in s.execute(q)]
+
+
+def page_files(
+    db: Catalog, *, namespace: str | None = None, limit: int = 20, after: str | None = None
+) -> tuple[list[DataFile], bool]:
+    """One page of files, newest first, after file ``after`` (a keyset cursor), and whether
+    more follow.
+
+    Raises:
+        NotFound: ``after`` is not a file (of ``namespace``, when given).
+    """
+    with db.session() as s:
+        q = _files_query(namespace)
+        if after is not None:
+            cursor = s.execute(_files_query(namespace).where(FileRow.id == after)).first()
+            if cursor is None:
+                raise NotFound(f"file {after} not found")
+            at = cursor[0].created_at
+            q = q.where(
+                (FileRow.created_at < at) | ((FileRow.created_at == at) & (FileRow.id > after))
+            )
+        rows = s.execute(q.order_by(FileRow.created_at.desc(), FileRow.id).limit(limit + 1)).all()
+        return [_file(r, n) for r, n in rows[:limit]], len(rows) > limit
 
 
 def delete_file(db: Catalog, *, file_id: str, namespace: str | None = None) -> tuple[DataFile, int]:

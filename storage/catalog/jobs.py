@@ -8,7 +8,7 @@ to move one job can never both win.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -282,14 +282,30 @@ def add_event(db: Catalog, *, job_id: str, kind: str, data: dict[str, Any]) -> N
 
 
 def list_events(
-    db: Catalog, *, job_id: str, after_id: int = 0, limit: int = 1000
+    db: Catalog,
+    *,
+    job_id: str,
+    after_id: int = 0,
+    limit: int = 1000,
+    kinds: Iterable[str] | None = None,
 ) -> list[JobEvent]:
-    """Events of a job in order, after ``after_id`` (for polling and event streams)."""
+    """Up to ``limit`` events of a job in order, after ``after_id`` (a page: polling, streams
+    and API pages continue from the last id); only those of ``kinds`` when given."""
     with db.session() as s:
-        rows = s.scalars(
-            select(JobEventRow)
-            .where(JobEventRow.job_id == job_id, JobEventRow.id > after_id)
-            .order_by(JobEventRow.id)
-            .limit(limit)
-        )
+        q = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.id > after_id)
+        if kinds is not None:
+            q = q.where(JobEventRow.kind.in_(list(kinds)))
+        rows = s.scalars(q.order_by(JobEventRow.id).limit(limit))
         return [JobEvent(r.id, r.job_id, r.ts, r.kind, dict(r.data)) for r in rows]
+
+
+def iter_events(
+    db: Catalog, *, job_id: str, kinds: Iterable[str] | None = None, page: int = 1000
+) -> Iterator[JobEvent]:
+    """Every event of a job (of ``kinds`` when given), read a page at a time."""
+    last = 0
+    while batch := list_events(db, job_id=job_id, after_id=last, limit=page, kinds=kinds):
+        yield from batch
+        last = batch[-1].id
+        if len(batch) < page:
+            return

@@ -78,7 +78,11 @@ class FileRow(Base):
 
     __tablename__ = "files"
     # one record per content per namespace (uploading the same bytes again returns it)
-    __table_args__ = (Index("ix_files_namespace_sha256", "namespace_id", "sha256", unique=True),)
+    __table_args__ = (
+        Index("ix_files_namespace_sha256", "namespace_id", "sha256", unique=True),
+        Index("ix_files_created", "created_at", "id"),  # keyset pages, newest first
+        Index("ix_files_namespace_created", "namespace_id", "created_at", "id"),
+    )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
     filename: Mapped[str] = mapped_column(String(255))

@@ -407,6 +407,36 @@ def resolve_version_number(db: Catalog, *, ref: AdapterRef) -> int:
         return _resolve_row(s, ref).version
 
 
+def _versions_query(
+    namespace: str | None,
+    name: str | None,
+    base_model: str | None,
+    tag: str | None,
+    include_deleted: bool,
+) -> Any:
+    q = (
+        select(AdapterVersionRow)
+        .join(AdapterRepoRow, AdapterRepoRow.id == AdapterVersionRow.repo_id)
+        .join(NamespaceRow, NamespaceRow.id == AdapterRepoRow.namespace_id)
+    )
+    if namespace is not None:
+        q = q.where(NamespaceRow.name == namespace)
+    if name is not None:
+        q = q.where(AdapterRepoRow.name == name)
+    if base_model is not None:
+        q = q.join(BaseModelRow, BaseModelRow.id == AdapterVersionRow.base_model_id).where(
+            BaseModelRow.name == base_model
+        )
+    if tag is not None:
+        q = q.join(
+            AdapterTagRow,
+            and_(AdapterTagRow.version_id == AdapterVersionRow.id, AdapterTagRow.tag == tag),
+        )
+    if not include_deleted:
+        q = q.where(AdapterVersionRow.state != DELETED)
+    return q
+
+
 def list_adapter_versions(
     db: Catalog,
     *,
@@ -418,28 +448,40 @@ def list_adapter_versions(
 ) -> list[AdapterVersion]:
     """Versions matching every given filter, newest first within each name."""
     with db.session() as s:
-        q = (
-            select(AdapterVersionRow)
-            .join(AdapterRepoRow, AdapterRepoRow.id == AdapterVersionRow.repo_id)
-            .join(NamespaceRow, NamespaceRow.id == AdapterRepoRow.namespace_id)
-        )
-        if namespace is not None:
-            q = q.where(NamespaceRow.name == namespace)
-        if name is not None:
-            q = q.where(AdapterRepoRow.name == name)
-        if base_model is not None:
-            q = q.join(BaseModelRow, BaseModelRow.id == AdapterVersionRow.base_model_id).where(
-                BaseModelRow.name == base_model
-            )
-        if tag is not None:
-            q = q.join(
-                AdapterTagRow,
-                and_(AdapterTagRow.version_id == AdapterVersionRow.id, AdapterTagRow.tag == tag),
-            )
-        if not include_deleted:
-            q = q.where(AdapterVersionRow.state != DELETED)
+        q = _versions_query(namespace, name, base_model, tag, include_deleted)
         q = q.order_by(NamespaceRow.name, AdapterRepoRow.name, AdapterVersionRow.version.desc())
         return [_version(s, r) for r in s.scalars(q).unique()]
+
+
+def page_adapter_versions(
+    db: Catalog,
+    *,
+    namespace: str | None = None,
+    base_model: str | None = None,
+    tag: str | None = None,
+    limit: int = 20,
+    after: AdapterRef | None = None,
+) -> tuple[list[AdapterVersion], bool]:
+    """One page of versions, newest published first: the ``limit`` versions after the exact
+    version ``after`` (a keyset cursor on the primary key), and whether more follow.
+
+    Raises:
+        AdapterNotFound: ``after`` is not a version (of ``namespace``, when given).
+    """
+    with db.session() as s:
+        q = _versions_query(namespace, None, base_model, tag, False)
+        if after is not None:
+            if after.version is None or (namespace is not None and after.namespace != namespace):
+                raise AdapterNotFound(f"{after} is not an exact version of this list")
+            # any state: a version deleted since the last page still marks the place
+            cursor = s.scalar(select(AdapterVersionRow.id).where(
+                AdapterVersionRow.repo_id == _repo(s, after.namespace, after.name).id,
+                AdapterVersionRow.version == after.version))  # fmt: skip
+            if cursor is None:
+                raise AdapterNotFound(f"adapter version {after} does not exist")
+            q = q.where(AdapterVersionRow.id < cursor)
+        rows = list(s.scalars(q.order_by(AdapterVersionRow.id.desc()).limit(limit + 1)).unique())
+        return [_version(s, r) for r in rows[:limit]], len(rows) > limit
 
 
 def set_alias(db: Catalog, *, ref: AdapterRef, alias: str) -> AdapterVersion:

@@ -117,7 +117,7 @@ def test_register_submit_train_publish_serve_with_no_shared_disk(stack) -> None:
     serve = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "serve", "--base", "tiny", "--port", str(port),
          "--slots", "2", "--cpus-per-replica", "0.5"],
-        env={**env, "LORAFLEET_API_TOKEN": "admin"}, stdout=subprocess.PIPE,
+        env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -132,7 +132,8 @@ def test_register_submit_train_publish_serve_with_no_shared_disk(stack) -> None:
 
         wait_until(lambda: up() or serve.poll() is not None, timeout_s=240, what="serve")
         assert serve.poll() is None, serve.communicate()[1][-3000:]
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="admin", max_retries=0)
+        admin = env["LORAFLEET_API_TOKEN"]  # the nodes' own: the serve command sends none
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=admin, max_retries=0)
         prompts = ["spell 3 1 4 =", "spell 2 7 =", "spell 9 =", "spell 5 0 5 5 ="]
         served = [
             client.completions.create(model="demo/digits:1", prompt=p, max_tokens=8, temperature=0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -13,6 +15,8 @@ from storage.cache import AdapterCache
 from storage.catalog.db import open_catalog
 from storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 from storage.registry import Registry
+
+NODE_ADMIN_TOKEN = "admin-secret"  # the admin token in every Ray node's own environment
 
 
 @pytest.fixture(scope="session")
@@ -91,12 +95,14 @@ def ray_cluster() -> Iterator[object]:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False},
-    )
-    for _ in range(2):
-        cluster.add_node(num_cpus=2)
+    # each node's own secrets, as a deployment mounts them: nothing sends them to a node
+    with mock.patch.dict(os.environ, {"LORAFLEET_API_TOKEN": NODE_ADMIN_TOKEN}):
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "include_dashboard": False},
+        )
+        for _ in range(2):
+            cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     yield cluster

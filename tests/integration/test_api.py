@@ -461,3 +461,80 @@ def test_job_lists_come_in_pages(api):
                         headers=_h(tokens["b"])).json()["id"]  # fmt: skip
     r = client.get("/v1/fine_tuning/jobs", params={"after": other}, headers=hdr)
     assert r.status_code == 400 and r.json()["error"]["field"] == "after"
+
+
+def _walk(client, path, hdr, limit, **params):  # type: ignore[no-untyped-def]
+    """Every id a paged list yields, and how many pages it took."""
+    seen, after, pages = [], None, 0
+    while True:
+        q = {"limit": limit, **params, **({"after": after} if after else {})}
+        r = client.get(path, params=q, headers=hdr)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        seen += [x["id"] for x in page["data"]]
+        pages += 1
+        if not page["has_more"]:
+            return seen, pages
+        after = page["last_id"] if "last_id" in page else page["data"][-1]["id"]
+
+
+def test_adapter_file_and_event_lists_come_in_pages(api, tiny_base_dir, tmp_path):
+    client, registry, tokens = api
+    hdr = _h(tokens["a"])
+    model, _ = load_base(tiny_base_dir)
+    inject_lora(model, LoraConfig(r=4))
+    save_adapter(model, LoraConfig(r=4), tmp_path / "ad")
+    made = []
+    for i in range(5):
+        made.append(registry.import_adapter(adapter_dir=tmp_path / "ad", ref=f"a/n{i % 2}",
+                                            base_model="tiny").ref)  # fmt: skip
+    registry.import_adapter(adapter_dir=tmp_path / "ad", ref="b/theirs", base_model="tiny")
+    seen, pages = _walk(client, "/v1/adapters", hdr, 2)
+    assert seen == made[::-1] and pages == 3  # newest first, each once, only namespace a's
+    # a version deleted between pages still marks the place
+    first = client.get("/v1/adapters", params={"limit": 2}, headers=hdr).json()
+    client.delete(f"/v1/adapters/{first['last_id']}", headers=hdr)
+    rest = client.get("/v1/adapters", params={"after": first["last_id"]}, headers=hdr).json()
+    assert [v["id"] for v in rest["data"]] == made[::-1][2:]
+    for bad in ("a/n0", "a/n0@prod", "b/theirs:1", "a/nope:1", "../x"):
+        r = client.get("/v1/adapters", params={"after": bad}, headers=hdr)
+        assert r.status_code == 400 and r.json()["error"]["field"] == "after", (bad, r.text)
+
+    uploaded = [FILES["a"]]
+    for i in range(4):
+        body = b'{"prompt": "spell %d =", "completion": " x"}\n' % i
+        r = client.post("/v1/files", headers=hdr, data={"purpose": "fine-tune"},
+                        files={"file": (f"f{i}.jsonl", body, "application/jsonl")})  # fmt: skip
+        uploaded.append(r.json()["id"])
+    seen, pages = _walk(client, "/v1/files", hdr, 2)
+    assert sorted(seen) == sorted(uploaded) and len(seen) == 5 and pages == 3
+    r = client.get("/v1/files", params={"after": FILES["b"]}, headers=hdr)  # another's cursor
+    assert r.status_code == 400 and r.json()["error"]["field"] == "after"
+
+    job = client.post("/v1/fine_tuning/jobs", json=_body(), headers=hdr).json()["id"]
+    for step in range(7):
+        jobs.add_event(registry.catalog, job_id=job, kind="metrics", data={"step": step})
+    every = client.get(f"/v1/fine_tuning/jobs/{job}/events", headers=hdr).json()
+    assert not every["has_more"]
+    seen, pages = _walk(client, f"/v1/fine_tuning/jobs/{job}/events", hdr, 3)
+    assert seen == [e["id"] for e in every["data"]] and pages == -(-len(seen) // 3)
+
+
+def test_the_schema_documents_every_response_body(api):
+    client, _, _ = api
+    schema = client.get("/v1/openapi.json", headers=_h(ADMIN)).json()
+    operations = [(p, m, op) for p, ops in schema["paths"].items() for m, op in ops.items()]
+    assert len(operations) >= 18
+    for path, method, op in operations:
+        ok = [c for c in op["responses"] if c.startswith("2")]
+        assert ok, (method, path)
+        for code in ok:
+            content = op["responses"][code].get("content", {})
+            typed = [c for c in content.values() if c.get("schema", {}).get("$ref")]
+            if path == "/v1/openapi.json":
+                continue  # the schema itself: an OpenAPI document
+            assert typed or set(content) - {"application/json"}, (method, path, code, content)
+        if path != "/health":
+            for code in ("401", "422"):
+                ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ErrorBody"), (method, path, code)

@@ -25,7 +25,8 @@ from infra.servers import free_port, wait_until
 from storage.catalog import repository as repo
 from storage.objects import LocalObjectStore
 from storage.registry import Registry
-from storage.settings import load_settings, settings_to_json
+from storage.settings import load_settings, settings_for_nodes
+from tests.integration.conftest import NODE_ADMIN_TOKEN as ADMIN
 from workers.base_model import load_base
 from workers.demo_task import TRAIN_FILE
 from workers.generate import greedy_generate
@@ -33,7 +34,6 @@ from workers.lora import LoraConfig, inject_lora, load_adapter, lora_modules, sa
 from workers.training.recipe import TrainConfig
 from workers.training.single import train_single
 
-ADMIN = "admin-secret"
 PROMPTS = ["spell 4 2 =", "hello world"]
 N_LOAD = 20
 
@@ -114,7 +114,7 @@ def app(ray_cluster: object, tiny_base_dir: Path, tmp_path_factory: pytest.TempP
     token = repo.create_token(registry.catalog, namespace="team", name="ci")
     repo.create_token(registry.catalog, namespace="load", name="ci")
     opts = ServeOptions(
-        base_name="tiny", settings_json=settings_to_json(settings),
+        base_name="tiny", settings_json=settings_for_nodes(settings),
         slots=4, max_rank=16, alias_ttl_s=0.5, num_cpus=0.5, max_batch_size=64,
     )  # fmt: skip
     url = start(opts, port=free_port())

@@ -116,13 +116,26 @@ def test_ray_up_cluster_uses_the_image_and_known_node_types() -> None:
 
 
 def test_compose_stack_matches_the_example_configuration(tmp_path: Path) -> None:
-    compose = yaml.safe_load((INFRA / "compose/docker-compose.yaml").read_text())["services"]
+    text = (INFRA / "compose/docker-compose.yaml").read_text()
+    compose = yaml.safe_load(text)["services"]
     pg, minio = compose["postgres"]["environment"], compose["minio"]
-    settings = load_settings({"LORAFLEET_CONFIG": str(INFRA / "lorafleet.toml.example"),
-                              "LORAFLEET_HOME": str(tmp_path)})  # fmt: skip
-    user, password, db = pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]
-    assert settings.catalog_url == (f"postgresql+psycopg://{user}:{password}@127.0.0.1:5432/{db}")
-    assert "5432:5432" in compose["postgres"]["ports"] and "9000:9000" in minio["ports"]
+    example = INFRA / "lorafleet.toml.example"
+    # the documented URL, with the password the compose file takes from the environment
+    documented = re.search(r"(postgresql\+psycopg://\S+)", example.read_text()).group(1)  # type: ignore[union-attr]
+    settings = load_settings({"LORAFLEET_CONFIG": str(example), "LORAFLEET_HOME": str(tmp_path),
+                              "LORAFLEET_CATALOG_URL": documented})  # fmt: skip
+    user, db = pg["POSTGRES_USER"], pg["POSTGRES_DB"]
+    assert pg["POSTGRES_PASSWORD"] == "${LORAFLEET_DB_PASSWORD:?set LORAFLEET_DB_PASSWORD}"
+    assert settings.catalog_url == (
+        f"postgresql+psycopg://{user}:$LORAFLEET_DB_PASSWORD@127.0.0.1:5432/{db}"
+    )
+    # no fixed password anywhere, nothing published beyond this machine
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${MINIO_ROOT_PASSWORD:?")
+    assert "lorafleet-secret" not in text and "PASSWORD: lorafleet" not in text
+    ports = [p for svc in compose.values() for p in svc.get("ports", [])]
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports)
+    active = [ln for ln in example.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    assert not any(k in ln for ln in active for k in ("catalog_url", "api_token"))  # no secrets
     assert settings.s3_endpoint == "http://127.0.0.1:9000"
     bucket = settings.object_store.removeprefix("s3://").split("/")[0]
     assert f"local/{bucket}" in compose["create-bucket"]["entrypoint"]

@@ -74,6 +74,34 @@ def test_settings_never_show_the_catalog_password_or_the_token():
     assert mask_url("postgresql://lf:p@ss@db/lf") == "postgresql://lf:***@db/lf"
 
 
+def test_settings_cross_nodes_without_their_secrets(tmp_path):
+    from storage.settings import settings_for_nodes, settings_on_node
+
+    url = "postgresql+psycopg://lf:hunter2@db:5432/lf"
+    head = load_settings({"LORAFLEET_HOME": str(tmp_path / "head"), "LORAFLEET_API_TOKEN":
+                          "tok-123", "LORAFLEET_CATALOG_URL": url})  # fmt: skip
+    sent = settings_for_nodes(head)
+    assert "hunter2" not in sent and "tok-123" not in sent and "lf:***@db:5432" in sent
+    # the receiving node completes the secrets (and the home) from its own configuration
+    node_env = {"LORAFLEET_HOME": str(tmp_path / "node"), "LORAFLEET_API_TOKEN": "tok-123",
+                "LORAFLEET_CATALOG_URL": url}  # fmt: skip
+    got = settings_on_node(sent, node_env)
+    assert got.catalog_url == url and got.home == tmp_path / "node"
+    assert got.api_token is not None and got.api_token.get_secret_value() == "tok-123"
+    assert got.object_store == head.object_store  # the shared parts travel as sent
+    # a node without the password says what to configure
+    with pytest.raises(SettingsError, match="LORAFLEET_CATALOG_URL"):
+        settings_on_node(sent, {"LORAFLEET_HOME": str(tmp_path / "node")})
+    # a secret sent in clear is refused, so a call site that forgets is caught by any test
+    with pytest.raises(SettingsError, match="in clear"):
+        settings_on_node(head.model_copy(update={"api_token": None}).model_dump_json(), node_env)
+    with pytest.raises(SettingsError, match="API token"):
+        settings_on_node(head.model_dump_json(), node_env)  # SecretStr dumps masked; still refused
+    # without a password nothing needs completing
+    plain = load_settings({"LORAFLEET_HOME": str(tmp_path / "head")})
+    assert settings_on_node(settings_for_nodes(plain), node_env).catalog_url == plain.catalog_url
+
+
 def test_the_largest_version_parses():
     assert parse_ref(f"team/x:{2**63 - 1}").version == 2**63 - 1
 
@@ -167,3 +195,11 @@ def test_metric_filters():
     assert parse_metric_filter("acc >= 0.9").matches({"acc": 0.9})
     with pytest.raises(MetricFilterError):
         parse_metric_filter("acc=>1")
+
+
+def test_a_plain_postgresql_url_keeps_its_password_for_the_driver():
+    from storage.catalog.db import make_engine
+
+    engine = make_engine("postgresql://lf:hunter2@db:5432/lf")  # no connection is made
+    assert engine.url.drivername == "postgresql+psycopg" and engine.url.password == "hunter2"
+    engine.dispose()

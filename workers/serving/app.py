@@ -55,13 +55,13 @@ class AppArgs(BaseModel):
 def options_from(args: AppArgs) -> Any:
     """``ServeOptions`` for ``args`` under the environment's settings."""
     from storage.registry import Registry
-    from storage.settings import load_settings, settings_to_json
+    from storage.settings import load_settings, settings_for_nodes
     from workers.serving.deployments import ServeOptions
 
     settings = load_settings()
     base_name = Registry.from_settings(settings).base(args.base).name  # registered, or an error
     return ServeOptions(
-        base_name=base_name, settings_json=settings_to_json(settings),
+        base_name=base_name, settings_json=settings_for_nodes(settings),
         slots=args.slots, max_rank=args.max_rank, host_adapters=args.host_adapters,
         replicas=args.replicas, max_replicas=args.max_replicas, merged=args.merged,
         alias_ttl_s=args.alias_ttl_s, num_cpus=args.cpus_per_replica,

@@ -94,7 +94,7 @@ def _server_class(opts: ServeOptions) -> Any:
     from ray import serve
 
     from storage.registry import Registry
-    from storage.settings import Settings, on_this_node
+    from storage.settings import settings_on_node
     from workers.serving.engine import GenRequest, ServingEngine, error_kind
     from workers.serving.streams import stream
 
@@ -104,7 +104,7 @@ def _server_class(opts: ServeOptions) -> Any:
 
         def __init__(self, options_json: str) -> None:
             self.opts = ServeOptions.model_validate_json(options_json)
-            settings = on_this_node(Settings.model_validate_json(self.opts.settings_json))
+            settings = settings_on_node(self.opts.settings_json)
             registry = Registry.from_settings(settings)
             base_dir = registry.base_dir(self.opts.base_name)  # this node's verified copy
             self.engine = ServingEngine(

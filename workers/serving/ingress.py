@@ -24,7 +24,7 @@ from storage.errors import InvalidName, NotFound, StorageError
 from storage.fingerprint import fingerprint_model_dir
 from storage.names import parse_ref
 from storage.registry import Registry
-from storage.settings import Settings, on_this_node
+from storage.settings import settings_on_node
 from workers.base_model import load_base_config, load_tokenizer
 from workers.serving.openai_api import (
     MAX_BODY_BYTES,
@@ -104,7 +104,7 @@ def ingress_class(opts: ServeOptions) -> Any:
     class OpenAIIngress:
         def __init__(self, server: DeploymentHandle, options_json: str) -> None:
             self.opts = ServeOptions.model_validate_json(options_json)
-            self.settings = on_this_node(Settings.model_validate_json(self.opts.settings_json))
+            self.settings = settings_on_node(self.opts.settings_json)
             self.registry = Registry.from_settings(self.settings)
             base_dir = self.registry.base_dir(self.opts.base_name)
             token = self.settings.api_token

@@ -29,7 +29,7 @@ from storage.cache import AdapterCache
 from storage.catalog.domain import BaseModel, DataFile, FileDigest
 from storage.errors import IntegrityError, ObjectNotFound
 from storage.objects import ObjectStore, file_sha256
-from storage.settings import load_settings
+from storage.settings import load_settings, node_catalog_url
 from storage.staging import (
     checkpoint_prefix,
     checkpoints,
@@ -126,7 +126,7 @@ def _event_sink(spec: DistributedSpec) -> Any:
     from storage.catalog.db import Catalog
     from storage.catalog.jobs import add_event
 
-    catalog = Catalog(spec.event_sink["catalog_url"])
+    catalog = Catalog(node_catalog_url(spec.event_sink["catalog_url"]))
     job_id = spec.event_sink["job_id"]
 
     def emit(kind: str, data: dict[str, Any]) -> None:

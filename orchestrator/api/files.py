@@ -13,13 +13,15 @@ import asyncio
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
+from orchestrator.api import schemas
+from orchestrator.api.deps import PrincipalDep
+from orchestrator.api.jobs import page_body
 from orchestrator.http_errors import ApiError
 from orchestrator.objects import file_object
 from orchestrator.uploads import UploadTooLarge, check_size, upload_dataset
@@ -31,6 +33,10 @@ from storage.registry import Registry
 from workers.errors import DatasetError
 
 CHUNK = 1 << 20
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    411: {"model": schemas.ErrorBody, "description": "The upload declares no Content-Length"},
+    413: {"model": schemas.ErrorBody, "description": "The upload is over the size limit"},
+}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields
 
 
@@ -93,11 +99,9 @@ async def _spool(upload: UploadFile, dest: Path, limit: int) -> int:
     return size
 
 
-def files_router(
-    registry: Registry, max_bytes: int, principal: Callable[..., Principal]
-) -> APIRouter:
+def files_router(registry: Registry, max_bytes: int, principal: PrincipalDep) -> APIRouter:
     """The ``/v1/files`` routes over ``registry``; ``principal`` is the auth dependency."""
-    router = APIRouter()
+    router = APIRouter(prefix="/v1/files", tags=["files"], responses=schemas.ERRORS)
     db = registry.catalog
 
     def visible(file_id: str, who: Principal) -> DataFile:
@@ -106,7 +110,7 @@ def files_router(
         except NotFound:
             raise ApiError(404, f"file {file_id} not found") from None
 
-    @router.post("/v1/files", status_code=201)
+    @router.post("", status_code=201, response_model=schemas.DataFile, responses=UPLOAD_ERRORS)
     async def upload(
         request: Request,
         file: UploadFile = File(...),
@@ -140,22 +144,32 @@ def files_router(
             shutil.rmtree(tmp, ignore_errors=True)
         return file_object(record)
 
-    @router.get("/v1/files")
-    def list_files(who: Principal = Depends(principal)) -> dict[str, Any]:
-        data = file_repo.list_files(db, namespace=who.namespace)
-        return {"object": "list", "data": [file_object(f) for f in data]}
+    @router.get("", response_model=schemas.DataFilePage)
+    def list_files(
+        limit: int = Query(20, ge=1, le=100),
+        after: str | None = Query(None, max_length=64, description="The last id of a page."),
+        who: Principal = Depends(principal),
+    ) -> dict[str, Any]:
+        try:
+            page, more = file_repo.page_files(db, namespace=who.namespace, limit=limit,
+                                              after=after)  # fmt: skip
+        except NotFound:
+            raise ApiError(400, f"after: no file {after} to continue from", "after") from None
+        return page_body([file_object(f) for f in page], more)
 
-    @router.get("/v1/files/{file_id}")
+    @router.get("/{file_id}", response_model=schemas.DataFile)
     def show(file_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         return file_object(visible(file_id, who))
 
-    @router.get("/v1/files/{file_id}/content")
+    @router.get("/{file_id}/content", response_class=FileResponse,
+                responses={200: {"content": {"application/jsonl": {}},
+                                 "description": "The file's bytes, as uploaded"}})  # fmt: skip
     def content(file_id: str, who: Principal = Depends(principal)) -> FileResponse:
         f = visible(file_id, who)
         path = registry.file_path(f)  # verified against the recorded digest
         return FileResponse(path, media_type="application/jsonl", filename=f.filename)
 
-    @router.delete("/v1/files/{file_id}")
+    @router.delete("/{file_id}", response_model=schemas.FileDeleted)
     def delete(file_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         f = visible(file_id, who)
         registry.delete_file(f.id)

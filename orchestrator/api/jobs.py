@@ -1,0 +1,151 @@
+"""``/v1/fine_tuning/jobs``: submit, list (paged), show, cancel, events (paged or streamed) and
+checkpoints, shaped like OpenAI's fine-tuning API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from orchestrator.api import schemas
+from orchestrator.api.deps import PrincipalDep
+from orchestrator.http_errors import ApiError
+from orchestrator.lifecycle import TERMINAL, IllegalTransition
+from orchestrator.objects import event_object, job_object
+from orchestrator.service import cancel_job, submit_job
+from orchestrator.spec import JobSpec
+from storage.auth import Principal
+from storage.catalog import jobs
+from storage.catalog.db import Catalog
+from storage.errors import NotFound
+
+MAX_ID = 2**63 - 1  # event ids are 64-bit columns
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "A page of events; with stream=true (or Accept: text/event-stream) the "
+        "events as they come, then an `end` event",
+    }
+}
+
+
+def page_body(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    """A list page as OpenAI answers one."""
+    return {"object": "list", "data": data, "has_more": more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}  # fmt: skip
+
+
+def jobs_router(db: Catalog, principal: PrincipalDep) -> APIRouter:
+    """The job routes over ``db``; ``principal`` is the auth dependency."""
+    router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["jobs"], responses=schemas.ERRORS)
+
+    def visible_job(job_id: str, who: Principal) -> jobs.Job:
+        try:
+            job = jobs.get_job(db, job_id=job_id)
+        except NotFound:
+            raise ApiError(404, f"job {job_id} not found") from None
+        if not who.can_see(job.namespace):
+            raise ApiError(404, f"job {job_id} not found")
+        return job
+
+    def adapter_of(job: jobs.Job) -> str | None:
+        found = jobs.list_events(db, job_id=job.id, kinds=["adapter"], limit=1)
+        return str(found[0].data.get("ref")) if found else None
+
+    @router.post("", status_code=201, response_model=schemas.Job,
+                 responses={200: {"model": schemas.Job,
+                                  "description": "The job an earlier request with this "
+                                  "Idempotency-Key created"}})  # fmt: skip
+    def create_job(
+        spec: JobSpec,
+        who: Principal = Depends(principal),
+        idempotency_key: str | None = Header(default=None, max_length=128),
+    ) -> JSONResponse:
+        if not who.can_see(spec.namespace):
+            raise ApiError(403, f"token may not submit to namespace {spec.namespace}", "namespace")
+        try:
+            result = submit_job(db, spec, idempotency_key=idempotency_key)
+        except jobs.IdempotencyConflict as exc:
+            raise ApiError(409, str(exc), "idempotency_key") from None
+        return JSONResponse(job_object(result.job), 201 if result.created else 200)
+
+    @router.get("", response_model=schemas.JobPage)
+    def list_jobs(
+        namespace: str | None = Query(None, max_length=64),
+        state: str | None = Query(None, max_length=32),
+        limit: int = Query(20, ge=1, le=100),
+        after: str | None = Query(None, max_length=64, description="The last id of a page."),
+        who: Principal = Depends(principal),
+    ) -> dict[str, Any]:
+        if who.namespace is not None:
+            if namespace not in (None, who.namespace):
+                return page_body([], False)
+            namespace = who.namespace
+        states = [state] if state else None
+        try:
+            page, more = jobs.page_jobs(db, namespace=namespace, states=states, limit=limit,
+                                        after=after)  # fmt: skip
+        except NotFound:
+            raise ApiError(400, f"after: no job {after} to continue from", "after") from None
+        return page_body([job_object(j) for j in page], more)
+
+    @router.get("/{job_id}", response_model=schemas.Job)
+    def get_job(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        job = visible_job(job_id, who)
+        return job_object(job, adapter_of(job))
+
+    @router.post("/{job_id}/cancel", response_model=schemas.Job)
+    def cancel(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        job = visible_job(job_id, who)
+        try:
+            return job_object(cancel_job(db, job_id=job.id))
+        except (IllegalTransition, jobs.JobStateConflict) as exc:
+            raise ApiError(409, str(exc), "status") from None
+
+    @router.get("/{job_id}/events", response_model=schemas.EventPage, responses=STREAMED)
+    def events(
+        job_id: str,
+        request: Request,
+        stream: bool = False,
+        after: int = Query(0, ge=0, le=MAX_ID, description="The last event id seen."),
+        limit: int = Query(100, ge=1, le=1000),
+        who: Principal = Depends(principal),
+    ) -> Any:
+        job = visible_job(job_id, who)
+        if stream or "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(sse(job.id, after), media_type="text/event-stream")
+        found = jobs.list_events(db, job_id=job.id, after_id=after, limit=limit + 1)
+        data = [event_object(e) for e in found[:limit]]
+        return {"object": "list", "data": data, "has_more": len(found) > limit}
+
+    async def sse(job_id: str, after: int) -> AsyncIterator[str]:
+        last = after
+        while True:
+            batch = await asyncio.to_thread(jobs.list_events, db, job_id=job_id, after_id=last)
+            for e in batch:
+                last = e.id
+                yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(event_object(e))}\n\n"
+            state = (await asyncio.to_thread(jobs.get_job, db, job_id=job_id)).state
+            if state in TERMINAL and not batch:
+                yield f"event: end\ndata: {json.dumps({'status': state})}\n\n"
+                return
+            await asyncio.sleep(0.25)
+
+    @router.get("/{job_id}/checkpoints", response_model=schemas.CheckpointList)
+    def checkpoints(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """The checkpoints the job's training recorded in the catalog, newest first."""
+        job = visible_job(job_id, who)
+        found = [
+            {"object": "fine_tuning.job.checkpoint", "id": f"ckpt-{e.id}",
+             "fine_tuning_job_id": job.id, "step_number": e.data.get("step"),
+             "uri": e.data.get("uri"), "created_at": int(e.ts.timestamp())}
+            for e in jobs.iter_events(db, job_id=job.id, kinds=["checkpoint"])
+        ]  # fmt: skip
+        return {"object": "list", "data": found[::-1]}
+
+    return router

@@ -1,0 +1,234 @@
+"""The REST API's request and response bodies, as ``/v1/openapi.json`` documents them.
+
+The shapes are built by ``orchestrator.objects`` (shared with the CLI's ``-o json``); these
+models describe them for the schema and check them on the way out, so a change to one without
+the other fails the API tests instead of surprising a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests ------------------------------------------------------------------------------------
+class TokenBody(BaseModel):
+    """A token to create: its namespace, a name, a scope and an optional lifetime."""
+
+    model_config = ConfigDict(extra="forbid")
+    namespace: str = Field(max_length=64)
+    name: str = Field(max_length=64)
+    scope: Literal["read", "write", "admin"] = "write"
+    expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)
+
+
+class PromoteBody(BaseModel):
+    """The alias to point at a version."""
+
+    model_config = ConfigDict(extra="forbid")
+    alias: str = Field(max_length=64)
+
+
+# -- errors --------------------------------------------------------------------------------------
+class ErrorDetail(_Out):
+    message: str
+    field: str | None = Field(description="The request field at fault, when one is.")
+
+
+class ErrorBody(_Out):
+    """Every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in [
+        (400, "Bad request (the message and field say what)"),
+        (401, "Missing, malformed, unknown, revoked or expired token"),
+        (403, "The token may not do this"),
+        (404, "Not found (or in another namespace)"),
+        (409, "Conflicts with the current state"),
+        (422, "A field is invalid (named in error.field)"),
+        (503, "The catalog or object store is unavailable: retry after Retry-After seconds"),
+    ]
+}
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+class Hyperparameters(_Out):
+    lora: dict[str, Any] | None
+    training: dict[str, Any] | None
+
+
+class Job(_Out):
+    """A fine-tuning job (OpenAI's field names where they fit)."""
+
+    id: str
+    object: Literal["fine_tuning.job"]
+    namespace: str
+    name: str
+    status: str
+    status_reason: str | None
+    model: str | None
+    training_file: str | None
+    validation_file: str | None
+    hyperparameters: Hyperparameters
+    resources: dict[str, Any] | None
+    priority: int
+    attempts: int
+    error: str | None
+    fine_tuned_model: str | None
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+
+class Page(_Out):
+    """One page of a list, newest first; ask for the next with ``after=last_id``."""
+
+    object: Literal["list"]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class JobPage(Page):
+    data: list[Job]
+
+
+class Event(_Out):
+    id: int
+    object: Literal["fine_tuning.job.event"]
+    created_at: float
+    type: str
+    data: dict[str, Any]
+
+
+class EventPage(_Out):
+    """Events in order; ask for the next with ``after`` = the last id."""
+
+    object: Literal["list"]
+    data: list[Event]
+    has_more: bool
+
+
+class Checkpoint(_Out):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"]
+    fine_tuning_job_id: str
+    step_number: int | None
+    uri: str | None
+    created_at: int
+
+
+class CheckpointList(_Out):
+    object: Literal["list"]
+    data: list[Checkpoint]
+
+
+# -- adapters ------------------------------------------------------------------------------------
+class BaseRef(_Out):
+    name: str
+    fingerprint: str
+
+
+class LoraShape(_Out):
+    r: int
+    alpha: float
+    target_modules: list[str] | str
+    use_rslora: bool
+
+
+class Lineage(_Out):
+    job_id: str | None
+    dataset_sha256: str | None
+    hyperparameters: dict[str, Any] | None
+    created_by: str | None
+
+
+class StoredFile(_Out):
+    name: str
+    sha256: str
+    size: int
+
+
+class Adapter(_Out):
+    """An adapter version: ``id`` is its exact reference ``namespace/name:version``."""
+
+    id: str
+    object: Literal["adapter"]
+    namespace: str
+    name: str
+    version: int
+    state: str
+    aliases: list[str]
+    tags: list[str]
+    base_model: BaseRef
+    lora: LoraShape
+    lineage: Lineage
+    metrics: dict[str, Any] | None
+    files: list[StoredFile]
+    created_at: int | None
+
+
+class AdapterPage(Page):
+    data: list[Adapter]
+
+
+# -- files ---------------------------------------------------------------------------------------
+class DataFile(_Out):
+    """An uploaded dataset (OpenAI's fields, plus namespace, rows and digest)."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    filename: str
+    purpose: str
+    status: Literal["processed"]
+    namespace: str
+    rows: int
+    sha256: str
+    created_at: int | None
+
+
+class DataFilePage(Page):
+    data: list[DataFile]
+
+
+class FileDeleted(_Out):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+# -- tokens --------------------------------------------------------------------------------------
+class Token(_Out):
+    """A token's record; its secret is never shown again after creation."""
+
+    id: int
+    object: Literal["token"]
+    namespace: str
+    name: str
+    scope: str
+    created_at: float | None
+    expires_at: float | None
+    revoked_at: float | None
+
+
+class NewToken(Token):
+    token: str = Field(description="The secret: shown once, stored only as its SHA-256.")
+
+
+class TokenList(_Out):
+    object: Literal["list"]
+    data: list[Token]
