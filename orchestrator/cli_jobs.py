@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -137,13 +138,15 @@ def submit(
 def jobs_list(
     namespace: str | None = typer.Option(None, help="Only this namespace."),
     state: str | None = typer.Option(None, help="Only jobs in this state."),
+    limit: int | None = typer.Option(None, min=1, help="At most this many (default: all)."),
     output: Format = OUTPUT,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (read from the catalog a page at a time)."""
     from storage.catalog import jobs
 
-    rows = jobs.list_jobs(_registry(_settings()).catalog, namespace=namespace,
-                          states=[state] if state else None)  # fmt: skip
+    found = jobs.iter_jobs(_registry(_settings()).catalog, namespace=namespace,
+                           states=[state] if state else None)  # fmt: skip
+    rows = list(itertools.islice(found, limit))
     if emit([job_object(j) for j in rows], output):
         return
     table = Table("id", "namespace", "name", "state", "priority", "attempts", "created", "reason")

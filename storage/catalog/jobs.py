@@ -208,6 +208,24 @@ def page_jobs(
         return [_job(row, ns) for row, ns in rows[:limit]], len(rows) > limit
 
 
+def iter_jobs(
+    db: Catalog,
+    *,
+    namespace: str | None = None,
+    states: Iterable[str] | None = None,
+    page: int = 100,
+) -> Iterator[Job]:
+    """Every matching job, newest first, read a page at a time (memory stays flat)."""
+    states = list(states) if states is not None else None
+    after = None
+    while True:
+        batch, more = page_jobs(db, namespace=namespace, states=states, limit=page, after=after)
+        yield from batch
+        if not more:
+            return
+        after = batch[-1].id
+
+
 def _ns_id(s: Any, namespace: str) -> int | None:
     return s.scalar(select(NamespaceRow.id).where(NamespaceRow.name == namespace))
 

@@ -106,6 +106,18 @@ def test_events_scoping_and_listing(catalog):
     assert shown.checkpoint_uri == "file:///ckpt/3"
     assert [j.id for j in jobs.list_jobs(catalog, states={"queued"})] == [job.id]
     assert jobs.list_jobs(catalog, states={"running"}) == []
+    # reading page by page (the CLI, the API's cursor) sees every job and event once, in order
+    for i in range(6):
+        jobs.create_job(catalog, namespace="team", name=f"more{i}", spec=SPEC)
+    assert [j.id for j in jobs.iter_jobs(catalog, page=4)] == [j.id for j in
+                                                               jobs.list_jobs(catalog)]  # fmt: skip
+    for step in range(3, 9):
+        jobs.add_event(catalog, job_id=job.id, kind="checkpoint" if step % 4 == 0 else "metrics",
+                       data={"step": step})  # fmt: skip
+    paged = list(jobs.iter_events(catalog, job_id=job.id, page=3))
+    assert [e.id for e in paged] == [e.id for e in jobs.list_events(catalog, job_id=job.id)]
+    only = jobs.iter_events(catalog, job_id=job.id, kinds=["checkpoint"], page=1)
+    assert [e.data["step"] for e in only] == [4, 8]
 
 
 def test_a_job_stored_under_the_old_spec_rules_does_not_stop_scheduling(catalog):
