@@ -7,6 +7,7 @@ and stops it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,6 +82,80 @@ class MotoS3:
             self._server.stop()
             self._server = None
         wait_until(lambda: not _port_open(self.port), what="moto S3 server to stop")
+
+
+class OutageProxy:
+    """A TCP proxy to ``127.0.0.1:target_port`` that can be cut off: while ``down``, it
+    refuses new connections and has dropped every open one — what clients see when a server
+    (an object store, a database) goes away — and ``up`` serves again on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # went down meanwhile
+                    client.close()
+                    server.close()
+                    return
+                self._conns |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.down()
 
 
 def weed_binary() -> str | None:
@@ -170,6 +246,62 @@ def _can_connect(url: str) -> bool:
         return False
 
 
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl``) that can be stopped and started
+    again on the same port with its data: what a catalog outage looks like to lorafleet."""
+
+    def __init__(self) -> None:
+        initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+        if not (initdb and pg_ctl):
+            raise RuntimeError("initdb/pg_ctl not found")
+        self.pg_ctl = pg_ctl
+        self.data = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
+        self.port = free_port()
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            runuser = shutil.which("runuser")
+            if not runuser:
+                raise RuntimeError("running as root without runuser: cannot run initdb")
+            shutil.chown(self.data, "postgres")
+            self.as_postgres = [runuser, "-u", "postgres", "--"]
+        self._run(initdb, "-D", str(self.data / "db"), "-U", "postgres", "-A", "trust")
+        sock = self.data / "sock"
+        sock.mkdir()
+        if self.as_postgres:
+            shutil.chown(sock, "postgres")
+        self.options = f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        r = subprocess.run([*self.as_postgres, *args], capture_output=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{Path(args[0]).name} failed: {r.stderr.decode()[-500:]}")
+
+    def start(self) -> None:
+        self._run(self.pg_ctl, "-D", str(self.data / "db"), "-w", "-l", str(self.data / "log"),
+                  "-o", self.options, "start")  # fmt: skip
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop at once (``immediate``: connections drop as in a crash)."""
+        self._run(self.pg_ctl, "-D", str(self.data / "db"), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A started throwaway cluster, removed afterwards."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @contextmanager
 def postgres_server() -> Iterator[str | None]:
     """A PostgreSQL server URL (to its ``postgres`` database), or None if none can be had.
@@ -181,63 +313,17 @@ def postgres_server() -> Iterator[str | None]:
     if url:
         yield url
         return
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if initdb and pg_ctl:
-        data = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
-        port = free_port()
-        as_postgres: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            runuser = shutil.which("runuser")
-            if runuser:
-                shutil.chown(data, "postgres")
-                as_postgres = [runuser, "-u", "postgres", "--"]
-        if os.geteuid() != 0 or as_postgres:
-            ok = (
-                subprocess.run(
-                    [*as_postgres, initdb, "-D", str(data / "db"), "-U", "postgres", "-A", "trust"],
-                    capture_output=True,
-                    check=False,
-                ).returncode
-                == 0
-            )
-            sock = data / "sock"
-            sock.mkdir()
-            if as_postgres:
-                shutil.chown(sock, "postgres")
-            ok = (
-                ok
-                and subprocess.run(
-                    [
-                        *as_postgres,
-                        pg_ctl,
-                        "-D",
-                        str(data / "db"),
-                        "-w",
-                        "-l",
-                        str(data / "log"),
-                        "-o",
-                        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
-                        "start",
-                    ],
-                    capture_output=True,
-                    check=False,
-                ).returncode
-                == 0
-            )
-            if ok:
-                try:
-                    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-                finally:
-                    subprocess.run(
-                        [*as_postgres, pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"],
-                        capture_output=True,
-                        check=False,
-                    )
-                    shutil.rmtree(data, ignore_errors=True)
-                return
-            shutil.rmtree(data, ignore_errors=True)
-    local = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    yield local if _can_connect(local) else None
+    try:
+        cm = postgres_cluster()
+        cluster = cm.__enter__()
+    except RuntimeError:
+        local = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        yield local if _can_connect(local) else None
+        return
+    try:
+        yield cluster.url
+    finally:
+        cm.__exit__(None, None, None)
 
 
 @contextmanager

@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.service import job_spec
 from orchestrator.spec import JobSpec
 from storage.catalog import files as file_repo
 from storage.catalog import jobs
-from storage.errors import StorageError
+from storage.errors import CatalogUnavailable, StorageError
 from storage.registry import Registry
+from storage.retry import with_retries
 from storage.settings import Settings, mask_url, settings_for_nodes, settings_on_node
 from storage.staging import checkpoint_root, remove_staged
 from workers.errors import WorkerError
@@ -27,6 +29,7 @@ from workers.training.ray_train import train_distributed
 from workers.training.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RAY_NAMESPACE = "lorafleet"
 
 
@@ -117,7 +120,8 @@ def run_job(job_id: str, settings: Settings) -> str:
         log.exception("job %s: unexpected error", job_id)
         return _fail(db, job_id, f"{type(exc).__name__}: {exc}")
     try:
-        current = jobs.get_job(db, job_id=job_id)
+        # the catalog may be restarting as training ends: wait for it rather than fail the job
+        current = _through_outage(lambda: jobs.get_job(db, job_id=job_id), "reading the job")
         if current.state != "running":  # cancelled meanwhile: publish nothing
             return current.state
         spec = job_spec(job)
@@ -147,22 +151,33 @@ def run_job(job_id: str, settings: Settings) -> str:
     finally:
         shutil.rmtree(result.adapter_dir, ignore_errors=True)
     remove_staged(registry.store, dspec.staging_prefix)  # published: the copy can go
-    jobs.add_event(db, job_id=job_id, kind="adapter", data={"ref": version.ref})
-    jobs.transition_job(db, job_id=job_id, allowed_from={"running"}, to="succeeded")
+    ref = version.ref
+    _through_outage(
+        lambda: jobs.add_event(db, job_id=job_id, kind="adapter", data={"ref": ref}),
+        "recording the adapter",
+    )
+    _through_outage(
+        lambda: jobs.transition_job(db, job_id=job_id, allowed_from={"running"}, to="succeeded"),
+        "finishing the job",
+    )
     return "succeeded"
+
+
+CATALOG_OUTAGE_S = 300.0  # how long a runner waits out a catalog outage before giving up
+
+
+def _through_outage(fn: Callable[[], T], what: str) -> T:
+    return with_retries(fn, retry_on=(CatalogUnavailable,), deadline_s=CATALOG_OUTAGE_S, what=what)
 
 
 def _fail(db: Any, job_id: str, message: str) -> str:
     log.warning("job %s failed: %s", job_id, message)
     with contextlib.suppress(jobs.JobStateConflict):  # cancelled meanwhile: that stands
-        jobs.transition_job(
-            db,
-            job_id=job_id,
-            allowed_from={"starting", "running", "retrying"},
-            to="failed",
+        _through_outage(lambda: jobs.transition_job(
+            db, job_id=job_id, allowed_from={"starting", "running", "retrying"}, to="failed",
             error=message,
-        )
-    return jobs.get_job(db, job_id=job_id).state
+        ), "failing the job")  # fmt: skip
+    return _through_outage(lambda: jobs.get_job(db, job_id=job_id), "reading the job").state
 
 
 def start_runner(job_id: str, settings: Settings) -> None:

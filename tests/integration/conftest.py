@@ -17,6 +17,8 @@ from storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 from storage.registry import Registry
 
 NODE_ADMIN_TOKEN = "admin-secret"  # the admin token in every Ray node's own environment
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "lorafleet-test", "AWS_SECRET_ACCESS_KEY": "lorafleet-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +98,8 @@ def ray_cluster() -> Iterator[object]:
     from ray.cluster_utils import Cluster
 
     # each node's own secrets, as a deployment mounts them: nothing sends them to a node
-    with mock.patch.dict(os.environ, {"LORAFLEET_API_TOKEN": NODE_ADMIN_TOKEN}):
+    node_env = {"LORAFLEET_API_TOKEN": NODE_ADMIN_TOKEN, **FAKE_AWS}  # S3 credentials too
+    with mock.patch.dict(os.environ, node_env):
         cluster = Cluster(
             initialize_head=True,
             head_node_args={"num_cpus": 0, "include_dashboard": False},

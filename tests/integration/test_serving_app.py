@@ -340,19 +340,58 @@ def test_prewarm_then_corrupt_adapter_fails_alone(app: App) -> None:
     path.write_bytes(data)
 
 
-def test_killed_replica_is_restarted_and_serves_again(app: App) -> None:
+def test_a_replica_killed_under_load_fails_only_its_requests_and_no_client_hangs(
+    app: App,
+) -> None:
+    """Steady traffic while the model server replica is killed: requests fail (503, never a
+    hang or a 500) only between the kill and the restarted replica's first answer; before and
+    after, every request succeeds."""
+    import threading
+
     import ray
 
+    done: list[tuple[float, float, int | str]] = []  # (start, end, status or exception name)
+    stop = threading.Event()
+
+    def client() -> None:
+        auth = {"Authorization": f"Bearer {app.team_token}"}
+        with httpx.Client(base_url=app.url, timeout=60, headers=auth) as http:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = http.post("/v1/completions", json={"model": "team/peft", "max_tokens": 6,
+                                  "prompt": PROMPTS[0], "temperature": 0})  # fmt: skip
+                    status: int | str = r.status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                done.append((t0, time.monotonic(), status))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: sum(s == 200 for *_, s in done) >= 6, timeout_s=60, what="steady traffic")
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if "LoraModelServer" in a["name"]]  # fmt: skip
     assert names
+    killed_at = time.monotonic()
     for name in names:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
-    def serves() -> bool:
-        try:
-            return _complete(app.client(), "team/peft", PROMPTS[0])[1] == "team/peft:1"
-        except (openai.APIError, httpx.HTTPError):
-            return False
+    def recovered() -> bool:
+        return any(s == 200 and t0 > killed_at for t0, _, s in done)
 
-    wait_until(serves, timeout_s=120, what="a restarted replica")
+    wait_until(recovered, timeout_s=120, what="a restarted replica to answer")
+    back_at = min(t0 for t0, _, s in done if s == 200 and t0 > killed_at)
+    wait_until(lambda: sum(s == 200 and t0 > back_at for t0, _, s in done) >= 6, timeout_s=60,
+               what="traffic after the restart")  # fmt: skip
+    stop.set()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "a client is still waiting"
+    failed = [(t0, t1, s) for t0, t1, s in done if s != 200]
+    assert {s for *_, s in failed} <= {503}, failed  # a retryable answer, never 500 or a hang
+    for t0, t1, _ in failed:  # only requests the kill caught, or sent before the new replica
+        assert t1 >= killed_at and t0 <= back_at + 1.0, (t0, t1, killed_at, back_at)
+    before = [s for t0, t1, s in done if t1 < killed_at]
+    after = [s for t0, _, s in done if t0 > back_at + 1.0]
+    assert before and set(before) == {200} and after and set(after) == {200}

@@ -16,6 +16,8 @@ from typing import Any
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage.auth import Principal, Unauthorized, authenticate
@@ -54,6 +56,19 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+
+
+# A model server replica that died (killed, its node lost) or is being replaced: the request
+# cannot finish there; the client may retry at once (Serve starts a new replica).
+REPLICA_GONE: tuple[type[BaseException], ...] = (RayActorError, ReplicaUnavailableError,
+                                                 DeploymentUnavailableError)  # fmt: skip
+ADMISSION_TIMEOUT_S = 60.0  # longest wait for a replica to take a request: then a 503
+
+
+def replica_gone(exc: BaseException) -> HttpError:
+    """The 503 for a request whose model server replica went away."""
+    return HttpError(503, f"the model server replica went away ({type(exc).__name__}); retry",
+                     "model")  # fmt: skip
 
 
 def _app() -> FastAPI:
@@ -171,7 +186,18 @@ def ingress_class(opts: ServeOptions) -> Any:
             # the exact version travels with the request: the replica does not resolve again
             gen = handle.generate.remote({**payload, "adapter": adapter, "version": version})
             assert isinstance(gen, DeploymentResponseGenerator)
-            first = await gen.__anext__()
+            try:  # the first item comes at admission (or a 429 first): never wait forever
+                first = await asyncio.wait_for(gen.__anext__(), ADMISSION_TIMEOUT_S)
+            except TimeoutError:
+                gen.cancel()
+                raise HttpError(
+                    503,
+                    "no model server replica admitted the request in "
+                    f"{ADMISSION_TIMEOUT_S:.0f} s; retry",
+                    "model",
+                ) from None
+            except REPLICA_GONE as exc:
+                raise replica_gone(exc) from None
             if "error" in first:
                 raise HttpError(status_of(first.get("kind")), str(first["error"]), "model")
             return gen
@@ -194,23 +220,30 @@ def ingress_class(opts: ServeOptions) -> Any:
                 fmt = StreamFormatter(name, chat=chat)
 
                 async def events() -> AsyncIterator[str]:
-                    async for item in gen:
-                        if "delta" in item:
-                            yield fmt.delta(item["delta"])
-                        elif "result" in item:
-                            r = item["result"]
-                            if r["error"]:
-                                yield fmt.delta("")  # the stream is open: end it, say why
-                                body = error_body(r["error"], status_of(r["kind"]))
-                                yield f"data: {json.dumps(body)}\n\n"
-                                return
-                            yield fmt.finish(r["finish_reason"])
+                    try:
+                        async for item in gen:
+                            if "delta" in item:
+                                yield fmt.delta(item["delta"])
+                            elif "result" in item:
+                                r = item["result"]
+                                if r["error"]:
+                                    yield fmt.delta("")  # the stream is open: end it, say why
+                                    body = error_body(r["error"], status_of(r["kind"]))
+                                    yield f"data: {json.dumps(body)}\n\n"
+                                    return
+                                yield fmt.finish(r["finish_reason"])
+                    except REPLICA_GONE as exc:  # mid-stream: end the stream, say why
+                        yield fmt.delta("")
+                        yield f"data: {json.dumps(error_body(replica_gone(exc).message, 503))}\n\n"
 
                 return StreamingResponse(events(), media_type="text/event-stream")
             result: dict[str, Any] | None = None
-            async for item in gen:
-                if "result" in item:
-                    result = item["result"]
+            try:
+                async for item in gen:
+                    if "result" in item:
+                        result = item["result"]
+            except REPLICA_GONE as exc:
+                raise replica_gone(exc) from None
             if result is None:
                 raise HttpError(500, "the model server ended the request without an answer")
             if result["error"]:
@@ -275,12 +308,19 @@ def ingress_class(opts: ServeOptions) -> Any:
             version = await self._resolve(f"{namespace}/{ref}", authorization)
             adapter = version.ref if version else ""
             handle = self.server.options(multiplexed_model_id=adapter)
-            return {"adapter": adapter, "unloaded": bool(await handle.unload.remote())}
+            try:
+                unloaded = bool(await handle.unload.remote())
+            except REPLICA_GONE as exc:
+                raise replica_gone(exc) from None
+            return {"adapter": adapter, "unloaded": unloaded}
 
         @app.get("/v1/serving/stats")
         async def stats(self, authorization: str | None = Header(default=None)) -> dict:
             if (await asyncio.to_thread(self._who, authorization)).namespace is not None:
                 raise HttpError(403, "serving stats need the admin token")
-            return dict(await self.server.stats.remote())
+            try:
+                return dict(await self.server.stats.remote())
+            except REPLICA_GONE as exc:
+                raise replica_gone(exc) from None
 
     return OpenAIIngress

@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from storage.cache import AdapterCache
 from storage.catalog.domain import BaseModel, DataFile, FileDigest
-from storage.errors import IntegrityError, ObjectNotFound
+from storage.errors import IntegrityError, ObjectNotFound, ObjectStoreUnavailable
 from storage.objects import ObjectStore, file_sha256
+from storage.retry import with_retries
 from storage.settings import load_settings, node_catalog_url
 from storage.staging import (
     checkpoint_prefix,
@@ -44,6 +45,7 @@ from workers.lora import lora_modules, lora_state_dict, save_adapter
 from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
 from workers.training.comm_audit import record_collectives, summarize
 from workers.training.distributed_spec import DistributedSpec
+from workers.training.events import EventSink
 from workers.training.recipe import LoraFinetuneRecipe
 from workers.training.sharded_base import load_sharded_base, local_base_bytes
 from workers.training.shared_base import (
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 CKPT_WEIGHTS = "lora.safetensors"
 CKPT_OPTIM = "optimizer.pt"
 CKPT_STATE = "trainer_state.json"
+STORE_OUTAGE_S = 300.0  # how long a checkpoint or result upload rides out a store outage
 
 
 def lora_checksum(model: torch.nn.Module) -> str:
@@ -119,8 +122,8 @@ def fetch_inputs(spec: DistributedSpec, store: ObjectStore) -> tuple[str, str, s
     return base_dir, train, data(spec.eval_file, spec.eval_path)
 
 
-def _event_sink(spec: DistributedSpec) -> Any:
-    """A function appending job events to the catalog, or None without a sink."""
+def _event_sink(spec: DistributedSpec) -> EventSink | None:
+    """An event sink appending job events to the catalog (through outages), or None."""
     if not spec.event_sink:
         return None
     from storage.catalog.db import Catalog
@@ -129,10 +132,16 @@ def _event_sink(spec: DistributedSpec) -> Any:
     catalog = Catalog(node_catalog_url(spec.event_sink["catalog_url"]))
     job_id = spec.event_sink["job_id"]
 
-    def emit(kind: str, data: dict[str, Any]) -> None:
+    def write(kind: str, data: dict[str, Any]) -> None:
         add_event(catalog, job_id=job_id, kind=kind, data=data)
 
-    return emit
+    return EventSink(write)
+
+
+def _stage_with_retries(store: ObjectStore, local_dir: Path, prefix: str) -> None:
+    """``stage_dir`` through an object store outage (it starts over cleanly on each try)."""
+    with_retries(lambda: stage_dir(store, local_dir, prefix), retry_on=(ObjectStoreUnavailable,),
+                 deadline_s=STORE_OUTAGE_S, what=f"staging {prefix}")  # fmt: skip
 
 
 def _checkpoint(
@@ -142,8 +151,11 @@ def _checkpoint(
     prefix = checkpoint_prefix(spec.checkpoint_key, recipe.step)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(recipe, Path(tmp))
-        stage_dir(store, Path(tmp), prefix)
-    prune_checkpoints(store, spec.checkpoint_key, keep=2)
+        _stage_with_retries(store, Path(tmp), prefix)
+    try:
+        prune_checkpoints(store, spec.checkpoint_key, keep=2)
+    except ObjectStoreUnavailable as exc:  # older checkpoints linger until the next prune
+        log.warning("pruning checkpoints failed: %s", exc)
     if emit is not None:
         emit("checkpoint", {"step": recipe.step, "uri": f"{store.uri}/{prefix}"})
 
@@ -286,6 +298,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 _checkpoint(recipe, spec, store, emit)
             ray.train.report(metrics)
         elapsed = time.perf_counter() - t0
+    if emit is not None:
+        emit.close()  # events queued through a catalog outage are written before the result
 
     # -- results -------------------------------------------------------------------------------
     pss_end = pss_bytes()  # after training every mapped page has been touched and counted
@@ -330,7 +344,7 @@ def train_worker(config: dict[str, Any]) -> None:
             "curve": curve,
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        stage_dir(store, out, spec.staging_prefix)  # the driver publishes from there
+        _stage_with_retries(store, out, spec.staging_prefix)  # the driver publishes from there
         shutil.rmtree(out, ignore_errors=True)
     dist.barrier()
     if leader and shm_file is not None:
