@@ -76,14 +76,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path", "header")]
-        field = ".".join(loc) or None
+        # a wrong body as a whole (not an object) is named by where it is: "body"
+        field = ".".join(loc) or (str(err["loc"][0]) if err["loc"] else "body")
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         msg = msg.removeprefix("Value error, ")
         return _error(422, f"{field}: {msg}" if field else msg, field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        # a 400 here is a body that is not JSON at all (a wrong route or method has no field)
+        field = "body" if exc.status_code == 400 else None
+        return _error(exc.status_code, str(exc.detail), field, headers=exc.headers)
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:

@@ -84,13 +84,17 @@ def _app() -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"] if p not in ("body", "query", "header")]
-        param = ".".join(loc) or None
+        # a wrong body as a whole (not an object) is named by where it is: "body"
+        param = ".".join(loc) or (str(err["loc"][0]) if err["loc"] else "body")
         msg = str(err["msg"]).removeprefix("Value error, ")
         return JSONResponse(error_body(f"{param}: {msg}" if param else msg, 400, param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), exc.status_code), exc.status_code)
+        # a 400 here is a body that is not JSON at all (a wrong route or method has no param)
+        param = "body" if exc.status_code == 400 else None
+        return JSONResponse(error_body(str(exc.detail), exc.status_code, param), exc.status_code,
+                            headers=exc.headers)  # fmt: skip
 
     @app.middleware("http")
     async def _body_size(request: Request, call_next: Any) -> Any:
@@ -256,6 +260,13 @@ def ingress_class(opts: ServeOptions) -> Any:
         @app.get("/health")
         def health(self) -> dict[str, str]:
             return {"status": "ok", "base": self.opts.base_name}
+
+        @app.get("/v1/openapi.json")
+        async def openapi(self, authorization: str | None = Header(default=None)) -> dict:
+            """This app's OpenAPI schema, for the admin token (as the REST API serves its own)."""
+            if (await asyncio.to_thread(self._who, authorization)).namespace is not None:
+                raise HttpError(403, "the schema needs the admin token")
+            return app.openapi()
 
         @app.post("/v1/completions")
         async def completions(

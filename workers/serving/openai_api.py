@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.datasets import DEFAULT_CHAT_TEMPLATE
 
@@ -118,16 +118,18 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
 
-    @model_validator(mode="after")
-    def _last_not_assistant(self) -> ChatCompletionRequest:
-        if self.messages[-1].role == "assistant":
+    @field_validator("messages")
+    @classmethod
+    def _last_not_assistant(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        # a field validator, so that an error names ``messages`` as its param
+        if messages[-1].role == "assistant":
             raise ValueError("the last message must not be the assistant's")
-        chars = sum(len(m.content) for m in self.messages)
+        chars = sum(len(m.content) for m in messages)
         if chars > MAX_PROMPT_CHARS:
             raise ValueError(
                 f"messages have {chars:,} characters; the limit is {MAX_PROMPT_CHARS:,}"
             )
-        return self
+        return messages
 
     def limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
