@@ -109,7 +109,7 @@ def _files_query(namespace: str | None) -> Any:
 def list_files(db: Catalog, *, namespace: str | None = None) -> list[DataFile]:
     """Files, newest first; one namespace's when given."""
     with db.session() as s:
-        q = _files_query(namespace).order_by(FileRow.created_at.desc(), FileRow.id)
+        q = _files_query(namespace).order_by(FileRow.created_at.desc(), FileRow.id.desc())
         return [_file(r, n) for r, n in s.execute(q)]
 
 
@@ -130,9 +130,10 @@ def page_files(
                 raise NotFound(f"file {after} not found")
             at = cursor[0].created_at
             q = q.where(
-                (FileRow.created_at < at) | ((FileRow.created_at == at) & (FileRow.id > after))
+                (FileRow.created_at < at) | ((FileRow.created_at == at) & (FileRow.id < after))
             )
-        rows = s.execute(q.order_by(FileRow.created_at.desc(), FileRow.id).limit(limit + 1)).all()
+        q = q.order_by(FileRow.created_at.desc(), FileRow.id.desc())  # one backward index scan
+        rows = s.execute(q.limit(limit + 1)).all()
         return [_file(r, n) for r, n in rows[:limit]], len(rows) > limit
 
 

@@ -163,7 +163,7 @@ def list_jobs(
 ) -> list[Job]:
     """Jobs, newest first, optionally filtered by namespace and states."""
     with db.session() as s:
-        q = _jobs_query(namespace, states).order_by(JobRow.created_at.desc(), JobRow.id)
+        q = _jobs_query(namespace, states).order_by(JobRow.created_at.desc(), JobRow.id.desc())
         return [_job(row, ns) for row, ns in s.execute(q).all()]
 
 
@@ -201,9 +201,10 @@ def page_jobs(
                 raise JobNotFound(f"job {after} not found")
             q = q.where(
                 (JobRow.created_at < cursor.created_at)
-                | ((JobRow.created_at == cursor.created_at) & (JobRow.id > cursor.id))
+                | ((JobRow.created_at == cursor.created_at) & (JobRow.id < cursor.id))
             )
-        q = q.order_by(JobRow.created_at.desc(), JobRow.id).limit(limit + 1)
+        # both keys descending: one backward scan of (namespace_id,) created_at, id serves it
+        q = q.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
         rows = s.execute(q).all()
         return [_job(row, ns) for row, ns in rows[:limit]], len(rows) > limit
 
