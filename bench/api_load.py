@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
@@ -176,7 +177,9 @@ def _summary(samples: list[tuple], seconds: float) -> dict[str, Any]:
     lat = [t for _, t, _ in samples]
     return {"requests": len(samples), "requests_per_s": len(samples) / seconds,
             "p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
-            "errors": sum(s not in ok for *_, s in samples), "by_op": per_op}  # fmt: skip
+            "errors": sum(s not in ok for *_, s in samples), "by_op": per_op,
+            "error_statuses": dict(Counter(f"{o} {s}" for o, _, s in samples
+                                           if s not in ok))}  # fmt: skip
 
 
 def _drop_load_jobs(url: str) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer
 
 from storage.errors import StorageError
 
@@ -69,6 +69,11 @@ class Settings(BaseModel):
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @field_serializer("catalog_url", when_used="json")
+    def _masked_url(self, url: str) -> str:
+        # JSON leaves the process (logs, Ray arguments, API answers): never with the password
+        return mask_url(url)
 
     def __repr_args__(self) -> Any:
         # repr() and str() reach logs and tracebacks: never show the catalog's password (the
@@ -155,9 +160,7 @@ def settings_for_nodes(settings: Settings) -> str:
     token is left out and the catalog URL's password is masked. The receiving node completes
     them from its own configuration (``settings_on_node``), as ``infra/`` mounts them.
     """
-    data = settings.model_dump(mode="json", exclude={"api_token"})
-    data["catalog_url"] = mask_url(settings.catalog_url)
-    return json.dumps(data)
+    return json.dumps(settings.model_dump(mode="json", exclude={"api_token"}))  # URL masked
 
 
 def node_catalog_url(sent: str, env: Mapping[str, str] | None = None) -> str:

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 
 from storage.catalog.db import Catalog
 from storage.catalog.domain import DataFile
@@ -129,9 +129,7 @@ def page_files(
             if cursor is None:
                 raise NotFound(f"file {after} not found")
             at = cursor[0].created_at
-            q = q.where(
-                (FileRow.created_at < at) | ((FileRow.created_at == at) & (FileRow.id < after))
-            )
+            q = q.where(tuple_(FileRow.created_at, FileRow.id) < tuple_(at, after))  # index range
         q = q.order_by(FileRow.created_at.desc(), FileRow.id.desc())  # one backward index scan
         rows = s.execute(q.limit(limit + 1)).all()
         return [_file(r, n) for r, n in rows[:limit]], len(rows) > limit

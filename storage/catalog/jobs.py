@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, update
+from sqlalchemy import select, tuple_, update
 
 from storage.catalog.db import Catalog
 from storage.catalog.models import JobEventRow, JobRow, NamespaceRow, utcnow
@@ -199,10 +199,9 @@ def page_jobs(
                 namespace is not None and cursor.namespace_id != _ns_id(s, namespace)
             ):
                 raise JobNotFound(f"job {after} not found")
-            q = q.where(
-                (JobRow.created_at < cursor.created_at)
-                | ((JobRow.created_at == cursor.created_at) & (JobRow.id < cursor.id))
-            )
+            # a row-value comparison, so the index range starts at the cursor (an OR of the
+            # two keys makes PostgreSQL scan from the top of the range and filter)
+            q = q.where(tuple_(JobRow.created_at, JobRow.id) < tuple_(cursor.created_at, cursor.id))
         # both keys descending: one backward scan of (namespace_id,) created_at, id serves it
         q = q.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
         rows = s.execute(q).all()

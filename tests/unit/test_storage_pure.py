@@ -93,8 +93,10 @@ def test_settings_cross_nodes_without_their_secrets(tmp_path):
     with pytest.raises(SettingsError, match="LORAFLEET_CATALOG_URL"):
         settings_on_node(sent, {"LORAFLEET_HOME": str(tmp_path / "node")})
     # a secret sent in clear is refused, so a call site that forgets is caught by any test
+    assert "hunter2" not in head.model_dump_json() and "tok-123" not in head.model_dump_json()
+    clear = {**json.loads(sent), "catalog_url": url}
     with pytest.raises(SettingsError, match="in clear"):
-        settings_on_node(head.model_copy(update={"api_token": None}).model_dump_json(), node_env)
+        settings_on_node(json.dumps(clear), node_env)
     with pytest.raises(SettingsError, match="API token"):
         settings_on_node(head.model_dump_json(), node_env)  # SecretStr dumps masked; still refused
     # without a password nothing needs completing
