@@ -122,7 +122,7 @@ async def _load(base: str, world: dict[str, Any], seconds: float, seed: int) -> 
 
     rng = random.Random(seed)
     names, weights = zip(*MIX, strict=True)
-    out: list[tuple[str, float, int]] = []
+    out: list[tuple[str, float, int | str]] = []
     end = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
 
@@ -153,9 +153,9 @@ async def _load(base: str, world: dict[str, Any], seconds: float, seed: int) -> 
                 else:
                     job = rng.choice(finished) if finished else "ftjob-none"
                     r = await http.get(f"/v1/fine_tuning/jobs/{job}", headers=hdr)
-                status = r.status_code
-            except httpx.HTTPError:
-                status = 0
+                status: int | str = r.status_code
+            except httpx.HTTPError as exc:  # counted as an error, named
+                status = type(exc).__name__
             out.append((op, time.perf_counter() - t0, status))
 
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:

@@ -103,7 +103,11 @@ def _files_query(namespace: str | None) -> Any:
     q = select(FileRow, NamespaceRow.name).join(
         NamespaceRow, NamespaceRow.id == FileRow.namespace_id
     )
-    return q if namespace is None else q.where(NamespaceRow.name == namespace)
+    if namespace is None:
+        return q
+    # by id, looked up first, so that ix_files_namespace_created serves the page
+    ns_id = select(NamespaceRow.id).where(NamespaceRow.name == namespace).scalar_subquery()
+    return q.where(FileRow.namespace_id == ns_id)
 
 
 def list_files(db: Catalog, *, namespace: str | None = None) -> list[DataFile]:

@@ -171,7 +171,10 @@ def _jobs_query(namespace: str | None, states: Iterable[str] | None) -> Any:
     """Jobs with their namespace's name, filtered (the one query both listings share)."""
     q = select(JobRow, NamespaceRow.name).join(NamespaceRow, NamespaceRow.id == JobRow.namespace_id)
     if namespace is not None:
-        q = q.where(NamespaceRow.name == namespace)
+        # by id, looked up first: the planner then walks ix_jobs_namespace_created instead of
+        # the global index filtered through the join (rows of every other namespace read)
+        ns_id = select(NamespaceRow.id).where(NamespaceRow.name == namespace).scalar_subquery()
+        q = q.where(JobRow.namespace_id == ns_id)
     if states is not None:
         q = q.where(JobRow.state.in_(list(states)))
     return q
