@@ -196,28 +196,21 @@ def _drop_load_jobs(url: str) -> None:
 
 
 def _page_latency(bases: dict[str, str], worlds: dict[str, Any], rounds: int) -> dict[str, Any]:
-    """First page and a deep page (behind a cursor) against both servers, interleaved."""
+    """Pages of equal length at both sizes, interleaved: the admin's list of every job (20
+    rows) and a namespace's own (3 rows: the 100-job catalog has 5 per namespace, so 3 are
+    left behind its halfway cursor), each first and behind a cursor halfway down."""
     import httpx
 
-    def timed(base: str, world: dict[str, Any], deep: bool) -> float:
-        hdr = {"Authorization": f"Bearer {world['tokens']['ns0']}"}
-        params: dict[str, Any] = {"limit": 20}
-        if deep:
-            params["after"] = world["deep_cursor"]
-        times = []
-        with httpx.Client(base_url=base, timeout=30, headers=hdr) as http:
-            for _ in range(40):
-                t0 = time.perf_counter()
-                r = http.get("/v1/fine_tuning/jobs", params=params)
-                times.append(time.perf_counter() - t0)
-                assert r.status_code == 200 and len(r.json()["data"]) > 0, r.text
-        return median(times)
+    views = {"all": (ADMIN, 20), "namespace": (None, 3)}
 
-    for size, base in bases.items():  # a cursor halfway down namespace ns0's jobs
-        hdr = {"Authorization": f"Bearer {worlds[size]['tokens']['ns0']}"}
+    def token(world: dict[str, Any], view: str) -> str:
+        return views[view][0] or world["tokens"]["ns0"]
+
+    def cursor(base: str, world: dict[str, Any], view: str, size: int) -> str:
+        hdr = {"Authorization": f"Bearer {token(world, view)}"}
+        target = max(1, (size if view == "all" else size // NAMESPACES) // 2)
         after, seen = None, 0
         with httpx.Client(base_url=base, timeout=60, headers=hdr) as http:
-            target = max(1, int(size) // NAMESPACES // 2)
             while seen < target:
                 params: dict[str, Any] = {"limit": min(100, target - seen)}
                 if after:
@@ -225,22 +218,38 @@ def _page_latency(bases: dict[str, str], worlds: dict[str, Any], rounds: int) ->
                 page = http.get("/v1/fine_tuning/jobs", params=params).json()
                 seen += len(page["data"])
                 after = page["last_id"]
-        worlds[size]["deep_cursor"] = after
+        return str(after)
+
+    def timed(base: str, world: dict[str, Any], view: str, after: str | None) -> float:
+        hdr = {"Authorization": f"Bearer {token(world, view)}"}
+        limit = views[view][1]
+        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        times = []
+        with httpx.Client(base_url=base, timeout=30, headers=hdr) as http:
+            for _ in range(40):
+                t0 = time.perf_counter()
+                r = http.get("/v1/fine_tuning/jobs", params=params)
+                times.append(time.perf_counter() - t0)
+                assert r.status_code == 200 and len(r.json()["data"]) == limit, r.text
+        return median(times)
+
     small, big = sorted(bases, key=int)
     out: dict[str, Any] = {}
-    for deep in (False, True):
-        ratios, a_ms, b_ms = [], [], []
-        for _ in range(rounds):
-            a = timed(bases[small], worlds[small], deep)
-            b = timed(bases[big], worlds[big], deep)
-            ratios.append(b / a)
-            a_ms.append(a * 1e3)
-            b_ms.append(b * 1e3)
-        out["deep_page" if deep else "first_page"] = {
-            f"ms_at_{small}": median(a_ms), f"ms_at_{big}": median(b_ms),
-            "ratio_median": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "rounds": rounds,
-        }  # fmt: skip
+    for view in views:
+        cursors = {n: cursor(bases[n], worlds[n], view, int(n)) for n in (small, big)}
+        for deep in (False, True):
+            ratios, a_ms, b_ms = [], [], []
+            for _ in range(rounds):  # A B A B …
+                a = timed(bases[small], worlds[small], view, cursors[small] if deep else None)
+                b = timed(bases[big], worlds[big], view, cursors[big] if deep else None)
+                ratios.append(b / a)
+                a_ms.append(a * 1e3)
+                b_ms.append(b * 1e3)
+            out[f"{view}_{'deep' if deep else 'first'}_page"] = {
+                f"ms_at_{small}": median(a_ms), f"ms_at_{big}": median(b_ms),
+                "rows": views[view][1], "ratio_median": median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds,
+            }  # fmt: skip
     return out
 
 

@@ -232,4 +232,7 @@ def server(
     if settings.api_token is None:
         err_console.print("warning: LORAFLEET_API_TOKEN is not set: only namespace tokens work")
     console.print(f"lorafleet API on http://{host}:{port}")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    # keep idle connections longer than clients and load balancers do (httpx: 5 s, ALB: 60 s):
+    # at equal timeouts the server may close a connection just as a client reuses it
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                timeout_keep_alive=65)  # fmt: skip

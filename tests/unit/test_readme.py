@@ -106,6 +106,25 @@ def _batch(key: str, digits: int) -> str:
     return f"{_x(r[key], digits)} ({r[key + '_min']:.{digits}f}–{r[key + '_max']:.{digits}f})"
 
 
+def _api(size: str) -> str:
+    a = _get("control_plane", "api", f"jobs_{size}")
+    return (f"{a['requests_per_s']:.0f} req/s · p50 {a['p50_ms']:.0f} ms · "
+            f"p99 {a['p99_ms']:,.0f} ms · {a['errors']} errors")  # fmt: skip
+
+
+def _page(view: str) -> str:
+    p = _get("control_plane", "api", "page_latency")
+    return " · ".join(_spread({"ratio": p[f"{view}_{k}_page"]["ratio_median"],
+                               "min": p[f"{view}_{k}_page"]["ratio_min"],
+                               "max": p[f"{view}_{k}_page"]["ratio_max"]}, 2)
+                      for k in ("first", "deep"))  # fmt: skip
+
+
+def _fuzzed() -> str:
+    f = _get("control_plane", "fuzz")
+    return f"{f['requests']:,} requests · {f['status_5xx']} 5xx"
+
+
 def _merged() -> str:
     m = _get("serving", "merged_vs_base")
     return f"{_x(m['ratio'])} ({m['ratio_min']:.3f}–{m['ratio_max']:.3f})"
@@ -143,6 +162,11 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("base fetch", _base_fetch),
     ("bytes per node", _per_node),
     ("resume", _resume),
+    ("API at 100 jobs", lambda: _api("100")),
+    ("API at 100,000 jobs", lambda: _api("100000")),
+    ("page, all jobs", lambda: _page("all")),
+    ("page, one namespace", lambda: _page("namespace")),
+    ("fuzzed", _fuzzed),
 ]  # fmt: skip
 
 
