@@ -31,7 +31,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     head = _output_head(model)
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear) or (
+        # a wrapped layer (a LoraLinear, or a packed layer of several jobs) counts as its base
+        if isinstance(getattr(module, "base_layer", None), nn.Linear) or (
             isinstance(module, nn.Linear)
             and module is not head
             and not name.endswith((".lora_A", ".lora_B", ".base_layer"))

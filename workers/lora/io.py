@@ -56,9 +56,21 @@ def save_adapter(
     Returns:
         The adapter directory.
     """
+    return save_adapter_state(lora_state_dict(model), config, out_dir,
+                              base_model_name_or_path=base_model_name_or_path)  # fmt: skip
+
+
+def save_adapter_state(
+    weights: dict[str, torch.Tensor],
+    config: LoraConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write LoRA weights (PEFT's keys) and config in PEFT's format, atomically per file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     if not state:
         raise AdapterFormatError("model has no LoRA layers to save")
     fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.")

@@ -79,6 +79,38 @@ def _plain_frozen_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+def causal_lm_loss_sums(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    groups: list[tuple[int, int]],
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> list[torch.Tensor]:
+    """Like ``causal_lm_loss_sum``, one sum per group of rows ``(start, stop)``, from one
+    forward pass over the whole batch (a packed batch: each group is one job's rows)."""
+    labels = batch["labels"][:, 1:]
+    head = _plain_frozen_head(model)
+    if head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = []
+        for start, stop in groups:
+            part = logits[start:stop, :-1].float().reshape(-1, logits.shape[-1])
+            out.append(F.cross_entropy(part, labels[start:stop].reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum"))  # fmt: skip
+        return out
+    decoder = model.get_decoder()  # type: ignore[operator]
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state[:, :-1]
+    sums = []
+    for start, stop in groups:
+        keep = labels[start:stop] != IGNORE_INDEX
+        rows = hidden[start:stop][keep]
+        sums.append(_FrozenHeadCrossEntropy.apply(rows, head.weight, labels[start:stop][keep],
+                                                  chunk_tokens))  # fmt: skip
+    return sums
+
+
 def causal_lm_loss_sum(
     model: nn.Module, batch: dict[str, torch.Tensor], *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> torch.Tensor:
