@@ -11,12 +11,20 @@ A job blocked by cluster resources holds back the lower-priority jobs of its own
 team's big job is not overtaken by the same team's stream of small ones), but jobs of other
 namespaces that fit start meanwhile (backfill): one team's priority never idles the cluster
 for everyone. A job that can never fit the cluster waits with that reason and blocks nobody.
+
+Packing: jobs with the same ``pack_key`` (same base, gang and micro-steps; None opts out)
+train together in one worker group. A job that can join a pack with a free slot — one
+admitted earlier in this decision, or one already running — does so, taking no cluster
+resources of its own; it still counts against its namespace's limits as if alone, so packing
+makes the cluster faster, never a team's quota larger.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class QueuedJob:
     priority: int
     submitted_at: float
     gang: Gang
+    pack_key: str | None = None  # jobs with equal keys may train packed; None: alone
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,17 @@ class ActiveJob:
     id: str
     namespace: str
     gang: Gang
+    pack: str | None = None  # the pack it runs in
+    pack_key: str | None = None
+
+
+@dataclass(frozen=True)
+class RunningPack:
+    """A pack that is running, and how many more jobs it can take at its next step."""
+
+    id: str
+    pack_key: str
+    free_slots: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,9 @@ class NodeFree:
 class Decision:
     admit: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # job id → reason
+    # packs started now: the job that took the resources → the jobs packed with it
+    packs: dict[str, list[str]] = field(default_factory=dict)
+    joins: dict[str, str] = field(default_factory=dict)  # job id → running pack it joins
 
 
 def _place(gang: Gang, nodes: list[NodeFree]) -> list[int] | None:
@@ -104,9 +127,22 @@ def decide(
     active: list[ActiveJob],
     nodes: list[NodeFree],
     limits: dict[str, Limits] | None = None,
+    *,
+    running_packs: Sequence[RunningPack] = (),
+    max_pack: int = 8,
 ) -> Decision:
-    """Choose the jobs to start now; give every other queued job a reason."""
+    """Choose the jobs to start now; give every other queued job a reason.
+
+    Args:
+        running_packs: packs that can take more jobs at their next step boundary.
+        max_pack: the most jobs one pack trains (a new pack's slots).
+    """
     limits = limits or {}
+    # pack key → [pack id (a running pack's id, or the new pack's first job), free slots]
+    open_packs: dict[str, list[Any]] = {}
+    for p in running_packs:
+        if p.free_slots > 0:
+            open_packs.setdefault(p.pack_key, [p.id, p.free_slots, True])
     free = [NodeFree(n.cpus, n.gpus, n.total_cpus, n.total_gpus) for n in nodes]
     count = Counter(j.namespace for j in active)
     cpus: dict[str, float] = defaultdict(float)
@@ -152,6 +188,21 @@ def decide(
                 f"{g.gpus:g} > {lim.max_gpus:g}"
             )
             continue
+        slot = open_packs.get(job.pack_key) if job.pack_key is not None else None
+        if slot is not None:  # a pack with room: no cluster resources of its own
+            pack_id, free_slots, running = slot
+            if running:
+                decision.joins[job.id] = pack_id
+            else:
+                decision.packs[pack_id].append(job.id)
+            decision.admit.append(job.id)
+            slot[1] = free_slots - 1
+            if slot[1] == 0:
+                del open_packs[job.pack_key]  # type: ignore[arg-type]
+            count[job.namespace] += 1
+            cpus[job.namespace] += g.cpus
+            gpus[job.namespace] += g.gpus
+            continue
         if not _ever_fits(g, nodes):
             decision.waiting[job.id] = (
                 f"cannot fit the cluster: needs {g.nodes} node(s) with "
@@ -176,6 +227,9 @@ def decide(
                 n.total_gpus,
             )
         decision.admit.append(job.id)
+        if job.pack_key is not None and max_pack > 1:
+            decision.packs[job.id] = []
+            open_packs[job.pack_key] = [job.id, max_pack - 1, False]
         count[job.namespace] += 1
         cpus[job.namespace] += g.cpus
         gpus[job.namespace] += g.gpus

@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from orchestrator.lifecycle import STATES, TERMINAL, IllegalTransition, check_transition
-from orchestrator.scheduling import ActiveJob, Gang, Limits, NodeFree, QueuedJob, decide
+from orchestrator.scheduling import (
+    ActiveJob,
+    Gang,
+    Limits,
+    NodeFree,
+    QueuedJob,
+    RunningPack,
+    decide,
+)
 from orchestrator.spec import SpecError, load_spec, parse_spec, read_spec_file
 from orchestrator.uploads import DATA_FIELDS
 
@@ -193,6 +201,40 @@ def test_gpu_quota():
         [_q(1, gpus_per_worker=1, workers_per_node=2)], [], [NodeFree(cpus=8, gpus=8)], limits
     )
     assert d.admit == [] and "GPU quota" in d.waiting["j1"]
+
+
+def _p(i, key="tiny", ns="a", t=None):  # type: ignore[no-untyped-def]
+    return QueuedJob(f"j{i}", ns, 0, float(i if t is None else t), Gang(), pack_key=key)
+
+
+def test_compatible_jobs_pack_into_one_gang():
+    # one node with room for one gang: four compatible jobs run as one pack of four
+    d = decide([_p(1), _p(2), _p(3, ns="b"), _p(4)], [], [NodeFree(cpus=1)], max_pack=4)
+    assert sorted(d.admit) == ["j1", "j2", "j3", "j4"]
+    assert d.packs == {"j1": ["j3", "j2", "j4"]}  # fair order: b's first job before a's second
+    # a fifth waits for a slot or a gang; an incompatible job (another base) gets no slot
+    d = decide([_p(1), _p(2), _p(3), _p(4), _p(5), _p(6, key="other")], [],
+               [NodeFree(cpus=1)], max_pack=4)  # fmt: skip
+    assert sorted(d.admit) == ["j1", "j2", "j3", "j4"]
+    assert "waiting for resources" in d.waiting["j5"] and "waiting" in d.waiting["j6"]
+
+
+def test_an_opted_out_job_never_packs_and_limits_still_count():
+    alone = QueuedJob("j2", "a", 0, 2.0, Gang(), pack_key=None)
+    d = decide([_p(1), alone], [], [NodeFree(cpus=1)])
+    assert d.admit == ["j1"] and d.packs == {"j1": []}
+    # a packed job counts against its namespace as if alone: a limit of 1 admits one
+    d = decide([_p(1), _p(2)], [], [NodeFree(cpus=1)], {"a": Limits(max_concurrent_jobs=1)})
+    assert d.admit == ["j1"] and "limit of 1" in d.waiting["j2"]
+
+
+def test_a_queued_job_joins_a_running_pack_with_a_free_slot():
+    running = [RunningPack("pack-1", "tiny", free_slots=1)]
+    active = [ActiveJob("j0", "a", Gang(), pack="pack-1", pack_key="tiny")]
+    d = decide([_p(1), _p(2)], active, [NodeFree(cpus=0, total_cpus=1)],
+               running_packs=running)  # fmt: skip
+    assert d.joins == {"j1": "pack-1"} and d.admit == ["j1"]
+    assert "waiting for resources" in d.waiting["j2"]  # the pack is full now
 
 
 def test_token_lifetimes_parse_or_say_what_is_accepted():
