@@ -6,7 +6,7 @@ two systems run the same steps in paired rounds (solo, packed, solo, packed, …
 solo time / packed time = packed aggregate tokens/s over solo (target ≥ 1.2× at K = 4 on this
 CPU). One torch thread.
 
-    python bench/packed_training.py [--rounds 7] [--steps 4]
+    python bench/packed_training.py [--rounds 9] [--steps 6]
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def bench(base_dir: Path, rounds: int, steps: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from workers.tiny_base import TinySpec, create_tiny_base

@@ -125,6 +125,11 @@ def _fuzzed() -> str:
     return f"{f['requests']:,} requests · {f['status_5xx']} 5xx"
 
 
+def _packed() -> str:
+    s = _get("packed_training", "step")
+    return " · ".join(_spread(s[f"K={k}"], 2) for k in (1, 2, 4, 8))
+
+
 def _merged() -> str:
     m = _get("serving", "merged_vs_base")
     return f"{_x(m['ratio'])} ({m['ratio_min']:.3f}–{m['ratio_max']:.3f})"
@@ -167,6 +172,7 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("page, all jobs", lambda: _page("all")),
     ("page, one namespace", lambda: _page("namespace")),
     ("fuzzed", _fuzzed),
+    ("packed step", _packed),
 ]  # fmt: skip
 
 
