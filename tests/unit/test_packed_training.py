@@ -124,3 +124,73 @@ def test_packed_layers_keep_peft_module_paths(tiny_base_dir):
     pack.add("a", lora, cfg, examples)
     paths = set(pack.jobs["a"].modules)
     assert paths == set(inject_lora(plain, lora))
+
+
+class _ThreadAllReduce:
+    """``world`` ranks as threads: each call sums every rank's tensors in place."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.lock = threading.Lock()
+        self.parts: list[list[torch.Tensor]] = []
+        self.calls = 0
+
+    def __call__(self, tensors: list[torch.Tensor]) -> None:
+        with self.lock:
+            self.parts.append(tensors)
+        self.barrier.wait()
+        if self.barrier.wait() == 0:  # one rank sums, after every rank has arrived
+            sums = [torch.stack([p[i] for p in self.parts]).sum(0) for i in range(len(tensors))]
+            for p in self.parts:
+                for t, s in zip(p, sums, strict=True):
+                    t.copy_(s)
+            self.parts = []
+            self.calls += 1
+        self.barrier.wait()
+
+
+def test_a_data_parallel_pack_reduces_once_per_step_and_equals_one_process(tiny_base_dir):
+    """Two ranks × (jobs a, c) give the one-process pack's losses, with one all-reduce of every
+    job's gradients per step."""
+    import threading
+
+    steps, world = 6, 2
+
+    def jobs(per_rank: int) -> list[tuple[str, LoraConfig, TrainConfig]]:
+        return [(k, JOBS[k][0], TrainConfig(max_steps=steps, batch_size=per_rank, seq_len=48,
+                                            seed=i, warmup_steps=0))
+                for i, k in enumerate(("a", "c"))]  # fmt: skip
+
+    def join(pack: PackedRecipe, tok, specs) -> PackedRecipe:  # type: ignore[no-untyped-def]
+        # in this thread: adding seeds the global RNG, which the rank threads would share
+        for key, lora, cfg in specs:
+            pack.add(key, lora, cfg, _data(tok, cfg))
+        return pack
+
+    def run(rank: int, pack: PackedRecipe, out) -> None:  # type: ignore[no-untyped-def]
+        out[rank] = [pack.step() for _ in range(steps)]
+
+    single, tok = _pack(tiny_base_dir)
+    alone: dict[int, list] = {}
+    run(0, join(single, tok, jobs(4)), alone)
+    reducer = _ThreadAllReduce(world)
+    ranks: dict[int, list] = {}
+    threads = []
+    for rank in range(world):
+        model, tok = load_base(tiny_base_dir)
+        pack = PackedRecipe(model, pad_id=tok.pad_token_id, world=world, rank=rank,
+                            all_reduce=reducer)  # fmt: skip
+        join(pack, tok, jobs(2))
+        threads.append(threading.Thread(target=run, args=(rank, pack, ranks)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert reducer.calls == steps  # every job's gradients in one all-reduce per step
+    for key in ("a", "c"):
+        want = [r[key].loss for r in alone[0]]
+        for rank in range(world):
+            _close([r[key].loss for r in ranks[rank]], want)
