@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,8 @@ class OutageProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self._dark: socket.socket | None = None
+        self.refused = 0  # connections attempted while down
         self.up()
 
     @property
@@ -102,6 +105,7 @@ class OutageProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def up(self) -> None:
+        self._close_dark()
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -121,6 +125,23 @@ class OutageProxy:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
             c.close()
+        # while down, accept and drop at once (a reset), counting who tried
+        dark = socket.socket()
+        dark.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        dark.bind(("127.0.0.1", self.port))
+        dark.listen(128)
+        self._dark = dark
+        threading.Thread(target=self._refuse, args=(dark,), daemon=True).start()
+
+    def _refuse(self, dark: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = dark.accept()
+            except OSError:
+                return  # closed by up()
+            self.refused += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # RST: the client sees the connection reset
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -156,6 +177,14 @@ class OutageProxy:
 
     def close(self) -> None:
         self.down()
+        self._close_dark()
+
+    def _close_dark(self) -> None:
+        dark, self._dark = self._dark, None
+        if dark is not None:
+            with contextlib.suppress(OSError):
+                dark.shutdown(socket.SHUT_RDWR)  # unblocks its accept(), freeing the port
+            dark.close()
 
 
 def weed_binary() -> str | None:

@@ -25,6 +25,7 @@ from storage.catalog import jobs
 from storage.catalog.db import Catalog
 from storage.registry import Registry
 from storage.settings import load_settings
+from storage.staging import checkpoints
 from workers.demo_task import HELDOUT_FILE, TRAIN_FILE
 
 
@@ -45,6 +46,12 @@ def _spec(registry: Registry, name: str, steps: int, ckpt: int = 0) -> object:
 
 def _events(registry: Registry, job_id: str, kind: str) -> list[jobs.JobEvent]:
     return list(jobs.iter_events(registry.catalog, job_id=job_id, kinds=[kind]))
+
+
+def _newest_checkpoint(registry: Registry, job_id: str) -> int:
+    """The newest checkpoint step in the object store (the catalog is not asked)."""
+    found = checkpoints(registry.store, job_id)
+    return found[0][0] if found else 0
 
 
 def _state(registry: Registry, job_id: str) -> str:
@@ -77,13 +84,17 @@ def test_postgres_restarted_mid_job_the_job_finishes_and_no_event_is_lost(
         registry = Registry.from_settings(settings)
         registry.register_base(name="tiny", path=tiny_base_dir)
         steps = 200  # ~15 s of training: the 4 s outage falls well inside
-        job = submit_job(registry.catalog, _spec(registry, "through-pg", steps)).job
+        job = submit_job(registry.catalog, _spec(registry, "through-pg", steps, ckpt=10)).job
         loop = SchedulerLoop(SchedulerCore(registry.catalog, ray_hooks(settings)), 0.2).start()
         try:
             wait_until(lambda: len(_events(registry, job.id, "metrics")) >= 5, timeout_s=180,
                        what="training to report steps")  # fmt: skip
             pg.stop()  # immediate: every connection drops, as in a crash
-            time.sleep(4)  # training goes on; its events queue
+            # the catalog stays down until training has visibly gone on without it: a newer
+            # checkpoint reaches the object store while its events can only queue
+            before = _newest_checkpoint(registry, job.id)
+            wait_until(lambda: _newest_checkpoint(registry, job.id) >= before + 20,
+                       timeout_s=120, what="training to go on without the catalog")  # fmt: skip
             pg.start()
             # the outage fell inside the job: it was still running when the catalog came back
             assert _state(registry, job.id) == "running"
@@ -118,7 +129,11 @@ def test_object_store_down_for_10_s_during_a_checkpoint_is_ridden_out(
             wait_until(lambda: bool(_events(registry, job.id, "checkpoint")), timeout_s=180,
                        what="a first checkpoint")  # fmt: skip
             proxy.down()
-            time.sleep(10)
+            # down for 10 s, and long enough that the job has hit the outage: a checkpoint
+            # upload was refused (the worker keeps retrying it)
+            down_at = time.monotonic()
+            wait_until(lambda: proxy.refused >= 3 and time.monotonic() - down_at >= 10,
+                       timeout_s=120, what="the job to hit the outage")  # fmt: skip
             proxy.up()
             up_at = time.time()
             wait_until(lambda: _state(registry, job.id) in ("succeeded", "failed"),
