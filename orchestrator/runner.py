@@ -25,7 +25,7 @@ from storage.staging import checkpoint_root, remove_staged
 from workers.errors import WorkerError
 from workers.lora import LoraConfig
 from workers.training.distributed_spec import DistributedSpec
-from workers.training.ray_train import train_distributed
+from workers.training.ray_train import DistributedResult, train_distributed
 from workers.training.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,24 @@ def run_job(job_id: str, settings: Settings) -> str:
                         f"{checkpoint_root(job_id)}")  # fmt: skip
         result = train_distributed(dspec)
     except (WorkerError, StorageError, ValueError) as exc:
-        return _fail(db, job_id, str(exc))
+        return fail_job(db, job_id, str(exc))
     except Exception as exc:  # anything else fails the job too, with its reason: a runner
         # that died instead would be retried by the scheduler, and a bad spec retried fails
         # the same way again
         log.exception("job %s: unexpected error", job_id)
-        return _fail(db, job_id, f"{type(exc).__name__}: {exc}")
+        return fail_job(db, job_id, f"{type(exc).__name__}: {exc}")
+    return finish_job(registry, job, dspec, result)
+
+
+def finish_job(
+    registry: Registry, job: jobs.Job, dspec: DistributedSpec, result: DistributedResult
+) -> str:
+    """Publish a trained job's adapter with its lineage and end the job; returns its state.
+
+    A job cancelled meanwhile publishes nothing; a publish the store or catalog refuses fails
+    the job (the adapter stays staged). Alone or packed, every job ends here.
+    """
+    db, job_id = registry.catalog, job.id
     try:
         # the catalog may be restarting as training ends: wait for it rather than fail the job
         current = _through_outage(lambda: jobs.get_job(db, job_id=job_id), "reading the job")
@@ -147,7 +159,7 @@ def run_job(job_id: str, settings: Settings) -> str:
         )
     except Exception as exc:
         # the trained adapter stays staged in the object store (staging/<run>/)
-        return _fail(db, job_id, f"publish failed: {exc}")
+        return fail_job(db, job_id, f"publish failed: {exc}")
     finally:
         shutil.rmtree(result.adapter_dir, ignore_errors=True)
     remove_staged(registry.store, dspec.staging_prefix)  # published: the copy can go
@@ -170,7 +182,8 @@ def _through_outage(fn: Callable[[], T], what: str) -> T:
     return with_retries(fn, retry_on=(CatalogUnavailable,), deadline_s=CATALOG_OUTAGE_S, what=what)
 
 
-def _fail(db: Any, job_id: str, message: str) -> str:
+def fail_job(db: Any, job_id: str, message: str) -> str:
+    """End an active job as failed with ``message`` (a cancel that came first stands)."""
     log.warning("job %s failed: %s", job_id, message)
     with contextlib.suppress(jobs.JobStateConflict):  # cancelled meanwhile: that stands
         _through_outage(lambda: jobs.transition_job(

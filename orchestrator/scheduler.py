@@ -4,6 +4,12 @@
 that dies and restarts loses nothing: on its first tick it finds active jobs whose runner is
 gone and resumes them from their last checkpoint (``running → retrying → starting``).
 ``SchedulerActor`` is the thin detached, named Ray actor that calls ``tick`` in a loop.
+
+Packs (``orchestrator.scheduling``): jobs admitted together with the same pack key start as
+one pack with one runner; a queued job joins an open pack with a free slot, and that pack's
+runner takes it in at its next step boundary. A packed job's runner is its pack's: a cancelled
+packed job leaves at the pack's next step (the pack runner reads the catalog), and a packed job
+whose pack runner is gone is resumed alone from its own last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,11 +20,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.scheduling import ActiveJob, Decision, Limits, NodeFree, QueuedJob, decide
-from orchestrator.service import gang_of
-from storage.catalog import jobs
+from orchestrator.scheduling import (
+    ActiveJob,
+    Decision,
+    Limits,
+    NodeFree,
+    QueuedJob,
+    RunningPack,
+    decide,
+)
+from orchestrator.service import gang_of, pack_key_of
+from storage.catalog import jobs, packs
 from storage.catalog import repository as repo
 from storage.catalog.db import Catalog
+from storage.errors import NotFound
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,16 +52,59 @@ class ClusterHooks:
     kill_runner: Callable[[str], bool]
     release: Callable[[str], int]  # free what a killed run still holds (placement groups)
     nodes: Callable[[], list[NodeFree]]
+    start_pack: Callable[[str], None] | None = None  # a pack's runner, by pack id
+    pack_alive: Callable[[str], bool] | None = None  # (None: this cluster never packs)
 
 
 class SchedulerCore:
     """One scheduling pass at a time over the catalog."""
 
-    def __init__(self, catalog: Catalog, hooks: ClusterHooks, *, grace_s: float = 30.0) -> None:
+    def __init__(
+        self, catalog: Catalog, hooks: ClusterHooks, *, grace_s: float = 30.0, max_pack: int = 8
+    ) -> None:
         self.catalog = catalog
         self.hooks = hooks
         self.grace_s = grace_s  # a runner may take this long to appear after `starting`
+        self.max_pack = max_pack  # the most jobs one pack trains
         self._seen_starting: dict[str, float] = {}
+
+    @property
+    def packs(self) -> bool:
+        return self.hooks.start_pack is not None and self.hooks.pack_alive is not None
+
+    def _runner_alive(self, job: jobs.Job) -> bool:
+        if job.pack_id is not None and self.hooks.pack_alive is not None:
+            return self.hooks.pack_alive(job.pack_id)
+        return self.hooks.runner_alive(job.id)
+
+    def _pack_keys(self, queued: list[jobs.Job]) -> dict[str, str | None]:
+        """Each queued job's pack key (None: alone; so is a job whose base is gone — its
+        runner fails it with the reason)."""
+        if not self.packs:
+            return {j.id: None for j in queued}
+        fingerprints: dict[str, str | None] = {}
+        out: dict[str, str | None] = {}
+        for j in queued:
+            base = j.spec.get("base_model")
+            if not isinstance(base, str):
+                out[j.id] = None
+                continue
+            if base not in fingerprints:
+                try:
+                    fingerprints[base] = repo.get_base_model(self.catalog, name=base).fingerprint
+                except NotFound:
+                    fingerprints[base] = None
+            fp = fingerprints[base]
+            out[j.id] = pack_key_of(j, fp) if fp is not None else None
+        return out
+
+    def _running_packs(self) -> list[RunningPack]:
+        if not self.packs:
+            return []
+        assert self.hooks.pack_alive is not None
+        return [RunningPack(p.id, p.pack_key, p.free_slots)
+                for p in packs.list_packs(self.catalog, states={"open"})
+                if p.free_slots > 0 and p.jobs and self.hooks.pack_alive(p.id)]  # fmt: skip
 
     def _limits(self) -> dict[str, Limits]:
         return {n.name: Limits(n.max_concurrent_jobs, n.max_cpus, n.max_gpus, n.max_priority)
@@ -56,6 +114,8 @@ class SchedulerCore:
         """Stop cancelled runs, resume orphaned ones, admit what fits; returns the decision."""
         # 1. cancelled jobs whose runner still runs
         for job in jobs.list_jobs(self.catalog, states={"cancelled"}):
+            if job.pack_id is not None and self.packs:
+                continue  # its pack drops it at the next step; the others train on
             if self.hooks.runner_alive(job.id):
                 self.hooks.kill_runner(job.id)
                 self.hooks.release(job.id)
@@ -69,7 +129,7 @@ class SchedulerCore:
         active = jobs.list_jobs(self.catalog, states={"starting", "running", "retrying"})
         now = time.monotonic()
         for job in active:
-            if self.hooks.runner_alive(job.id):
+            if self._runner_alive(job):
                 self._seen_starting.pop(job.id, None)
                 continue
             first_seen = self._seen_starting.setdefault(job.id, now)
@@ -79,14 +139,51 @@ class SchedulerCore:
         # 3. admission
         queued = jobs.list_jobs(self.catalog, states={"queued"})
         active = jobs.list_jobs(self.catalog, states={"starting", "running", "retrying"})
+        keys = self._pack_keys(queued)
         decision = decide(
             [QueuedJob(j.id, j.namespace, j.priority, j.created_at.timestamp(),
-                       gang_of(j)) for j in queued],
-            [ActiveJob(j.id, j.namespace, gang_of(j)) for j in active],
+                       gang_of(j), keys[j.id]) for j in queued],
+            [ActiveJob(j.id, j.namespace, gang_of(j), j.pack_id) for j in active],
             self.hooks.nodes(),
             self._limits(),
+            running_packs=self._running_packs(),
+            max_pack=self.max_pack,
         )  # fmt: skip
+        self._apply(decision, keys)
+        by_id = {j.id: j for j in queued}
+        for job_id, reason in decision.waiting.items():
+            if by_id[job_id].status_reason != reason:
+                jobs.update_job(self.catalog, job_id=job_id, status_reason=reason)
+        return decision
+
+    def _apply(self, decision: Decision, keys: dict[str, str | None]) -> None:
+        """Start what the decision admitted: packs, joins, and jobs alone."""
+        packed = {j for members in decision.packs.values() if members for j in members}
+        for leader, members in decision.packs.items():
+            if not members:
+                continue  # a pack of one trains alone (below)
+            key = keys[leader]
+            assert key is not None and self.hooks.start_pack is not None
+            pack, entered = packs.start_pack(self.catalog, pack_key=key, max_slots=self.max_pack,
+                                             job_ids=[leader, *members])  # fmt: skip
+            packed.add(leader)
+            now = time.monotonic()
+            for job_id in entered:
+                self._seen_starting[job_id] = now
+            if entered:
+                log.info("pack %s: starting %d jobs", pack.id, len(entered))
+                self.hooks.start_pack(pack.id)
+            else:
+                packs.close_pack(self.catalog, pack_id=pack.id)  # all cancelled meanwhile
+        for job_id, pack_id in decision.joins.items():
+            try:
+                packs.join_pack(self.catalog, job_id=job_id, pack_id=pack_id)
+            except (packs.PackUnavailable, packs.PackNotFound, jobs.JobStateConflict):
+                continue  # closed or filled meanwhile, or cancelled: the next tick decides
+            self._seen_starting[job_id] = time.monotonic()
         for job_id in decision.admit:
+            if job_id in packed or job_id in decision.joins:
+                continue
             try:
                 jobs.transition_job(
                     self.catalog,
@@ -99,11 +196,6 @@ class SchedulerCore:
                 continue  # cancelled between the read and now
             self._seen_starting[job_id] = time.monotonic()
             self.hooks.start_runner(job_id)
-        by_id = {j.id: j for j in queued}
-        for job_id, reason in decision.waiting.items():
-            if by_id[job_id].status_reason != reason:
-                jobs.update_job(self.catalog, job_id=job_id, status_reason=reason)
-        return decision
 
     def _resume(self, job: jobs.Job) -> None:
         """running/retrying/starting without a runner → retrying → starting, new runner."""
@@ -137,6 +229,9 @@ class SchedulerCore:
         except jobs.JobStateConflict:
             return
         self.hooks.release(job.id)  # the dead run's placement group would block the new one
+        if job.pack_id is not None:  # its pack's runner is gone: it goes on alone
+            packs.close_pack(self.catalog, pack_id=job.pack_id)
+            packs.leave_pack(self.catalog, job_id=job.id)
         log.info("resuming job %s from its last checkpoint", job.id)
         self._seen_starting[job.id] = time.monotonic()
         self.hooks.start_runner(job.id)
@@ -146,6 +241,7 @@ def ray_hooks(settings: Settings) -> ClusterHooks:
     """Cluster hooks backed by the connected Ray cluster."""
     from ray._private import state as ray_state
 
+    from orchestrator.pack_runner import pack_alive, start_pack_runner
     from orchestrator.runner import (
         kill_runner,
         release_placement_groups,
@@ -177,6 +273,8 @@ def ray_hooks(settings: Settings) -> ClusterHooks:
         kill_runner=kill_runner,
         release=lambda job_id: release_placement_groups(catalog, job_id),
         nodes=nodes,
+        start_pack=lambda pack_id: start_pack_runner(pack_id, settings),
+        pack_alive=pack_alive,
     )
 
 

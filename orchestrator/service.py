@@ -105,5 +105,20 @@ def gang_of(job: Job) -> Gang:
     return Gang(r.nodes, r.workers_per_node, r.cpus_per_worker, r.gpus_per_worker)
 
 
+def pack_key_of(job: Job, base_fingerprint: str) -> str | None:
+    """The key of the packs a job may train in, or None when it trains alone.
+
+    Jobs pack when they share the base (its content fingerprint), the gang (one worker group
+    runs them all), ``grad_accum`` (micro-steps are shared) and ``max_failures`` (the group's
+    restarts are shared). Rank, alpha, targets, lr, batch, seq_len and data may all differ.
+    """
+    if job.spec.get("packing", True) is False:
+        return None
+    g = gang_of(job)
+    accum = (job.spec.get("training") or {}).get("grad_accum", 1)
+    return (f"{base_fingerprint}|{g.nodes}x{g.workers_per_node}|cpu{g.cpus_per_worker:g}|"
+            f"gpu{g.gpus_per_worker:g}|accum{accum}|fail{job.max_failures}")  # fmt: skip
+
+
 def active_jobs(db: Catalog) -> list[Job]:
     return jobs.list_jobs(db, states=ACTIVE)

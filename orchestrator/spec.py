@@ -123,6 +123,11 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec())
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     max_failures: int = Field(0, ge=0, le=100)
+    packing: bool = Field(
+        True,
+        description="Train in one worker group with other jobs on the same base (one "
+        "batched forward); false: always alone.",
+    )
     idempotency_key: str | None = Field(None, min_length=1, max_length=128)
     tags: list[str] = Field(default_factory=list, max_length=64)
 

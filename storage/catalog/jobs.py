@@ -59,6 +59,7 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    pack_id: str | None = None  # the pack it trains in now (None: alone)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _job(row: JobRow, namespace: str) -> Job:
         priority=row.priority, attempts=row.attempts, max_failures=row.max_failures,
         idempotency_key=row.idempotency_key, error=row.error, status_reason=row.status_reason,
         checkpoint_uri=row.checkpoint_uri, created_at=row.created_at, started_at=row.started_at,
-        finished_at=row.finished_at,
+        finished_at=row.finished_at, pack_id=row.pack_id,
     )  # fmt: skip
 
 
@@ -248,9 +249,28 @@ def transition_job(
     Raises:
         JobNotFound, JobStateConflict.
     """
+    with db.session() as s:
+        return transition_in(s, job_id=job_id, allowed_from=allowed_from, to=to, error=error,
+                             status_reason=status_reason, count_attempt=count_attempt)  # fmt: skip
+
+
+def transition_in(
+    s: Any,
+    *,
+    job_id: str,
+    allowed_from: Iterable[str],
+    to: str,
+    error: str | None = None,
+    status_reason: str | None = None,
+    count_attempt: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Job:
+    """``transition_job`` inside an open session ``s`` (so a caller can move several jobs,
+    or a job and its pack, in one transaction); ``extra`` sets more columns with it."""
     allowed = list(allowed_from)
     now = utcnow()
     values: dict[str, Any] = {"state": to, "status_reason": status_reason, "updated_at": now}
+    values.update(extra or {})
     if error is not None:
         values["error"] = error
     if to == "running":
@@ -259,24 +279,23 @@ def transition_job(
         values["finished_at"] = now
     if count_attempt:
         values["attempts"] = JobRow.attempts + 1
-    with db.session() as s:
-        changed = s.execute(
-            update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(allowed)).values(**values)
-        ).rowcount  # type: ignore[attr-defined]
-        row = s.get(JobRow, job_id)
-        if row is None:
-            raise JobNotFound(f"job {job_id} not found")
-        if not changed:
-            raise JobStateConflict(job_id, row.state, allowed, to)
-        data: dict[str, Any] = {"state": to}
-        if error:
-            data["error"] = error
-        s.add(JobEventRow(job_id=job_id, kind="state", data=data))
-        s.flush()
-        s.refresh(row)
-        ns = s.get(NamespaceRow, row.namespace_id)
-        assert ns is not None
-        return _job(row, ns.name)
+    changed = s.execute(
+        update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(allowed)).values(**values)
+    ).rowcount
+    row = s.get(JobRow, job_id)
+    if row is None:
+        raise JobNotFound(f"job {job_id} not found")
+    if not changed:
+        raise JobStateConflict(job_id, row.state, allowed, to)
+    data: dict[str, Any] = {"state": to}
+    if error:
+        data["error"] = error
+    s.add(JobEventRow(job_id=job_id, kind="state", data=data))
+    s.flush()
+    s.refresh(row)
+    ns = s.get(NamespaceRow, row.namespace_id)
+    assert ns is not None
+    return _job(row, ns.name)
 
 
 def update_job(

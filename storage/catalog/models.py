@@ -115,12 +115,30 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     status_reason: Mapped[str | None] = mapped_column(Text)
     checkpoint_uri: Mapped[str | None] = mapped_column(Text)
+    # the pack it trains in now (None: alone); a pack's jobs share one worker group
+    pack_id: Mapped[str | None] = mapped_column(ForeignKey("packs.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+
+
+class PackRow(Base):
+    """Jobs on one base training in one worker group (one batched forward per micro-step).
+
+    ``open`` while it takes joiners; its runner closes it before its workers stop, under the
+    row's lock, so a job can never join a pack that will not train it.
+    """
+
+    __tablename__ = "packs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    pack_key: Mapped[str] = mapped_column(String(256), index=True)
+    state: Mapped[str] = mapped_column(String(16))  # open | closed
+    max_slots: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobEventRow(Base):

@@ -110,3 +110,46 @@ class DistributedSpec:
         if isinstance(lora.get("target_modules"), list):
             lora["target_modules"] = tuple(lora["target_modules"])
         return cls(**{**d, "lora": LoraConfig(**lora), "train": TrainConfig(**d["train"])})
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """One worker group that trains a pack of jobs on one base (``workers.training.pack_worker``).
+
+    What the group shares travels here; its jobs do not. Each job (a ``DistributedSpec`` of
+    its own data, LoRA config, schedule, checkpoints, staging prefix and event sink) is handed
+    to rank 0 by the pack's runner at a step boundary, through the actor named ``control``, so
+    joiners and leavers need no restart and a restarted group reads the members of now.
+
+    Attributes:
+        pack_id: names the Ray Train run and the node-local base file.
+        base, store, storage_path, workers, nodes, cpus_per_worker, use_gpu, max_failures,
+            threads_per_worker: as ``DistributedSpec``.
+        control: ``{"name", "namespace"}`` of the runner actor that answers ``sync``.
+    """
+
+    pack_id: str
+    base: dict[str, Any]
+    store: dict[str, Any]
+    storage_path: str
+    control: dict[str, str]
+    workers: int = 1
+    nodes: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    max_failures: int = 0
+    threads_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.nodes < 1 or self.workers % self.nodes:
+            raise TrainingError(f"nodes ({self.nodes}) must divide workers ({self.workers})")
+
+    def open_store(self) -> ObjectStore:
+        return open_store(self.store["uri"], s3_endpoint=self.store.get("s3_endpoint"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PackSpec:
+        return cls(**d)

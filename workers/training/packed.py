@@ -34,7 +34,7 @@ from workers.lora import LoraConfig
 from workers.lora.inject import PEFT_PREFIX, match_target_modules
 from workers.lora.io import save_adapter_state
 from workers.lora.layer import LoraLinear
-from workers.lora.packed import PackLayout, packed_layer
+from workers.lora.packed import PackedLoraLinear, PackLayout, packed_layer
 from workers.training.batches import (
     collate,
     global_batch_indices,
@@ -145,15 +145,24 @@ class PackedRecipe:
         job = self.jobs.pop(key)
         for path in job.modules:
             layer = self.model.get_submodule(path)
-            layer.jobs.pop(key, None)  # type: ignore[union-attr]
+            if isinstance(layer, PackedLoraLinear):
+                layer.jobs.pop(key, None)
         return job
 
     # -- one step of every job ---------------------------------------------------------------
     def _global_batch(self, job: PackedJob) -> int:
         return job.cfg.batch_size * self.world * job.cfg.grad_accum
 
-    def step(self) -> dict[str, StepReport]:
-        """One optimizer step of every unfinished job, sharing each micro-step's forward."""
+    def step(self, failed: dict[str, str] | None = None) -> dict[str, StepReport]:
+        """One optimizer step of every unfinished job, sharing each micro-step's forward.
+
+        Args:
+            failed: when given, a job whose loss is not finite takes no step and is recorded
+                here (key → reason) while the others step on; otherwise that raises.
+
+        Raises:
+            TrainingError: a loss that is not finite (without ``failed``).
+        """
         active = [j for j in self.jobs.values() if not j.done]
         if not active:
             return {}
@@ -206,7 +215,11 @@ class PackedRecipe:
         for k, job in enumerate(active):
             loss = float(stats[k, 0]) / denoms[job.key]
             if not math.isfinite(loss):
-                raise TrainingError(f"job {job.key}: loss is not finite at step {job.step}")
+                reason = f"loss is not finite at step {job.step} ({loss}); lower lr"
+                if failed is None:
+                    raise TrainingError(f"job {job.key}: {reason}")
+                failed[job.key] = reason  # the same on every rank: the loss was all-reduced
+                continue
             norm = float(torch.nn.utils.clip_grad_norm_(job.params, job.cfg.max_grad_norm))
             assert job.optimizer is not None
             job.optimizer.step()

@@ -1,4 +1,5 @@
-"""Thin Ray Train wrapper: ``train_distributed(spec)`` runs ``train_worker`` on N workers.
+"""Thin Ray Train wrapper: ``train_distributed(spec)`` runs ``train_worker`` on N workers, and
+``train_pack(spec)`` runs a pack's ``train_pack_worker``.
 
 Everything numerical lives in the recipe and the worker function; this module only turns a
 ``DistributedSpec`` into Ray Train's configs, runs it, and turns Ray's failure into ours.
@@ -15,7 +16,7 @@ from typing import Any
 
 from storage.staging import fetch_staged
 from workers.errors import TrainingError
-from workers.training.distributed_spec import DistributedSpec
+from workers.training.distributed_spec import DistributedSpec, PackSpec
 
 log = logging.getLogger(__name__)
 # Each ray.train.report waits up to one health-check interval (2 s by default): with a report
@@ -80,8 +81,26 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def train_distributed(spec: DistributedSpec) -> DistributedResult:
-    """Run data-parallel LoRA training on the connected Ray cluster (``ray.init`` first).
+def pack_loop(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on each worker of a pack (see ``train_loop``)."""
+    from workers.training.pack_worker import train_pack_worker
+
+    train_pack_worker(config)
+
+
+def _fit(
+    loop: Any,
+    config: dict[str, Any],
+    *,
+    name: str,
+    workers: int,
+    nodes: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    storage_path: str,
+    max_failures: int,
+) -> Any:
+    """Run ``loop`` on a Ray Train worker group; returns Ray's result.
 
     Raises:
         TrainingError: the run failed (after ``max_failures`` restarts), with the root cause.
@@ -94,38 +113,70 @@ def train_distributed(spec: DistributedSpec) -> DistributedResult:
     if not ray.is_initialized():
         raise TrainingError("no Ray cluster: call ray.init() (or set LORAFLEET_RAY_ADDRESS)")
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec.to_dict()},
+        loop,
+        train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=spec.workers,
-            use_gpu=spec.use_gpu,
-            resources_per_worker={"CPU": spec.cpus_per_worker},
-            placement_strategy="SPREAD" if spec.nodes > 1 else "PACK",
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+            placement_strategy="SPREAD" if nodes > 1 else "PACK",
         ),
         run_config=RunConfig(
-            name=spec.job_name,
-            storage_path=spec.storage_path,
+            name=name,
+            storage_path=storage_path,
             # Worker and node loss inside a run is retried here, and only here; checkpoints are
             # not Ray's (they are staged in the object store), so a restarted group and a new
             # attempt resume the same way.
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            failure_config=FailureConfig(max_failures=max_failures),
             worker_runtime_env={"env_vars": _worker_env()},  # type: ignore[call-arg]
         ),
-        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray's TrainingFailedError wraps the worker's error
         raise TrainingError(
-            f"training {spec.job_name} failed (max_failures={spec.max_failures}): "
-            f"{failure_reason(exc)}"
+            f"training {name} failed (max_failures={max_failures}): {failure_reason(exc)}"
         ) from exc
     finally:
-        _remove_shared_bases(spec.job_name)
+        _remove_shared_bases(name)
     if result.error is not None:
-        raise TrainingError(f"training {spec.job_name} failed: {result.error}")
-    # The staged copy stays until the caller has kept the result (published it, or written it
-    # where the user asked): a failed publish must not lose a trained adapter.
+        raise TrainingError(f"training {name} failed: {result.error}")
+    return result
+
+
+def train_distributed(spec: DistributedSpec) -> DistributedResult:
+    """Run data-parallel LoRA training on the connected Ray cluster (``ray.init`` first).
+
+    Raises:
+        TrainingError: the run failed (after ``max_failures`` restarts), with the root cause.
+    """
+    _fit(train_loop, {"spec": spec.to_dict()}, name=spec.job_name, workers=spec.workers,
+         nodes=spec.nodes, cpus_per_worker=spec.cpus_per_worker, use_gpu=spec.use_gpu,
+         storage_path=spec.storage_path, max_failures=spec.max_failures)  # fmt: skip
+    return fetch_result(spec)
+
+
+def fetch_result(spec: DistributedSpec) -> DistributedResult:
+    """The run's adapter and summary, fetched verified from its staging prefix to ``out_dir``.
+
+    The staged copy stays until the caller has kept the result (published it, or written it
+    where the user asked): a failed publish must not lose a trained adapter.
+    """
     out = fetch_staged(spec.open_store(), spec.staging_prefix, Path(spec.out_dir))
     metrics = json.loads((out / "metrics.json").read_text())
     return DistributedResult(adapter_dir=out, metrics=metrics)
+
+
+def train_pack(spec: PackSpec) -> None:
+    """Run a pack's worker group until its last job has left (``ray.init`` first).
+
+    Its jobs come and go through the runner actor named in ``spec.control``, and so do their
+    results: each job's adapter is staged under its own prefix as it ends.
+
+    Raises:
+        TrainingError: the group failed (after ``max_failures`` restarts), with the root cause.
+    """
+    _fit(pack_loop, {"spec": spec.to_dict()}, name=spec.pack_id, workers=spec.workers,
+         nodes=spec.nodes, cpus_per_worker=spec.cpus_per_worker, use_gpu=spec.use_gpu,
+         storage_path=spec.storage_path, max_failures=spec.max_failures)  # fmt: skip

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from storage.cache import AdapterCache
 from storage.catalog.domain import BaseModel, DataFile, FileDigest
@@ -42,6 +41,7 @@ from workers.base_model import load_base, load_tokenizer
 from workers.datasets import load_dataset
 from workers.errors import TrainingError
 from workers.lora import lora_modules, lora_state_dict, save_adapter
+from workers.training.checkpoint import read_checkpoint, write_checkpoint
 from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
 from workers.training.comm_audit import record_collectives, summarize
 from workers.training.distributed_spec import DistributedSpec
@@ -59,9 +59,6 @@ from workers.training.shared_base import (
 )
 
 log = logging.getLogger(__name__)
-CKPT_WEIGHTS = "lora.safetensors"
-CKPT_OPTIM = "optimizer.pt"
-CKPT_STATE = "trainer_state.json"
 STORE_OUTAGE_S = 300.0  # how long a checkpoint or result upload rides out a store outage
 
 
@@ -75,25 +72,15 @@ def lora_checksum(model: torch.nn.Module) -> str:
 
 
 def save_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
-    """LoRA weights, optimizer state and step. The data position is the step itself (global
-    batches are a pure function of (seed, step)), and so is the RNG (reseeded per step)."""
+    """LoRA weights, optimizer state and step (``workers.training.checkpoint``'s format)."""
     assert recipe.optimizer is not None
-    state = {k: v.contiguous() for k, v in lora_state_dict(recipe.model).items()}
-    save_file(state, str(directory / CKPT_WEIGHTS))
-    torch.save(recipe.optimizer.state_dict(), directory / CKPT_OPTIM)
-    (directory / CKPT_STATE).write_text(json.dumps({"step": recipe.step}))
+    write_checkpoint(directory, lora_modules(recipe.model), recipe.optimizer, recipe.step)
 
 
-@torch.no_grad()
 def restore_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
-    """Inverse of ``save_checkpoint`` (our own files: optimizer state loads weights-only)."""
+    """Inverse of ``save_checkpoint``."""
     assert recipe.optimizer is not None
-    weights = load_file(str(directory / CKPT_WEIGHTS))
-    for path, layer in lora_modules(recipe.model).items():
-        layer.lora_A.weight.copy_(weights[f"base_model.model.{path}.lora_A.weight"])
-        layer.lora_B.weight.copy_(weights[f"base_model.model.{path}.lora_B.weight"])
-    recipe.optimizer.load_state_dict(torch.load(directory / CKPT_OPTIM, weights_only=True))
-    recipe.step = int(json.loads((directory / CKPT_STATE).read_text())["step"])
+    recipe.step = read_checkpoint(directory, lora_modules(recipe.model), recipe.optimizer)
 
 
 def base_from_dict(d: dict[str, Any]) -> BaseModel:
@@ -122,7 +109,7 @@ def fetch_inputs(spec: DistributedSpec, store: ObjectStore) -> tuple[str, str, s
     return base_dir, train, data(spec.eval_file, spec.eval_path)
 
 
-def _event_sink(spec: DistributedSpec) -> EventSink | None:
+def event_sink_for(spec: DistributedSpec) -> EventSink | None:
     """An event sink appending job events to the catalog (through outages), or None."""
     if not spec.event_sink:
         return None
@@ -138,7 +125,7 @@ def _event_sink(spec: DistributedSpec) -> EventSink | None:
     return EventSink(write)
 
 
-def _stage_with_retries(store: ObjectStore, local_dir: Path, prefix: str) -> None:
+def stage_with_retries(store: ObjectStore, local_dir: Path, prefix: str) -> None:
     """``stage_dir`` through an object store outage (it starts over cleanly on each try)."""
     with_retries(lambda: stage_dir(store, local_dir, prefix), retry_on=(ObjectStoreUnavailable,),
                  deadline_s=STORE_OUTAGE_S, what=f"staging {prefix}")  # fmt: skip
@@ -151,7 +138,7 @@ def _checkpoint(
     prefix = checkpoint_prefix(spec.checkpoint_key, recipe.step)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(recipe, Path(tmp))
-        _stage_with_retries(store, Path(tmp), prefix)
+        stage_with_retries(store, Path(tmp), prefix)
     try:
         prune_checkpoints(store, spec.checkpoint_key, keep=2)
     except ObjectStoreUnavailable as exc:  # older checkpoints linger until the next prune
@@ -251,7 +238,7 @@ def train_worker(config: dict[str, Any]) -> None:
         resumed_from = recipe.step
         break
     eval_initial = recipe.evaluate(eval_examples) if resumed_from is None else None
-    emit = _event_sink(spec) if rank == 0 else None
+    emit = event_sink_for(spec) if rank == 0 else None
     if emit is not None:
         # Ray Train's placement group outlives a killed driver (it belongs to the Ray job):
         # record it so whoever cancels this run can release the resources.
@@ -344,7 +331,7 @@ def train_worker(config: dict[str, Any]) -> None:
             "curve": curve,
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _stage_with_retries(store, out, spec.staging_prefix)  # the driver publishes from there
+        stage_with_retries(store, out, spec.staging_prefix)  # the driver publishes from there
         shutil.rmtree(out, ignore_errors=True)
     dist.barrier()
     if leader and shm_file is not None:

@@ -1,0 +1,332 @@
+"""The per-worker function of a pack: several jobs on one base, one worker group.
+
+Every rank loads the base once (node-shared memory on CPU nodes, as a lone job does) and runs
+``PackedRecipe``. At each step boundary rank 0 calls the pack runner's ``sync`` — handing over
+the jobs that ended since the last call, getting back the members of now — and broadcasts who
+joins and who leaves, so every rank changes the pack identically. A joiner resumes from its
+own newest checkpoint in the object store (or starts fresh); a job that reaches its last step
+is evaluated, saved and staged under its own prefix, then leaves; a job that fails (a dataset
+it cannot load, a loss that is not finite) leaves alone with its reason. A restarted group (a
+lost worker or node) reads the members of now and resumes each from its checkpoint.
+
+Ray is imported only inside ``train_pack_worker``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from storage.cache import AdapterCache
+from storage.errors import IntegrityError, ObjectNotFound, ObjectStoreUnavailable, StorageError
+from storage.objects import ObjectStore, file_sha256
+from storage.settings import load_settings
+from storage.staging import checkpoint_prefix, checkpoints, fetch_staged, prune_checkpoints
+from workers.base_model import load_base, load_tokenizer
+from workers.datasets import Example, load_dataset
+from workers.errors import WorkerError
+from workers.training.checkpoint import read_checkpoint, write_checkpoint
+from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
+from workers.training.distributed_spec import DistributedSpec, PackSpec
+from workers.training.events import EventSink
+from workers.training.packed import PackedJob, PackedRecipe
+from workers.training.recipe import StepReport
+from workers.training.shared_base import load_shared_base, shm_path_for, write_shared_base
+from workers.training.worker import (
+    base_from_dict,
+    event_sink_for,
+    file_from_dict,
+    stage_with_retries,
+)
+
+log = logging.getLogger(__name__)
+# what one job of a pack hands back to the runner when it leaves: {"ok": True} (its adapter is
+# staged under its staging prefix) or {"ok": False, "error": reason}
+Outcome = dict[str, Any]
+
+
+@dataclass
+class JobRun:
+    """What rank 0 (and, for eval and data, every rank) keeps of one job while it trains."""
+
+    spec: DistributedSpec
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    data_path: str
+    sink: EventSink | None = None
+    resumed_from: int | None = None
+    eval_initial: float | None = None
+    last_eval: float | None = None
+    tokens: int = 0
+    started_s: float = field(default_factory=time.perf_counter)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    packed_with: set[str] = field(default_factory=set)  # jobs it shared a step with
+    most_jobs: int = 1  # the most jobs it shared one step with (itself included)
+
+
+def _place_base(spec: PackSpec, base_dir: str, shm_file: Path, leader: bool) -> torch.nn.Module:
+    """The frozen base, once per node on CPU (``/dev/shm``, mapped read-only by every local
+    worker, as a lone job places it); on GPU each worker holds its own."""
+    if spec.use_gpu:
+        import ray.train.torch as ray_torch
+
+        model, _ = load_base(base_dir, device=ray_torch.get_device())
+        return model
+    if leader and not shm_file.exists():
+        write_shared_base(base_dir, shm_file, dtype=torch.float32)
+    dist.barrier()
+    return load_shared_base(base_dir, shm_file)
+
+
+def _restore(job: PackedJob, spec: DistributedSpec, store: ObjectStore) -> int | None:
+    """Resume ``job`` from its newest readable checkpoint (alone or packed: one format)."""
+    assert job.optimizer is not None
+    for _, prefix in checkpoints(store, spec.checkpoint_key):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                job.step = read_checkpoint(fetch_staged(store, prefix, Path(tmp)), job.modules,
+                                           job.optimizer)  # fmt: skip
+        except (ObjectNotFound, IntegrityError) as exc:
+            log.warning("checkpoint %s unusable (%s); trying an older one", prefix, exc)
+            continue
+        return job.step
+    return None
+
+
+def _checkpoint(job: PackedJob, run: JobRun, store: ObjectStore) -> None:
+    """Rank 0: stage one job's checkpoint, keep its newest two, record it."""
+    assert job.optimizer is not None
+    prefix = checkpoint_prefix(run.spec.checkpoint_key, job.step)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp), job.modules, job.optimizer, job.step)
+        stage_with_retries(store, Path(tmp), prefix)
+    try:
+        prune_checkpoints(store, run.spec.checkpoint_key, keep=2)
+    except ObjectStoreUnavailable as exc:  # older checkpoints linger until the next prune
+        log.warning("pruning checkpoints failed: %s", exc)
+    if run.sink is not None:
+        run.sink("checkpoint", {"step": job.step, "uri": f"{store.uri}/{prefix}"})
+
+
+class PackWorker:
+    """One rank of a pack: membership changes, steps, checkpoints and results.
+
+    Args:
+        spec: the pack.
+        recipe: the packed recipe over this rank's base.
+        tokenizer: the base's tokenizer.
+        store: the object store (inputs, checkpoints, results).
+        cache: this node's verified cache.
+        rank, world: this rank and the group's size.
+        pg_event: rank 0's placement-group event data, recorded on every job that joins.
+    """
+
+    def __init__(
+        self,
+        spec: PackSpec,
+        recipe: PackedRecipe,
+        tokenizer: Any,
+        store: ObjectStore,
+        cache: AdapterCache,
+        *,
+        rank: int,
+        world: int,
+        pg_event: dict[str, Any] | None = None,
+    ) -> None:
+        self.spec, self.recipe, self.tokenizer = spec, recipe, tokenizer
+        self.store, self.cache = store, cache
+        self.rank, self.world = rank, world
+        self.pg_event = pg_event
+        self.runs: dict[str, JobRun] = {}
+        self.outcomes: dict[str, Outcome] = {}  # rank 0: ended since the last sync
+
+    # -- membership ------------------------------------------------------------------------
+    def apply(self, members: dict[str, dict[str, Any]]) -> None:
+        """Make the pack's jobs ``members`` (the same dict on every rank): leavers go, joiners
+        come in (resumed from their checkpoints); a joiner that fails on any rank fails."""
+        for job_id in [j for j in self.runs if j not in members]:
+            self._leave(job_id)  # cancelled (the runner dropped it)
+        joiners = {j: d for j, d in members.items() if j not in self.runs}
+        errors: dict[str, str] = {}
+        for job_id, entry in sorted(joiners.items()):
+            try:
+                self._prepare(job_id, DistributedSpec.from_dict(entry))
+            except (WorkerError, StorageError, ValueError) as exc:
+                errors[job_id] = f"{type(exc).__name__}: {exc}"
+        # agree before any collective: a joiner that failed on one rank fails on all
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, errors)
+        failed = {j: reason for rank_errors in everyone for j, reason in rank_errors.items()}
+        for job_id, reason in sorted(failed.items()):
+            self._fail(job_id, reason)
+        for job_id in sorted(j for j in joiners if j not in failed):
+            self._started(job_id)
+
+    def _prepare(self, job_id: str, spec: DistributedSpec) -> None:
+        """Load the joiner's data, add it to the recipe, resume its checkpoint (no collective)."""
+        assert spec.data_file is not None
+        data_path = str(self.cache.get_file(file_from_dict(spec.data_file), self.store))
+        seq_len = spec.train.seq_len
+        train = load_dataset(data_path, self.tokenizer, seq_len=seq_len,
+                             name=spec.data_file.get("filename"))  # fmt: skip
+        if spec.eval_file:
+            eval_path = str(self.cache.get_file(file_from_dict(spec.eval_file), self.store))
+            evals = load_dataset(eval_path, self.tokenizer, seq_len=seq_len,
+                                 name=spec.eval_file.get("filename"))  # fmt: skip
+        else:
+            evals = train[:64]
+        job = self.recipe.add(job_id, spec.lora, spec.train, train)
+        run = JobRun(spec, list(train), list(evals), data_path)
+        self.runs[job_id] = run
+        run.resumed_from = _restore(job, spec, self.store)
+
+    def _started(self, job_id: str) -> None:
+        """A joiner every rank prepared: its initial evaluation and its first events."""
+        run, job = self.runs[job_id], self.recipe.jobs[job_id]
+        if run.resumed_from is None:
+            run.eval_initial = self.recipe.evaluate(job_id, run.eval_examples)
+        if self.rank == 0:
+            run.sink = event_sink_for(run.spec)
+            if run.sink is not None:
+                if self.pg_event is not None:  # whoever cancels a lost run releases the group
+                    run.sink("placement_group", self.pg_event)
+                run.sink("packed", {"pack_id": self.spec.pack_id, "step": job.step})
+                if run.resumed_from is not None:
+                    run.sink("resumed", {"from_step": run.resumed_from})
+
+    def _leave(self, job_id: str) -> None:
+        if job_id in self.recipe.jobs:
+            self.recipe.remove(job_id)
+        run = self.runs.pop(job_id, None)
+        if run is not None and run.sink is not None:
+            run.sink.close()
+
+    def _fail(self, job_id: str, reason: str) -> None:
+        log.warning("pack %s: job %s failed: %s", self.spec.pack_id, job_id, reason)
+        self._leave(job_id)
+        if self.rank == 0:
+            self.outcomes[job_id] = {"ok": False, "error": reason}
+
+    # -- steps -------------------------------------------------------------------------------
+    def step(self) -> dict[str, StepReport]:
+        """One step of every job; evaluations, checkpoints and results as each job asks."""
+        failed: dict[str, str] = {}
+        together = set(self.recipe.jobs)
+        reports = self.recipe.step(failed)
+        for job_id, reason in failed.items():
+            self._fail(job_id, reason)
+        for job_id, report in reports.items():
+            run, job = self.runs[job_id], self.recipe.jobs[job_id]
+            run.tokens += report.tokens
+            run.packed_with |= together - {job_id}
+            run.most_jobs = max(run.most_jobs, len(together))
+            cfg = run.spec.train
+            last = job.step >= cfg.max_steps
+            if last or (cfg.eval_every and job.step % cfg.eval_every == 0):
+                report.eval_loss = run.last_eval = self.recipe.evaluate(job_id, run.eval_examples)
+            run.curve.append({"step": report.step, "loss": report.loss})
+            if run.sink is not None:
+                shown = ("step", "loss", "lr", "tokens_per_s", "eval_loss")
+                run.sink("metrics", {k: v for k, v in asdict(report).items() if k in shown})
+            every = run.spec.checkpoint_every
+            if every and job.step % every == 0 and not last and self.rank == 0:
+                _checkpoint(job, run, self.store)
+            if last:
+                self._finish(job_id)
+        return reports
+
+    def _finish(self, job_id: str) -> None:
+        """Rank 0 saves and stages the job's adapter and summary; every rank drops it."""
+        if self.rank == 0:
+            run = self.runs[job_id]
+            tmp = tempfile.mkdtemp(prefix="lorafleet-adapter-")
+            try:
+                out = self.recipe.save(job_id, tmp, base_model_name_or_path=self.spec.base["name"])
+                (out / "metrics.json").write_text(json.dumps(self._summary(job_id), indent=2))
+                stage_with_retries(self.store, out, run.spec.staging_prefix)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.outcomes[job_id] = {"ok": True}
+        self._leave(job_id)
+
+    def _summary(self, job_id: str) -> dict[str, Any]:
+        run, job = self.runs[job_id], self.recipe.jobs[job_id]
+        elapsed = time.perf_counter() - run.started_s
+        return {
+            "job_name": run.spec.job_name,
+            "world_size": self.world,
+            "steps": job.step,
+            "resumed_from_step": run.resumed_from,
+            "eval_loss_initial": run.eval_initial,
+            "eval_loss_final": run.last_eval,
+            "tokens_per_s": run.tokens / elapsed if elapsed else 0.0,
+            "dataset_sha256": file_sha256(run.data_path),
+            "lora": run.spec.lora.as_dict(),
+            "train": asdict(run.spec.train),
+            # lineage: trained packed, sharing steps with these jobs
+            "pack": {
+                "id": self.spec.pack_id,
+                "jobs": run.most_jobs,
+                "packed_with": sorted(run.packed_with),
+            },
+            "curve": run.curve,
+        }
+
+
+def train_pack_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker`` for a pack."""
+    import os
+
+    import ray
+    import ray.train
+
+    spec = PackSpec.from_dict(config["spec"])
+    torch.set_num_threads(spec.threads_per_worker)
+    store = spec.open_store()
+    cache = AdapterCache(load_settings().cache_dir)
+    base_dir = str(cache.get_base(base_from_dict(spec.base), store))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes = all_gather_strings(node_id)
+    leader = group_by_node(nodes)[node_id][0] == rank
+    shm_file = shm_path_for(spec.pack_id, node_id)
+    model = _place_base(spec, base_dir, shm_file, leader)
+    tokenizer = load_tokenizer(base_dir)
+    device = next(model.parameters()).device
+    recipe = PackedRecipe(model, pad_id=tokenizer.pad_token_id, world=world, rank=rank,
+                          all_reduce=FlatAllReduce(), device=device)  # fmt: skip
+    control = None
+    pg_event = None
+    if rank == 0:
+        control = ray.get_actor(spec.control["name"], namespace=spec.control["namespace"])
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            pg_event = {"id": pg.id.hex(), "rank0_pid": os.getpid()}
+    worker = PackWorker(spec, recipe, tokenizer, store, cache, rank=rank, world=world,
+                        pg_event=pg_event)  # fmt: skip
+    while True:
+        box: list[Any] = [None]
+        if control is not None:
+            box[0] = ray.get(control.sync.remote(worker.outcomes))
+            worker.outcomes = {}
+        dist.broadcast_object_list(box, src=0)
+        worker.apply(box[0])
+        if not worker.runs:
+            break
+        reports = worker.step()
+        ray.train.report({"jobs": len(reports), "tokens": sum(r.tokens for r in reports.values())})
+    if control is not None and worker.outcomes:
+        ray.get(control.sync.remote(worker.outcomes))
+    dist.barrier()
+    if leader:
+        shm_file.unlink(missing_ok=True)
