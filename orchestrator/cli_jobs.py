@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.cli_common import OUTPUT, Format, console, emit, err_console, user_errors
-from orchestrator.objects import event_object, job_object
+from orchestrator.objects import event_object, job_object, pack_object
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
 
@@ -139,13 +139,19 @@ def jobs_list(
     namespace: str | None = typer.Option(None, help="Only this namespace."),
     state: str | None = typer.Option(None, help="Only jobs in this state."),
     limit: int | None = typer.Option(None, min=1, help="At most this many (default: all)."),
+    show_packs: bool = typer.Option(
+        False, "--packs", help="List packs (jobs training together) and their slots instead."
+    ),
     output: Format = OUTPUT,
 ) -> None:
     """List jobs, newest first (read from the catalog a page at a time)."""
     from storage.catalog import jobs
 
-    found = jobs.iter_jobs(_registry(_settings()).catalog, namespace=namespace,
-                           states=[state] if state else None)  # fmt: skip
+    catalog = _registry(_settings()).catalog
+    if show_packs:
+        _packs_list(catalog, state=state, limit=limit or 100, output=output)
+        return
+    found = jobs.iter_jobs(catalog, namespace=namespace, states=[state] if state else None)
     rows = list(itertools.islice(found, limit))
     if emit([job_object(j) for j in rows], output):
         return
@@ -164,6 +170,26 @@ def jobs_list(
     console.print(table)
 
 
+def _packs_list(catalog: Any, *, state: str | None, limit: int, output: Format) -> None:
+    """Packs, newest first: state, slots used/max, the jobs training in each now."""
+    from storage.catalog import jobs, packs
+
+    if state is not None and state not in ("open", "closed"):
+        raise typer.BadParameter("with --packs, --state is open or closed", param_hint="--state")
+    found = packs.list_packs(catalog, states=[state] if state else None, limit=limit)
+    if emit([pack_object(p) for p in found], output):
+        return
+    table = Table("pack", "state", "slots", "jobs", "created")
+    for p in found:
+        names = []
+        for job_id in p.jobs:
+            j = jobs.get_job(catalog, job_id=job_id)
+            names.append(f"{j.namespace}/{j.name} ({j.id})")
+        table.add_row(p.id, p.state, f"{len(p.jobs)}/{p.max_slots}", "\n".join(names) or "-",
+                      p.created_at.strftime("%Y-%m-%d %H:%M:%S"))  # fmt: skip
+    console.print(table)
+
+
 @jobs_app.command("show")
 @user_errors
 def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> None:
@@ -176,6 +202,12 @@ def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> Non
     adapter = found[0].data.get("ref") if found else None
     if emit(job_object(j, adapter), output):
         return
+    pack = "-"
+    if j.pack_id is not None:
+        from storage.catalog import packs
+
+        p = packs.get_pack(catalog, pack_id=j.pack_id)
+        pack = f"{p.id} ({len(p.jobs)}/{p.max_slots} slots, {p.state})"
     table = Table(title=j.id, show_header=False)
     table.add_column("field")
     table.add_column("value")
@@ -186,6 +218,7 @@ def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> Non
         ("error", j.error or "-"),
         ("priority", str(j.priority)),
         ("attempts", str(j.attempts)),
+        ("pack", pack),
         ("checkpoint", j.checkpoint_uri or "-"),
         ("adapter", adapter or "-"),
         ("created", str(j.created_at)),

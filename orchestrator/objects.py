@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.catalog import jobs
+from storage.catalog import jobs, packs
 from storage.catalog.domain import AdapterVersion, ApiToken, DataFile
 
 
@@ -31,10 +31,22 @@ def job_object(job: jobs.Job, adapter: str | None = None) -> dict[str, Any]:
         "attempts": job.attempts,
         "error": job.error,
         "fine_tuned_model": adapter,
+        "pack_id": job.pack_id,
         "created_at": int(job.created_at.timestamp()),
         "started_at": int(job.started_at.timestamp()) if job.started_at else None,
         "finished_at": int(job.finished_at.timestamp()) if job.finished_at else None,
     }
+
+
+def pack_object(p: packs.Pack) -> dict[str, Any]:
+    """A pack: jobs on one base training in one worker group, and its slots."""
+    return {
+        "id": p.id, "object": "pack", "state": p.state, "jobs": list(p.jobs),
+        "slots": {"used": len(p.jobs), "max": p.max_slots, "free": p.free_slots},
+        "base_fingerprint": p.pack_key.split("|", 1)[0],
+        "created_at": int(p.created_at.timestamp()),
+        "closed_at": int(p.closed_at.timestamp()) if p.closed_at else None,
+    }  # fmt: skip
 
 
 def adapter_object(v: AdapterVersion) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class PackRun:
         self._specs: dict[str, DistributedSpec] = {}
         self._ended: dict[str, dict[str, Any]] = {}  # handed back, not yet published/failed
         self.pack_spec: PackSpec | None = None
+        # lineage, kept here so a restarted worker group loses none of it: the jobs each job
+        # trained alongside, and the most it shared a pack with (itself included)
+        self.packed_with: dict[str, set[str]] = {}
+        self.most_jobs: dict[str, int] = {}
 
     # -- membership ------------------------------------------------------------------------
     def admit(self) -> list[str]:
@@ -126,6 +130,9 @@ class PackRun:
                     "closing the pack",
                 )
                 self.admit()
+            for job_id in self.members:
+                self.packed_with.setdefault(job_id, set()).update(set(self.members) - {job_id})
+                self.most_jobs[job_id] = max(self.most_jobs.get(job_id, 1), len(self.members))
             return {j: d.to_dict() for j, d in self.members.items()}
 
     # -- results ---------------------------------------------------------------------------
@@ -145,6 +152,9 @@ class PackRun:
             except StorageError as exc:
                 fail_job(db, job_id, f"its adapter could not be fetched: {exc}")
                 continue
+            with_ = sorted(self.packed_with.get(job_id, ()))
+            most = self.most_jobs.get(job_id, 1)
+            result.metrics["pack"] = {"id": self.pack_id, "jobs": most, "packed_with": with_}
             state = finish_job(self.registry, job, dspec, result)
             log.info("pack %s: job %s %s", self.pack_id, job_id, state)
 

@@ -88,6 +88,7 @@ class Job(_Out):
     attempts: int
     error: str | None
     fine_tuned_model: str | None
+    pack_id: str | None = Field(description="The pack it trains in now (null: alone).")
     created_at: int
     started_at: int | None
     finished_at: int | None

@@ -237,3 +237,121 @@ def test_scheduler_tick_admits_stops_cancelled_and_resumes_lost_runners(catalog)
     core.tick()
     assert jobs.get_job(catalog, job_id=ids[2]).state == "starting"
     assert cluster.started.count(ids[2]) == 1
+
+
+class _FakePackCluster(_FakeCluster):
+    """As ``_FakeCluster``, with pack runners: a pack takes one slot whatever its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packs: set[str] = set()
+        self.packs_started: list[str] = []
+
+    def hooks(self):  # type: ignore[no-untyped-def]
+        from dataclasses import replace
+
+        from orchestrator.scheduling import NodeFree
+
+        def start_pack(pack_id: str) -> None:
+            self.packs_started.append(pack_id)
+            self.packs.add(pack_id)
+
+        free = lambda: [NodeFree(cpus=2 - len(self.alive) - len(self.packs), total_cpus=2)]  # noqa: E731
+        return replace(super().hooks(), nodes=free, start_pack=start_pack,
+                       pack_alive=self.packs.__contains__)  # fmt: skip
+
+
+def _packable(name: str, **training: object) -> dict[str, object]:
+    return {"name": name, "namespace": "team", "base_model": "tiny",
+            "training": {"lr": 0.001, **training}}  # fmt: skip
+
+
+def test_scheduler_packs_joins_and_resumes_a_lost_pack_alone(catalog):
+    """Jobs on one base start as one pack; a later one joins it; an opted-out or differently
+    accumulating job trains alone; a cancelled member is left to its pack; a pack whose
+    runner is gone has its jobs resumed alone."""
+    from orchestrator.scheduler import SchedulerCore
+    from orchestrator.service import cancel_job
+    from storage.catalog import packs
+    from storage.catalog import repository as repo
+
+    repo.register_base_model(catalog, name="tiny", source="test", architecture="Llama",
+                             parameter_count=1, fingerprint="f" * 64)  # fmt: skip
+    cluster = _FakePackCluster()
+    core = SchedulerCore(catalog, cluster.hooks(), grace_s=3600, max_pack=3)
+
+    def make(spec: dict[str, object]) -> str:
+        return jobs.create_job(catalog, namespace="team", name=str(spec["name"]), spec=spec)[0].id
+
+    a, b = make(_packable("a")), make(_packable("b"))
+    alone = make({**_packable("alone"), "packing": False})
+    other = make(_packable("other", grad_accum=2))  # micro-steps differ: a pack of its own key
+    decision = core.tick()
+    assert decision.packs[a] == [b] and len(cluster.packs_started) == 1
+    assert cluster.started == [alone]  # the pack took one slot, `alone` the other
+    assert other in decision.waiting
+    pack_id = cluster.packs_started[0]
+    assert {jobs.get_job(catalog, job_id=j).pack_id for j in (a, b)} == {pack_id}
+    assert jobs.get_job(catalog, job_id=alone).pack_id is None
+    # a job queued while the pack runs joins it (no resources of its own) until it is full
+    c, d = make(_packable("c")), make(_packable("d"))
+    decision = core.tick()
+    assert decision.joins == {c: pack_id} and d in decision.waiting
+    assert packs.get_pack(catalog, pack_id=pack_id).jobs == (a, b, c)
+    assert jobs.get_job(catalog, job_id=c).state == "starting"
+    # a cancelled member is not killed (its pack drops it at the next step), and its slot
+    # is free again at once: d joins
+    cancel_job(catalog, job_id=b)
+    assert core.tick().joins == {d: pack_id}
+    assert cluster.killed == [] and pack_id in cluster.packs
+    assert packs.get_pack(catalog, pack_id=pack_id).jobs == (a, c, d)
+    # the pack's runner dies: its jobs are resumed alone, each from its own checkpoint
+    for job_id in (a, c, d):
+        jobs.transition_job(catalog, job_id=job_id, allowed_from={"starting"}, to="running")
+    cluster.packs.discard(pack_id)
+    core.tick()
+    for job_id in (a, c, d):
+        resumed = jobs.get_job(catalog, job_id=job_id)
+        assert resumed.state == "starting" and resumed.pack_id is None
+        assert job_id in cluster.started and job_id in cluster.released
+    assert packs.get_pack(catalog, pack_id=pack_id).state == "closed"
+
+
+def test_a_closed_pack_takes_no_joiner_and_a_full_one_none_beyond_its_slots(catalog):
+    from storage.catalog import packs
+
+    ids = [jobs.create_job(catalog, namespace="team", name=f"j{i}", spec=SPEC)[0].id
+           for i in range(4)]  # fmt: skip
+    pack, entered = packs.start_pack(catalog, pack_key="k", max_slots=2, job_ids=ids[:1])
+    assert entered == ids[:1] and pack.free_slots == 1
+    packs.join_pack(catalog, job_id=ids[1], pack_id=pack.id)
+    with pytest.raises(packs.PackUnavailable, match="full"):
+        packs.join_pack(catalog, job_id=ids[2], pack_id=pack.id)
+    assert jobs.get_job(catalog, job_id=ids[2]).state == "queued"  # nothing changed
+    jobs.transition_job(catalog, job_id=ids[1], allowed_from={"starting"}, to="cancelled")
+    packs.close_pack(catalog, pack_id=pack.id)
+    with pytest.raises(packs.PackUnavailable, match="closed"):
+        packs.join_pack(catalog, job_id=ids[2], pack_id=pack.id)
+    assert packs.list_packs(catalog, states={"open"}) == []
+    # joins racing a close: each join either lands before the close (and is then a member
+    # the runner reads after closing) or is refused; none lands after
+    pack, _ = packs.start_pack(catalog, pack_key="k", max_slots=8, job_ids=ids[:1])
+    racers = [jobs.create_job(catalog, namespace="team", name=f"r{i}", spec=SPEC)[0].id
+              for i in range(4)]  # fmt: skip
+    tasks = [lambda: packs.close_pack(catalog, pack_id=pack.id)] + [
+        (lambda j=j: _join_or_refused(packs, catalog, j, pack.id)) for j in racers
+    ]
+    outcomes, errors = _run_threads(5, lambda: tasks.pop()())  # list.pop is atomic
+    assert not errors
+    members = set(packs.get_pack(catalog, pack_id=pack.id).jobs)
+    joined = {j for j in outcomes if isinstance(j, str)}
+    assert joined <= members and packs.get_pack(catalog, pack_id=pack.id).state == "closed"
+    with pytest.raises(packs.PackUnavailable):
+        packs.join_pack(catalog, job_id=ids[3], pack_id=pack.id)
+
+
+def _join_or_refused(packs, catalog, job_id, pack_id):  # type: ignore[no-untyped-def]
+    try:
+        return packs.join_pack(catalog, job_id=job_id, pack_id=pack_id).id
+    except packs.PackUnavailable:
+        return None

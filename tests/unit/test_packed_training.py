@@ -194,3 +194,65 @@ def test_a_data_parallel_pack_reduces_once_per_step_and_equals_one_process(tiny_
         want = [r[key].loss for r in alone[0]]
         for rank in range(world):
             _close([r[key].loss for r in ranks[rank]], want)
+
+
+def test_a_packed_checkpoint_resumes_alone_and_a_lone_one_in_a_pack(tiny_base_dir, solo, tmp_path):
+    """One checkpoint format: job b checkpointed at step 8 inside a pack goes on alone (and
+    job a's lone checkpoint goes on in a pack), each ending on its uninterrupted curve."""
+    from workers.lora.inject import lora_modules
+    from workers.training.checkpoint import read_checkpoint, write_checkpoint
+
+    pack, tok = _pack(tiny_base_dir)
+    for key in ("a", "b"):
+        pack.add(key, *JOBS[key], _data(tok, JOBS[key][1]))
+    for _ in range(8):
+        pack.step()
+    job = pack.jobs["b"]
+    assert job.optimizer is not None
+    write_checkpoint(tmp_path, job.modules, job.optimizer, job.step)
+    model, _ = load_base(tiny_base_dir)
+    alone = LoraFinetuneRecipe(model, *JOBS["b"], pad_id=tok.pad_token_id)
+    alone.setup()
+    assert alone.optimizer is not None
+    alone.step = read_checkpoint(tmp_path, lora_modules(model), alone.optimizer)
+    examples = _data(tok, JOBS["b"][1])
+    _close([alone.train_step(examples).loss for _ in range(8, STEPS)], solo["b"][0][8:])
+
+    model, _ = load_base(tiny_base_dir)
+    lone = LoraFinetuneRecipe(model, *JOBS["a"], pad_id=tok.pad_token_id)
+    lone.setup()
+    examples = _data(tok, JOBS["a"][1])
+    for _ in range(5):
+        lone.train_step(examples)
+    assert lone.optimizer is not None
+    write_checkpoint(tmp_path, lora_modules(model), lone.optimizer, lone.step)
+    pack, _ = _pack(tiny_base_dir)
+    joined = pack.add("a", *JOBS["a"], examples)
+    assert joined.optimizer is not None
+    joined.step = read_checkpoint(tmp_path, joined.modules, joined.optimizer)
+    curve = []
+    pack.run(on_report=lambda _, r: curve.append(r.loss))
+    _close(curve, solo["a"][0][5:])
+
+
+def test_a_job_whose_loss_is_not_finite_fails_alone(tiny_base_dir, solo):
+    pack, tok = _pack(tiny_base_dir)
+    for key in ("a", "b"):
+        pack.add(key, *JOBS[key], _data(tok, JOBS[key][1]))
+    with torch.no_grad():  # b's adapter blows up; a's does not see it
+        for m in pack.jobs["b"].modules.values():
+            m.lora_B.weight.fill_(float("inf"))
+    failed: dict[str, str] = {}
+    reports = pack.step(failed)
+    assert set(failed) == {"b"} and "not finite" in failed["b"] and set(reports) == {"a"}
+    pack.remove("b")
+    curve = [reports["a"].loss]
+    pack.run(on_report=lambda _, r: curve.append(r.loss))
+    _close(curve, solo["a"][0])
+    with pytest.raises(TrainingError, match="not finite"):
+        bad, _ = _pack(tiny_base_dir)
+        bad.add("b", *JOBS["b"], _data(tok, JOBS["b"][1]))
+        for m in bad.jobs["b"].modules.values():
+            with torch.no_grad():
+                m.lora_B.weight.fill_(float("inf"))
+        bad.step()

@@ -69,8 +69,6 @@ class JobRun:
     tokens: int = 0
     started_s: float = field(default_factory=time.perf_counter)
     curve: list[dict[str, Any]] = field(default_factory=list)
-    packed_with: set[str] = field(default_factory=set)  # jobs it shared a step with
-    most_jobs: int = 1  # the most jobs it shared one step with (itself included)
 
 
 def _place_base(spec: PackSpec, base_dir: str, shm_file: Path, leader: bool) -> torch.nn.Module:
@@ -220,15 +218,12 @@ class PackWorker:
     def step(self) -> dict[str, StepReport]:
         """One step of every job; evaluations, checkpoints and results as each job asks."""
         failed: dict[str, str] = {}
-        together = set(self.recipe.jobs)
         reports = self.recipe.step(failed)
         for job_id, reason in failed.items():
             self._fail(job_id, reason)
         for job_id, report in reports.items():
             run, job = self.runs[job_id], self.recipe.jobs[job_id]
             run.tokens += report.tokens
-            run.packed_with |= together - {job_id}
-            run.most_jobs = max(run.most_jobs, len(together))
             cfg = run.spec.train
             last = job.step >= cfg.max_steps
             if last or (cfg.eval_every and job.step % cfg.eval_every == 0):
@@ -272,12 +267,7 @@ class PackWorker:
             "dataset_sha256": file_sha256(run.data_path),
             "lora": run.spec.lora.as_dict(),
             "train": asdict(run.spec.train),
-            # lineage: trained packed, sharing steps with these jobs
-            "pack": {
-                "id": self.spec.pack_id,
-                "jobs": run.most_jobs,
-                "packed_with": sorted(run.packed_with),
-            },
+            "pack": {"id": self.spec.pack_id},  # the runner adds who it was packed with
             "curve": run.curve,
         }
 
