@@ -21,6 +21,7 @@ from orchestrator.runner import (
     ON_HEAD,
     RAY_NAMESPACE,
     _through_outage,
+    actor_alive,
     build_distributed_spec,
     fail_job,
     finish_job,
@@ -243,10 +244,4 @@ def start_pack_runner(pack_id: str, settings: Settings) -> None:
 
 def pack_alive(pack_id: str) -> bool:
     """Whether the pack's runner actor exists."""
-    import ray
-
-    try:
-        ray.get_actor(pack_runner_name(pack_id), namespace=RAY_NAMESPACE)
-    except ValueError:
-        return False
-    return True
+    return actor_alive(pack_runner_name(pack_id))

@@ -212,14 +212,20 @@ def start_runner(job_id: str, settings: Settings) -> None:
     actor.run.remote(job_id, settings_for_nodes(settings))
 
 
-def runner_alive(job_id: str) -> bool:
+def actor_alive(name: str) -> bool:
+    """Whether the named detached actor of the control plane exists (judged from Ray's own
+    state, never from a timed-out call)."""
     import ray
 
     try:
-        ray.get_actor(runner_name(job_id), namespace=RAY_NAMESPACE)
+        ray.get_actor(name, namespace=RAY_NAMESPACE)
     except ValueError:
         return False
     return True
+
+
+def runner_alive(job_id: str) -> bool:
+    return actor_alive(runner_name(job_id))
 
 
 def release_placement_groups(catalog: Any, job_id: str) -> int:

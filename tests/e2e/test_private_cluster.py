@@ -150,6 +150,42 @@ def test_register_submit_train_publish_serve_with_no_shared_disk(stack) -> None:
     registry.catalog.dispose()
 
 
+def test_jobs_queued_together_train_as_one_pack_on_private_nodes(stack) -> None:  # type: ignore[no-untyped-def]
+    """Two jobs admitted in one tick train as one pack on two private nodes: each node's
+    workers read the base and both jobs' data only from what they downloaded themselves."""
+    from storage.catalog import repository as repo
+
+    env, _, work = stack
+    base_dir = _client_files(work)
+    assert _cli(env, "base", "register", "tiny", base_dir).returncode == 0
+    registry = Registry.from_settings(load_settings(env))
+    db = registry.catalog
+    repo.ensure_namespace(db, name="demo")
+    repo.set_namespace_limits(db, namespace="demo", max_cpus=0)  # hold both in the queue
+    try:
+        for name, seed in (("pack-a", 1), ("pack-b", 2)):
+            r = _cli(env, "submit", _job_yaml(work, name, max_steps=12, seed=seed))
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        ids = [j.id for j in jobs.list_jobs(db, namespace="demo", states={"queued"})]
+        assert len(ids) == 2
+    finally:
+        repo.set_namespace_limits(db, namespace="demo")  # lifted: one tick admits both
+    wait_until(lambda: all(jobs.get_job(db, job_id=j).state in ("succeeded", "failed")
+                           for j in ids), timeout_s=300, what="the packed jobs to end")  # fmt: skip
+    done = [jobs.get_job(db, job_id=j) for j in ids]
+    assert [j.state for j in done] == ["succeeded"] * 2, [j.error for j in done]
+    (pack_id,) = {j.pack_id for j in done}
+    assert pack_id is not None
+    for name in ("pack-a", "pack-b"):
+        lineage = registry.resolve(f"demo/{name}").metrics["pack"]
+        assert lineage["id"] == pack_id and lineage["jobs"] == 2
+    r = _cli(env, "jobs", "list", "--packs", "-o", "json")
+    shown = {p["id"]: p for p in json.loads(r.stdout)}
+    assert shown[pack_id]["state"] == "closed" and shown[pack_id]["slots"]["used"] == 0
+    assert pack_id in _cli(env, "jobs", "show", ids[0]).stdout
+    registry.catalog.dispose()
+
+
 def test_a_dead_node_resumes_elsewhere_from_the_object_store(stack) -> None:  # type: ignore[no-untyped-def]
     from workers.base_model import load_base
     from workers.datasets import load_dataset

@@ -36,13 +36,23 @@ def _upload(registry, path, namespace="team"):  # type: ignore[no-untyped-def]
 
 
 def _spec(
-    registry, name, *, priority=0, steps=6, workers=1, nodes=1, ckpt=0, ns="team", seq_len=64
+    registry,
+    name,
+    *,
+    priority=0,
+    steps=6,
+    workers=1,
+    nodes=1,
+    ckpt=0,
+    ns="team",
+    seq_len=64,
+    packing=True,
 ):  # type: ignore[no-untyped-def]
     return parse_spec({
         "name": name, "namespace": ns, "base_model": "tiny",
         "training_data": _upload(registry, TRAIN_FILE, ns),
         "validation_data": _upload(registry, HELDOUT_FILE, ns),
-        "output_adapter": f"{ns}/{name}", "priority": priority,
+        "output_adapter": f"{ns}/{name}", "priority": priority, "packing": packing,
         "training": {"max_steps": steps, "batch_size": 4, "seq_len": seq_len, "eval_every": 0,
                      "checkpoint_every": ckpt},
         "resources": {"nodes": nodes, "workers_per_node": workers},
@@ -244,7 +254,9 @@ def test_two_namespaces_share_the_cluster(env):
     settings, registry = env
     specs = []
     for ns in ("red", "red", "blue", "blue"):
-        specs.append(_spec(registry, f"{ns}-{len(specs)}", workers=2, steps=4, ns=ns))
+        # alone: this is about whole gangs sharing the cluster (packing is test_packs')
+        specs.append(_spec(registry, f"{ns}-{len(specs)}", workers=2, steps=4, ns=ns,
+                           packing=False))  # fmt: skip
     submitted = [submit_job(registry.catalog, s).job for s in specs]
     import ray
 
