@@ -130,6 +130,11 @@ def _packed() -> str:
     return " · ".join(_spread(s[f"K={k}"], 2) for k in (1, 2, 4, 8))
 
 
+def _fleet(key: str) -> str:
+    r = _get("packed_fleet", key)
+    return _spread({"ratio": r["median"], "min": r["min"], "max": r["max"]}, 2)
+
+
 def _merged() -> str:
     m = _get("serving", "merged_vs_base")
     return f"{_x(m['ratio'])} ({m['ratio_min']:.3f}–{m['ratio_max']:.3f})"
@@ -173,6 +178,9 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("page, one namespace", lambda: _page("namespace")),
     ("fuzzed", _fuzzed),
     ("packed step", _packed),
+    ("packed fleet vs sequential", lambda: _fleet("wall_packed_over_sequential")),
+    ("packed fleet vs side by side", lambda: _fleet("wall_packed_over_side_by_side")),
+    ("packed fleet memory", lambda: _fleet("pss_packed_over_side_by_side")),
 ]  # fmt: skip
 
 
