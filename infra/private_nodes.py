@@ -46,7 +46,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.servers import free_port, processes_with_env, wait_until
+from infra.servers import free_port, free_ports, processes_with_env, wait_until
 
 NODE_MARKER = "LORAFLEET_NODE"  # <cluster>-<name>, in the environment of one node's processes
 CLUSTER_MARKER = "LORAFLEET_CLUSTER"  # <cluster>, in the environment of every node's processes
@@ -292,14 +292,17 @@ class _Starter:
         area = self.root / name  # an empty directory outside; the node's tmpfs inside
         area.mkdir()
         home, lorafleet_home = area / "home", area / "lorafleet"
+        ports = free_ports(7)  # distinct: one Ray component each, none the GCS's
+        while self.gcs_port in ports:
+            ports = free_ports(7)
         node = PrivateNode(name, lorafleet_home, f"{NODE_MARKER}={self.cluster_id}-{name}",
-                           free_port(), self.cluster_id)  # fmt: skip
+                           ports[0], self.cluster_id)  # fmt: skip
         ray = str(Path(sys.executable).parent / "ray")
-        args = [ray, "start", f"--num-cpus={cpus}", *_ports(node.node_manager_port),
+        args = [ray, "start", f"--num-cpus={cpus}", *_ports(ports[:6]),
                 "--disable-usage-stats", f"--temp-dir={self.mounts.ray_temp}"]  # fmt: skip
         if name == "head":
             args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=false",
-                     f"--ray-client-server-port={free_port()}"]  # fmt: skip
+                     f"--ray-client-server-port={ports[6]}"]  # fmt: skip
         else:
             args.append(f"--address=127.0.0.1:{self.gcs_port}")
         script = "\n".join([
@@ -328,13 +331,15 @@ class _Starter:
         return node
 
 
-def _ports(node_manager_port: int) -> list[str]:
-    """Every port of a node explicit, so nothing collides with another Ray on the machine."""
+def _ports(ports: list[int]) -> list[str]:
+    """Every port of a node explicit (six distinct ones, the node manager's first), so nothing
+    collides with another Ray on the machine or another component of this node."""
+    node_manager, objects, agent_http, agent_grpc, metrics, runtime_env = ports
     return [
-        f"--node-manager-port={node_manager_port}", f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={objects}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
     ]  # fmt: skip
 
 

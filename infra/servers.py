@@ -30,6 +30,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all held at once while picked, so no two are the same
+    (``free_port`` called n times may hand one out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def wait_until(condition: Callable[[], bool], *, timeout_s: float = 30.0, what: str = "") -> None:
     """Poll ``condition`` until true; raise ``TimeoutError`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
