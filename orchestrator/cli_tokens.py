@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import typer
 from rich.table import Table
 
 from orchestrator.cli_common import OUTPUT, Format, console, emit, user_errors
+from orchestrator.durations import parse_duration
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens of namespaces.")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """``30d``, ``12h``, ``15m`` or ``90s`` in seconds.
-
-    Raises:
-        ValueError: anything else (the message says what is accepted).
-    """
-    m = re.fullmatch(r"([0-9]{1,6})([smhd])", text.strip())
-    if m is None or int(m[1]) == 0:
-        raise ValueError(f"--expires-in {text!r}: use a positive number and s, m, h or d (30d)")
-    return int(m[1]) * _UNITS[m[2]]
 
 
 def _catalog():  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.catalog import jobs, packs
+from storage.catalog import jobs, packs, promotion, usage
 from storage.catalog.domain import AdapterVersion, ApiToken, DataFile
 
 
@@ -95,3 +95,43 @@ def token_object(t: ApiToken, secret: str | None = None) -> dict[str, Any]:
     if secret is not None:
         body["token"] = secret  # shown once, never stored
     return body
+
+
+def usage_object(u: usage.UsageCount, *, per_minute: bool = False) -> dict[str, Any]:
+    """Served requests and tokens of one model in one namespace (in one minute, or summed)."""
+    body: dict[str, Any] = {
+        "object": "usage", "namespace": u.namespace, "model": u.model, "requests": u.requests,
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }  # fmt: skip
+    body["minute" if per_minute else "first_minute"] = int(u.minute.timestamp())
+    return body
+
+
+def replica_object(r: usage.ReplicaSnapshot, namespace: str | None = None) -> dict[str, Any]:
+    """A serving replica's last snapshot; a namespace token sees only its own adapters in it."""
+
+    def mine(refs: list[str]) -> list[str]:
+        return [x for x in refs if namespace is None or x.startswith(f"{namespace}/")]
+
+    s = r.stats
+    slots, host = s.get("slots", {}), s.get("host", {})
+    return {
+        "object": "serving.replica", "id": r.replica_id, "base": r.base, "node": r.node,
+        "updated_at": r.updated_at.timestamp(),
+        "tiers": {"device": mine(list(slots.get("resident", []))),
+                  "host": mine(list(host.get("resident", []))),
+                  "device_slots": slots.get("n"), "host_capacity": host.get("capacity")},
+        "load_ms": s.get("load_ms", {}),
+        "counters": {"slot_hits": slots.get("hits"), "slot_loads": slots.get("loads"),
+                     "host_hits": host.get("hits"), "host_misses": host.get("misses"),
+                     "disk_downloads": s.get("disk", {}).get("downloads")},
+        "queue": s.get("queue", {}),
+    }  # fmt: skip
+
+
+def catalog_event_object(e: promotion.CatalogEvent) -> dict[str, Any]:
+    """A promotion or gate change of an adapter (forced promotions say so in ``type``)."""
+    return {"id": e.id, "object": "adapter.event", "adapter": f"{e.namespace}/{e.name}",
+            "created_at": e.ts.timestamp(), "type": e.kind, "alias": e.alias,
+            "version": e.version, "actor": e.actor, "data": e.data}  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Any
 
 from storage.errors import StorageError
 
-_OPS: dict[str, Callable[[float, float], bool]] = {
+OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,
     "<": operator.lt,
@@ -35,7 +35,7 @@ class MetricFilter:
         v = metrics.get(self.name)
         if isinstance(v, bool) or not isinstance(v, int | float):
             return False
-        return _OPS[self.op](float(v), self.value)
+        return OPS[self.op](float(v), self.value)
 
 
 def parse_metric_filter(text: str) -> MetricFilter:

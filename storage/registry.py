@@ -352,8 +352,19 @@ class Registry:
     def list(self, **filters: Any) -> list[AdapterVersion]:
         return repo.list_adapter_versions(self.catalog, **filters)
 
-    def promote(self, ref: str, alias: str) -> AdapterVersion:
-        return repo.set_alias(self.catalog, ref=parse_ref(ref), alias=alias)
+    def promote(
+        self, ref: str, alias: str, *, force: bool = False, actor: str | None = None
+    ) -> AdapterVersion:
+        """Point ``alias`` at ``ref`` through the alias's gate (``storage.catalog.promotion``).
+
+        Raises:
+            GateRefused: the version fails the gate and ``force`` is off.
+        """
+        from storage.catalog import promotion
+
+        version, _ = promotion.promote(self.catalog, ref=parse_ref(ref), alias=alias,
+                                       force=force, actor=actor)  # fmt: skip
+        return version
 
     def delete(self, ref: str) -> AdapterVersion:
         version = repo.delete_adapter_version(self.catalog, ref=parse_ref(ref))

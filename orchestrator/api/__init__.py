@@ -8,7 +8,8 @@ admin token (``LORAFLEET_API_TOKEN``) sees everything. Errors are ``{"error": {"
 
 - ``deps``: the caller (token and scope) and the error handlers
 - ``schemas``: every request and response body (``/v1/openapi.json``, admin only)
-- ``jobs``, ``files``, ``adapters``, ``tokens``: the routes
+- ``jobs``, ``files``, ``adapters``, ``tokens``, ``usage``: the routes
+- ``orchestrator.console``: the browser console at ``/`` (static files; data through the routes)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from orchestrator.api.deps import install_error_handlers, principal_dependency
 from orchestrator.api.files import UploadGuard, files_router
 from orchestrator.api.jobs import jobs_router
 from orchestrator.api.tokens import tokens_router
+from orchestrator.api.usage import usage_router
 from storage.auth import Principal
 from storage.registry import Registry
 from storage.settings import Settings
@@ -53,5 +55,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.include_router(files_router(reg, settings.max_upload_bytes, principal))
     app.include_router(adapters_router(reg, principal))
     app.include_router(tokens_router(reg.catalog, principal))
+    app.include_router(usage_router(reg.catalog, principal))
     app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes)
     return app

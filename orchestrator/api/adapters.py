@@ -1,4 +1,5 @@
-"""``/v1/adapters``: the adapter catalog — list (paged), show, promote an alias, delete."""
+"""``/v1/adapters``: the adapter catalog — list (paged), show, idle versions, promote an alias
+through its gate, roll it back, gates, the adapter's catalog events, delete."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from orchestrator.api import schemas
 from orchestrator.api.deps import PrincipalDep
 from orchestrator.api.jobs import page_body
 from orchestrator.http_errors import ApiError
-from orchestrator.objects import adapter_object
+from orchestrator.objects import adapter_object, catalog_event_object
 from storage.auth import Principal
+from storage.catalog import promotion, usage
 from storage.catalog import repository as repo
 from storage.catalog.domain import AdapterVersion
 from storage.errors import InvalidName, NotFound
-from storage.names import parse_ref
+from storage.gates import GateRefused, GateRuleError, GateVerdict
+from storage.names import AdapterRef, parse_ref, validate_name
 from storage.registry import Registry
 
 
@@ -32,6 +35,25 @@ def adapters_router(reg: Registry, principal: PrincipalDep) -> APIRouter:
             raise ApiError(400, str(exc), "ref") from None
         except NotFound as exc:
             raise ApiError(404, str(exc)) from None
+
+    def visible_repo(namespace: str, name: str, who: Principal) -> None:
+        if not who.can_see(namespace):
+            raise ApiError(404, f"adapter {namespace}/{name} not found")
+        try:
+            validate_name(namespace, kind="namespace")
+            validate_name(name, kind="adapter name")
+        except InvalidName as exc:
+            raise ApiError(400, str(exc), "name") from None
+
+    def admin_only(who: Principal, what: str) -> None:
+        if who.scope != "admin":
+            raise ApiError(403, f"{what} needs an admin token (of the namespace, or the admin)")
+
+    def actor(who: Principal) -> str:
+        return "admin token" if who.namespace is None else f"{who.namespace} {who.scope} token"
+
+    def verdict_body(v: GateVerdict) -> dict[str, Any]:
+        return {"object": "gate.verdict", **v.as_dict()}
 
     @router.get("", response_model=schemas.AdapterPage)
     def list_adapters(
@@ -59,6 +81,94 @@ def adapters_router(reg: Registry, principal: PrincipalDep) -> APIRouter:
             raise ApiError(400, f"after: no version {after} to continue from", "after") from None
         return page_body([adapter_object(v) for v in page], more)
 
+    @router.get("/idle", response_model=schemas.IdleAdapterList)
+    def idle(
+        days: float = Query(30, gt=0, le=3650, description="No traffic for this many days."),
+        namespace: str | None = Query(None, max_length=64),
+        who: Principal = Depends(principal),
+    ) -> dict[str, Any]:
+        """Ready versions that served nothing for ``days`` (nor were created within them)."""
+        if who.namespace is not None:
+            if namespace not in (None, who.namespace):
+                return {"object": "list", "days": days, "data": []}
+            namespace = who.namespace
+        found = usage.idle_versions(reg.catalog, days=days, namespace=namespace)
+        data = [{"adapter": adapter_object(v),
+                 "last_used_at": int(used.timestamp()) if used else None}
+                for v, used in found]  # fmt: skip
+        return {"object": "list", "days": days, "data": data}
+
+    @router.get("/{namespace}/{name}/gates", response_model=schemas.Gates)
+    def get_gates(namespace: str, name: str, who: Principal = Depends(principal)) -> dict:
+        visible_repo(namespace, name, who)
+        found = promotion.gates(reg.catalog, namespace=namespace, name=name)
+        return {"object": "adapter.gates", "adapter": f"{namespace}/{name}", "gates": found}
+
+    @router.put("/{namespace}/{name}/gates/{alias}", response_model=schemas.Gates)
+    def put_gate(namespace: str, name: str, alias: str, body: schemas.GateBody,
+                 who: Principal = Depends(principal)) -> dict:  # fmt: skip
+        """Replace an alias's gate (an empty ``require`` clears it); admin scope."""
+        visible_repo(namespace, name, who)
+        admin_only(who, "setting a gate")
+        try:
+            promotion.set_gate(reg.catalog, namespace=namespace, name=name, alias=alias,
+                               rules=body.require, actor=actor(who))  # fmt: skip
+        except GateRuleError as exc:
+            raise ApiError(422, str(exc), "require") from None
+        except InvalidName as exc:
+            raise ApiError(422, str(exc), "alias") from None
+        return get_gates(namespace, name, who)
+
+    @router.delete("/{namespace}/{name}/gates/{alias}", response_model=schemas.Gates)
+    def delete_gate(namespace: str, name: str, alias: str,
+                    who: Principal = Depends(principal)) -> dict:  # fmt: skip
+        visible_repo(namespace, name, who)
+        admin_only(who, "clearing a gate")
+        try:
+            promotion.set_gate(reg.catalog, namespace=namespace, name=name, alias=alias,
+                               rules=[], actor=actor(who))  # fmt: skip
+        except InvalidName as exc:
+            raise ApiError(422, str(exc), "alias") from None
+        return get_gates(namespace, name, who)
+
+    @router.get("/{namespace}/{name}/events", response_model=schemas.CatalogEventList)
+    def adapter_events(namespace: str, name: str, limit: int = Query(100, ge=1, le=1000),
+                       who: Principal = Depends(principal)) -> dict:  # fmt: skip
+        """Promotions (forced ones say so) and gate changes, newest first."""
+        visible_repo(namespace, name, who)
+        found = promotion.events(reg.catalog, namespace=namespace, name=name, limit=limit)
+        return {"object": "list", "data": [catalog_event_object(e) for e in found]}
+
+    @router.post("/{namespace}/{name}/aliases/{alias}/rollback", response_model=schemas.Adapter)
+    def rollback(namespace: str, name: str, alias: str, body: schemas.RollbackBody,
+                 who: Principal = Depends(principal)) -> dict:  # fmt: skip
+        """Point ``alias`` back at the version it pointed at before its last move."""
+        visible_repo(namespace, name, who)
+        if body.force:
+            admin_only(who, "passing a gate with force")
+        try:
+            v, _ = promotion.rollback(reg.catalog, namespace=namespace, name=name, alias=alias,
+                                      force=body.force, actor=actor(who))  # fmt: skip
+        except GateRefused as exc:
+            raise ApiError(409, str(exc), "alias") from None
+        except promotion.NothingToRollBack as exc:
+            raise ApiError(409, str(exc), "alias") from None
+        except InvalidName as exc:
+            raise ApiError(422, str(exc), "alias") from None
+        return adapter_object(v)
+
+    @router.get("/{namespace}/{ref}/gate", response_model=schemas.GateVerdict)
+    def gate_check(namespace: str, ref: str, alias: str = Query(..., max_length=64),
+                   who: Principal = Depends(principal)) -> dict:  # fmt: skip
+        """What promoting this version to ``alias`` would meet at the gate now."""
+        v = resolve_visible(namespace, ref, who)
+        try:
+            verdict = promotion.check(reg.catalog, ref=AdapterRef(v.namespace, v.name, v.version),
+                                      alias=alias)  # fmt: skip
+        except InvalidName as exc:
+            raise ApiError(422, str(exc), "alias") from None
+        return verdict_body(verdict)
+
     @router.get("/{namespace}/{ref}", response_model=schemas.Adapter)
     def show_adapter(namespace: str, ref: str, who: Principal = Depends(principal)) -> dict:
         return adapter_object(resolve_visible(namespace, ref, who))
@@ -68,8 +178,13 @@ def adapters_router(reg: Registry, principal: PrincipalDep) -> APIRouter:
         namespace: str, ref: str, body: schemas.PromoteBody, who: Principal = Depends(principal)
     ) -> dict[str, Any]:
         v = resolve_visible(namespace, ref, who)
+        if body.force:
+            admin_only(who, "passing a gate with force")
         try:
-            return adapter_object(reg.promote(v.ref, body.alias))
+            return adapter_object(reg.promote(v.ref, body.alias, force=body.force,
+                                              actor=actor(who)))  # fmt: skip
+        except GateRefused as exc:  # the gate's numbers are the message
+            raise ApiError(409, str(exc), "alias") from None
         except InvalidName as exc:
             raise ApiError(422, str(exc), "alias") from None
 

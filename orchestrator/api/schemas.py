@@ -7,7 +7,7 @@ the other fails the API tests instead of surprising a client.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,10 +28,25 @@ class TokenBody(BaseModel):
 
 
 class PromoteBody(BaseModel):
-    """The alias to point at a version."""
+    """The alias to point at a version; ``force`` (admin scope) passes a failing gate."""
 
     model_config = ConfigDict(extra="forbid")
     alias: str = Field(max_length=64)
+    force: bool = False
+
+
+class RollbackBody(BaseModel):
+    """Point an alias back at the version it pointed at before (through its gate)."""
+
+    model_config = ConfigDict(extra="forbid")
+    force: bool = False
+
+
+class GateBody(BaseModel):
+    """An alias's gate: every rule must pass (``eval_loss<=0.5``, ``eval_loss<=current+2%``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    require: list[Annotated[str, Field(max_length=200)]] = Field(max_length=16)
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -233,3 +248,101 @@ class NewToken(Token):
 class TokenList(_Out):
     object: Literal["list"]
     data: list[Token]
+
+
+class IdleAdapter(_Out):
+    adapter: Adapter
+    last_used_at: int | None = Field(description="The last minute it served a request.")
+
+
+class IdleAdapterList(_Out):
+    """Ready versions with no traffic for ``days`` (least recently used first)."""
+
+    object: Literal["list"]
+    days: float
+    data: list[IdleAdapter]
+
+
+# -- gates and catalog events ----------------------------------------------------------------------
+class Gates(_Out):
+    """An adapter's gated aliases and their rules."""
+
+    object: Literal["adapter.gates"]
+    adapter: str
+    gates: dict[str, list[str]]
+
+
+class RuleResult(_Out):
+    rule: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    message: str
+
+
+class GateVerdict(_Out):
+    """How a version would fare at an alias's gate now (``current``: the version in place)."""
+
+    object: Literal["gate.verdict"]
+    alias: str
+    candidate: str
+    current: str | None
+    passed: bool
+    results: list[RuleResult]
+
+
+class CatalogEvent(_Out):
+    id: int
+    object: Literal["adapter.event"]
+    adapter: str
+    created_at: float
+    type: str
+    alias: str | None
+    version: int | None
+    actor: str | None
+    data: dict[str, Any]
+
+
+class CatalogEventList(_Out):
+    object: Literal["list"]
+    data: list[CatalogEvent]
+
+
+# -- usage and serving ---------------------------------------------------------------------------
+class Usage(_Out):
+    """Requests and tokens one model served in one namespace (summed, or in one minute)."""
+
+    object: Literal["usage"]
+    namespace: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    first_minute: int | None = None
+    minute: int | None = None
+
+
+class UsageList(_Out):
+    object: Literal["list"]
+    group: Literal["model", "minute"]
+    data: list[Usage]
+
+
+class Replica(_Out):
+    """A serving replica's last snapshot: what sits in which tier, load latencies, queue."""
+
+    object: Literal["serving.replica"]
+    id: str
+    base: str
+    node: str | None
+    updated_at: float
+    tiers: dict[str, Any]
+    load_ms: dict[str, Any]
+    counters: dict[str, Any]
+    queue: dict[str, Any]
+
+
+class Serving(_Out):
+    object: Literal["serving"]
+    replicas: list[Replica]

@@ -224,3 +224,55 @@ class PublishLeaseRow(Base):
     __tablename__ = "publish_leases"
     prefix: Mapped[str] = mapped_column(String(512), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class UsageBucketRow(Base):
+    """Served requests and tokens of one model (an exact adapter version, or the base) in one
+    namespace in one minute; replicas add their counts in batches, never a write per request."""
+
+    __tablename__ = "usage_buckets"
+    __table_args__ = (Index("ix_usage_buckets_model_minute", "model", "minute"),)
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class AliasGateRow(Base):
+    """A rule a version must pass before ``alias`` may point at it (``eval_loss<=0.5``)."""
+
+    __tablename__ = "alias_gates"
+    __table_args__ = (UniqueConstraint("repo_id", "alias", "rule"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[int] = mapped_column(ForeignKey("adapter_repos.id"))
+    alias: Mapped[str] = mapped_column(String(64))
+    rule: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CatalogEventRow(Base):
+    """What happened to an adapter: promotions (forced ones too), gate changes."""
+
+    __tablename__ = "catalog_events"
+    __table_args__ = (Index("ix_catalog_events_repo_id", "repo_id", "id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[int] = mapped_column(ForeignKey("adapter_repos.id"))
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    alias: Mapped[str | None] = mapped_column(String(64))
+    version: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str | None] = mapped_column(String(128))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ServingReplicaRow(Base):
+    """The last snapshot a serving replica wrote of itself: tiers, load latencies, queue."""
+
+    __tablename__ = "serving_replicas"
+    replica_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    base: Mapped[str] = mapped_column(String(64))
+    node: Mapped[str | None] = mapped_column(String(128))
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -484,31 +484,6 @@ def page_adapter_versions(
         return [_version(s, r) for r in rows[:limit]], len(rows) > limit
 
 
-def set_alias(db: Catalog, *, ref: AdapterRef, alias: str) -> AdapterVersion:
-    """Point ``alias`` at the version ``ref`` resolves to (one atomic UPDATE or INSERT)."""
-    validate_name(alias, kind="alias")
-    with db.session() as s:
-        row = _resolve_row(s, ref)
-        moved = s.execute(
-            update(AliasRow)
-            .where(AliasRow.repo_id == row.repo_id, AliasRow.alias == alias)
-            .values(version_id=row.id, updated_at=utcnow())
-        ).rowcount  # type: ignore[attr-defined]
-        if not moved:
-            try:
-                with s.begin_nested():  # a first promotion: another may insert at once
-                    s.add(AliasRow(repo_id=row.repo_id, alias=alias, version_id=row.id))
-                    s.flush()
-            except sa_exc.IntegrityError:  # it did: the alias exists now, move it to ours
-                s.execute(
-                    update(AliasRow)
-                    .where(AliasRow.repo_id == row.repo_id, AliasRow.alias == alias)
-                    .values(version_id=row.id, updated_at=utcnow())
-                )
-        s.flush()
-        return _version(s, row)
-
-
 def delete_adapter_version(db: Catalog, *, ref: AdapterRef) -> AdapterVersion:
     """Mark a version deleted and drop aliases pointing at it; ``gc`` removes its bytes."""
     with db.session() as s:

@@ -238,7 +238,7 @@ def test_a_queued_job_joins_a_running_pack_with_a_free_slot():
 
 
 def test_token_lifetimes_parse_or_say_what_is_accepted():
-    from orchestrator.cli_tokens import parse_duration
+    from orchestrator.durations import parse_duration
 
     assert parse_duration("30d") == 30 * 86400 and parse_duration("12h") == 43200
     assert parse_duration("15m") == 900 and parse_duration("90s") == 90

@@ -90,12 +90,43 @@ class _ReplicaMetrics:
         self._loads_seen = len(loads)
 
 
+def replica_snapshot(engine: Any) -> dict[str, Any]:
+    """What a replica writes to the catalog: the engine's stats and its load latencies."""
+    stats = dict(engine.stats())
+    loads = sorted(engine.tier_stats.load_ms)
+
+    def quantile(q: float) -> float | None:  # nearest rank
+        return loads[min(len(loads) - 1, int(q * len(loads)))] if loads else None
+
+    stats["load_ms"] = {"count": len(loads), "p50": quantile(0.5), "p95": quantile(0.95),
+                        "max": quantile(1.0)}  # fmt: skip
+    return stats
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    rid = serve.get_replica_context().replica_id
+    return str(getattr(rid, "unique_id", rid))
+
+
+def ray_node_id() -> str | None:
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # outside Ray: no node to name
+        return None
+
+
 def _server_class(opts: ServeOptions) -> Any:
     from ray import serve
 
+    from storage.catalog import usage as usage_store
     from storage.registry import Registry
     from storage.settings import settings_on_node
     from workers.serving.engine import GenRequest, ServingEngine, error_kind
+    from workers.serving.metering import Periodic
     from workers.serving.streams import stream
 
     @serve.deployment(max_ongoing_requests=512, health_check_period_s=2)
@@ -116,6 +147,28 @@ def _server_class(opts: ServeOptions) -> Any:
             )  # fmt: skip
             self.metrics = _ReplicaMetrics()
             self._versions: dict[str, Any] = {}  # exact ref -> the version the ingress sent
+            # the replica tells the catalog what it holds, so the API and the console see
+            # serving without a network path to the replicas
+            self.catalog = registry.catalog
+            self.replica_id = _replica_id()
+            self.node = ray_node_id()
+            self.snapshots = Periodic(self._snapshot, self.opts.usage_flush_s,
+                                      "lorafleet-replica-snapshot").start()  # fmt: skip
+
+        def __del__(self) -> None:
+            snapshots = getattr(self, "snapshots", None)
+            if snapshots is not None:
+                snapshots.stop(final=False)
+                try:
+                    usage_store.forget_replica(self.catalog, replica_id=self.replica_id)
+                except Exception as exc:  # the snapshot ages out of the console instead
+                    log.warning("could not remove replica %s from the catalog: %s",
+                                self.replica_id, exc)  # fmt: skip
+
+        def _snapshot(self) -> None:
+            usage_store.record_replica(self.catalog, replica_id=self.replica_id,
+                                       base=self.opts.base_name, node=self.node,
+                                       stats=replica_snapshot(self.engine))  # fmt: skip
 
         @serve.multiplexed(max_num_models_per_replica=opts.host_adapters)
         async def _adapter(self, ref: str) -> _Staged:

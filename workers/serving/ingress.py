@@ -5,6 +5,10 @@
 version in the response's ``model`` field, so every answer carries its lineage. Bearer tokens
 work as in the REST API: a namespace token sees only its namespace (others' adapters are 404),
 ``LORAFLEET_API_TOKEN`` is the admin; ``GET /health`` is open.
+
+Every answered request is metered here, with the token counts its ``usage`` field returns:
+per exact adapter version (or the base) and namespace, in memory, flushed to the catalog's
+per-minute buckets every ``usage_flush_s`` (``workers.serving.metering``).
 """
 
 import asyncio
@@ -21,6 +25,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage.auth import Principal, Unauthorized, authenticate
+from storage.catalog import usage as usage_store
 from storage.catalog.domain import AdapterVersion
 from storage.errors import InvalidName, NotFound, StorageError
 from storage.fingerprint import fingerprint_model_dir
@@ -28,6 +33,7 @@ from storage.names import parse_ref
 from storage.registry import Registry
 from storage.settings import settings_on_node
 from workers.base_model import load_base_config, load_tokenizer
+from workers.serving.metering import Periodic, UsageMeter
 from workers.serving.openai_api import (
     MAX_BODY_BYTES,
     ChatCompletionRequest,
@@ -37,6 +43,7 @@ from workers.serving.openai_api import (
     chat_response,
     completion_response,
     error_body,
+    usage,
 )
 from workers.serving.options import ServeOptions
 from workers.serving.resolver import RefResolver
@@ -134,6 +141,28 @@ def ingress_class(opts: ServeOptions) -> Any:
             self.fingerprint = fingerprint_model_dir(base_dir).sha256
             config = load_base_config(base_dir)
             self.context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+            self.meter = UsageMeter()
+            self.flusher = Periodic(self._flush_usage, self.opts.usage_flush_s,
+                                    "lorafleet-usage-flush").start()  # fmt: skip
+
+        def __del__(self) -> None:  # Serve shuts the replica down: the last counts go now
+            flusher = getattr(self, "flusher", None)
+            if flusher is not None:
+                flusher.stop()
+
+        def _flush_usage(self) -> None:
+            self.meter.flush(lambda counts: usage_store.add_usage(self.registry.catalog, counts))
+
+        def _meter(self, who: Principal, version: AdapterVersion | None,
+                   result: dict[str, Any]) -> None:  # fmt: skip
+            """Count an answered request (the numbers its ``usage`` field carries)."""
+            if version is not None:
+                namespace, model = version.namespace, version.ref
+            else:  # the bare base: the caller's namespace ("" for the admin token)
+                namespace, model = who.namespace or "", self.opts.base_name
+            self.meter.add(namespace=namespace, model=model,
+                           prompt_tokens=int(result["prompt_tokens"]),
+                           completion_tokens=int(result["completion_tokens"]))  # fmt: skip
 
         # -- helpers ---------------------------------------------------------------------
         # (no `from __future__ import annotations` in this module: FastAPI must see real
@@ -208,7 +237,8 @@ def ingress_class(opts: ServeOptions) -> Any:
 
         async def _answer(self, body: CompletionRequest | ChatCompletionRequest,
                           authorization: str | None, *, chat: bool) -> Any:  # fmt: skip
-            version = await self._resolve(body.model, authorization)
+            who = await asyncio.to_thread(self._who, authorization)
+            version = await asyncio.to_thread(self._target, body.model, who)
             # tokenizing a long prompt takes a while: never on the event loop
             prompt = await asyncio.to_thread(self._prompt_ids, body, chat)
             if len(prompt) + body.limit() > self.context:
@@ -222,6 +252,7 @@ def ingress_class(opts: ServeOptions) -> Any:
             name = version.ref if version else self.opts.base_name
             if body.stream:
                 fmt = StreamFormatter(name, chat=chat)
+                with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
                 async def events() -> AsyncIterator[str]:
                     try:
@@ -235,7 +266,10 @@ def ingress_class(opts: ServeOptions) -> Any:
                                     body = error_body(r["error"], status_of(r["kind"]))
                                     yield f"data: {json.dumps(body)}\n\n"
                                     return
-                                yield fmt.finish(r["finish_reason"])
+                                self._meter(who, version, r)
+                                counts = usage(r["prompt_tokens"], r["completion_tokens"])
+                                yield fmt.finish(r["finish_reason"],
+                                                 counts if with_usage else None)  # fmt: skip
                     except REPLICA_GONE as exc:  # mid-stream: end the stream, say why
                         yield fmt.delta("")
                         yield f"data: {json.dumps(error_body(replica_gone(exc).message, 503))}\n\n"
@@ -252,6 +286,7 @@ def ingress_class(opts: ServeOptions) -> Any:
                 raise HttpError(500, "the model server ended the request without an answer")
             if result["error"]:
                 raise HttpError(status_of(result["kind"]), str(result["error"]), "model")
+            self._meter(who, version, result)
             build = chat_response if chat else completion_response
             return build(name, result["text"], result["finish_reason"], result["prompt_tokens"],
                          result["completion_tokens"])  # fmt: skip

@@ -28,6 +28,12 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 128
 MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # a last chunk with ``usage`` (and no choices), as OpenAI's
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -38,6 +44,7 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     logprobs: Any = None
 
@@ -215,8 +222,16 @@ class StreamFormatter:
     def delta(self, text: str) -> str:
         return self._chunk(text, None)
 
-    def finish(self, finish_reason: str | None) -> str:
-        return self._chunk(None, finish_reason) + "data: [DONE]\n\n"
+    def finish(self, finish_reason: str | None, usage_counts: dict[str, int] | None = None) -> str:
+        """The last chunk; with ``usage_counts`` (``stream_options.include_usage``) one more
+        chunk carrying ``usage`` and no choices, as OpenAI sends it."""
+        tail = ""
+        if usage_counts is not None:
+            obj = "chat.completion.chunk" if self.chat else "text_completion"
+            body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                    "choices": [], "usage": usage_counts}  # fmt: skip
+            tail = f"data: {json.dumps(body)}\n\n"
+        return self._chunk(None, finish_reason) + tail + "data: [DONE]\n\n"
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

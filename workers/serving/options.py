@@ -25,3 +25,4 @@ class ServeOptions(BaseModel):
     prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens prefilled per step
     max_queue: int = Field(default=256, ge=1)  # waiting requests per replica; then 429
     num_cpus: float = Field(default=1.0, ge=0)
+    usage_flush_s: float = Field(default=5.0, gt=0)  # metering and replica snapshots
