@@ -16,6 +16,7 @@ from orchestrator.cli_jobs import jobs_app, server, submit
 from orchestrator.cli_namespaces import namespaces_app
 from orchestrator.cli_serve import serve
 from orchestrator.cli_tokens import tokens_app
+from orchestrator.cli_usage import usage
 from workers.errors import WorkerError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -33,6 +34,7 @@ app.add_typer(tokens_app, name="tokens")
 app.command("submit")(submit)
 app.command("server")(server)
 app.command("serve")(serve)
+app.command("usage")(usage)
 base_app.command("register")(user_errors(register_base))
 
 

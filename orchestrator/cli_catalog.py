@@ -88,12 +88,18 @@ def adapters_list(
     tag: str | None = typer.Option(None, help="Only adapters with this tag."),
     metric: list[str] = typer.Option([], help="Metric filter, e.g. eval_loss<0.5 (repeatable)."),
     deleted: bool = typer.Option(False, help="Include deleted versions."),
+    idle: str | None = typer.Option(
+        None, help="Only versions with no traffic for this long, e.g. 30d (least used first)."
+    ),
     output: Format = OUTPUT,
 ) -> None:
     """List adapter versions."""
     from storage.metric_filter import parse_metric_filter
 
     filters = [parse_metric_filter(m) for m in metric]
+    if idle is not None:
+        _idle_list(namespace, idle, output)
+        return
     versions = _registry().list(
         namespace=namespace, base_model=base, tag=tag, include_deleted=deleted
     )
@@ -118,6 +124,28 @@ def adapters_list(
         )
     console.print(table)
     console.print(f"{len(versions)} version(s)")
+
+
+def _idle_list(namespace: str | None, idle: str, output: Format) -> None:
+    from orchestrator.durations import parse_duration
+    from storage.catalog import usage
+
+    try:
+        days = parse_duration(idle, "--idle") / 86400
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--idle") from None
+    found = usage.idle_versions(_registry().catalog, days=days, namespace=namespace)
+    body = [{**adapter_object(v), "last_used_at": int(u.timestamp()) if u else None}
+            for v, u in found]  # fmt: skip
+    if emit(body, output):
+        return
+    table = Table("adapter", "aliases", "size", "created", "last used")
+    for v, used in found:
+        table.add_row(v.ref, ",".join(v.aliases) or "-", fmt_bytes(v.total_bytes),
+                      v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
+                      used.strftime("%Y-%m-%d %H:%M") if used else "never")  # fmt: skip
+    console.print(table)
+    console.print(f"{len(found)} version(s) with no traffic for {idle}")
 
 
 @adapters_app.command("show")
@@ -152,6 +180,12 @@ def adapters_show(
     ]
     rows += [(f"file {f.name}", f"{f.size:,} B sha256 {f.sha256}") for f in v.files]
     rows += [("metrics", json.dumps(v.metrics, sort_keys=True)[:400] or "-")]
+    from storage.catalog import promotion
+
+    gates = promotion.gates(_registry().catalog, namespace=v.namespace, name=v.name)
+    rows += [(f"gate @{alias}", " and ".join(rules)) for alias, rules in gates.items()]
+    if not gates:
+        rows.append(("gates", "-"))
     for k, val in rows:
         table.add_row(k, str(val))
     console.print(table)
@@ -162,10 +196,58 @@ def adapters_show(
 def adapters_promote(
     ref: str = typer.Argument(..., help="The version to point at (ns/name:VERSION)."),
     alias: str = typer.Argument(..., help="Alias, e.g. production or canary."),
+    force: bool = typer.Option(False, help="Pass a failing gate (recorded as an event)."),
 ) -> None:
-    """Point an alias at a version (atomically)."""
-    v = _registry().promote(ref, alias)
+    """Point an alias at a version (atomically), through the alias's gate."""
+    v = _registry().promote(ref, alias, force=force, actor="cli")
     console.print(f"{v.namespace}/{v.name}@{alias} → version {v.version}")
+
+
+@adapters_app.command("rollback")
+@user_errors
+def adapters_rollback(
+    name: str = typer.Argument(..., help="ns/name"),
+    alias: str = typer.Argument(..., help="The alias to move back, e.g. production."),
+    force: bool = typer.Option(False, help="Pass a failing gate (recorded as an event)."),
+) -> None:
+    """Point an alias back at the version it pointed at before its last move."""
+    from storage.catalog import promotion
+
+    ns, repo_name = _repo_name(name)
+    v, _ = promotion.rollback(_registry().catalog, namespace=ns, name=repo_name, alias=alias,
+                              force=force, actor="cli")  # fmt: skip
+    console.print(f"{ns}/{repo_name}@{alias} → version {v.version}")
+
+
+def _repo_name(text: str) -> tuple[str, str]:
+    from storage.names import parse_ref
+
+    ref = parse_ref(text)
+    if ref.version is not None or ref.alias is not None:
+        raise typer.BadParameter(f"{text!r}: name the adapter (ns/name), not a version")
+    return ref.namespace, ref.name
+
+
+@adapters_app.command("gate")
+@user_errors
+def adapters_gate(
+    name: str = typer.Argument(..., help="ns/name"),
+    alias: str = typer.Argument(..., help="The gated alias, e.g. production."),
+    require: list[str] = typer.Option(
+        [], help="A rule every promotion must pass (repeatable): eval_loss<=0.5, or "
+        "eval_loss<=current+2% (not worse than the version it replaces by more than 2 %)."),
+    clear: bool = typer.Option(False, help="Remove the alias's gate."),
+) -> None:  # fmt: skip
+    """Set (replace) or clear the gate a version must pass to take an alias."""
+    from storage.catalog import promotion
+
+    if clear == bool(require):
+        raise typer.BadParameter("give --require rules, or --clear (one of the two)")
+    ns, repo_name = _repo_name(name)
+    rules = promotion.set_gate(_registry().catalog, namespace=ns, name=repo_name, alias=alias,
+                               rules=require, actor="cli")  # fmt: skip
+    shown = " and ".join(rules) if rules else "none (cleared)"
+    console.print(f"gate of {ns}/{repo_name}@{alias}: {shown}")
 
 
 @adapters_app.command("delete")

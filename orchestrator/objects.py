@@ -12,9 +12,17 @@ from storage.catalog import jobs, packs, promotion, usage
 from storage.catalog.domain import AdapterVersion, ApiToken, DataFile
 
 
-def job_object(job: jobs.Job, adapter: str | None = None) -> dict[str, Any]:
-    """A job as the API shows it (OpenAI's field names where they fit)."""
+def job_object(
+    job: jobs.Job, adapter: str | None = None, last_metrics: jobs.JobEvent | None = None
+) -> dict[str, Any]:
+    """A job as the API shows it (OpenAI's field names where they fit); ``progress`` from its
+    newest metrics event when the caller read it."""
     spec = job.spec
+    max_steps = (spec.get("training") or {}).get("max_steps")
+    progress = None
+    if last_metrics is not None:
+        progress = {"step": last_metrics.data.get("step"), "max_steps": max_steps,
+                    "loss": last_metrics.data.get("loss")}  # fmt: skip
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -32,6 +40,7 @@ def job_object(job: jobs.Job, adapter: str | None = None) -> dict[str, Any]:
         "error": job.error,
         "fine_tuned_model": adapter,
         "pack_id": job.pack_id,
+        "progress": progress,
         "created_at": int(job.created_at.timestamp()),
         "started_at": int(job.started_at.timestamp()) if job.started_at else None,
         "finished_at": int(job.finished_at.timestamp()) if job.finished_at else None,

@@ -138,6 +138,8 @@ def finish_job(
             return current.state
         spec = job_spec(job)
         metrics = {k: v for k, v in result.metrics.items() if k not in ("workers", "curve")}
+        if metrics.get("eval_loss_final") is not None:  # the name gates and filters use
+            metrics.setdefault("eval_loss", metrics["eval_loss_final"])
         version = registry.publish(
             adapter_dir=result.adapter_dir,
             ref=spec.output_adapter,

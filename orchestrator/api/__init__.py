@@ -25,6 +25,7 @@ from orchestrator.api.files import UploadGuard, files_router
 from orchestrator.api.jobs import jobs_router
 from orchestrator.api.tokens import tokens_router
 from orchestrator.api.usage import usage_router
+from orchestrator.console import mount_console
 from storage.auth import Principal
 from storage.registry import Registry
 from storage.settings import Settings
@@ -51,10 +52,16 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         """This API's OpenAPI schema (every route, request and response body)."""
         return app.openapi()
 
+    @app.get("/v1/me", response_model=schemas.Me, tags=["health"], responses=schemas.ERRORS)
+    def me(who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Who this token is: its namespace (null: the admin token) and scope."""
+        return {"object": "principal", "namespace": who.namespace, "scope": who.scope}
+
     app.include_router(jobs_router(reg.catalog, principal))
     app.include_router(files_router(reg, settings.max_upload_bytes, principal))
     app.include_router(adapters_router(reg, principal))
     app.include_router(tokens_router(reg.catalog, principal))
     app.include_router(usage_router(reg.catalog, principal))
     app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes)
+    mount_console(app)
     return app

@@ -92,12 +92,14 @@ def jobs_router(db: Catalog, principal: PrincipalDep) -> APIRouter:
                                         after=after)  # fmt: skip
         except NotFound:
             raise ApiError(400, f"after: no job {after} to continue from", "after") from None
-        return page_body([job_object(j) for j in page], more)
+        last = jobs.latest_events(db, job_ids=[j.id for j in page], kind="metrics")
+        return page_body([job_object(j, last_metrics=last.get(j.id)) for j in page], more)
 
     @router.get("/{job_id}", response_model=schemas.Job)
     def get_job(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         job = visible_job(job_id, who)
-        return job_object(job, adapter_of(job))
+        last = jobs.latest_events(db, job_ids=[job.id], kind="metrics").get(job.id)
+        return job_object(job, adapter_of(job), last)
 
     @router.post("/{job_id}/cancel", response_model=schemas.Job)
     def cancel(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:

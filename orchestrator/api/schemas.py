@@ -79,6 +79,14 @@ class Health(_Out):
     status: Literal["ok"]
 
 
+class Me(_Out):
+    """The caller: a namespace token's namespace and scope (namespace null: the admin)."""
+
+    object: Literal["principal"]
+    namespace: str | None
+    scope: str
+
+
 # -- jobs ----------------------------------------------------------------------------------------
 class Hyperparameters(_Out):
     lora: dict[str, Any] | None
@@ -104,6 +112,9 @@ class Job(_Out):
     error: str | None
     fine_tuned_model: str | None
     pack_id: str | None = Field(description="The pack it trains in now (null: alone).")
+    progress: dict[str, Any] | None = Field(
+        None, description="Step, max_steps and loss of its newest metrics (in lists and show)."
+    )
     created_at: int
     started_at: int | None
     finished_at: int | None

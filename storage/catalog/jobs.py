@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 
 from storage.catalog.db import Catalog
 from storage.catalog.models import JobEventRow, JobRow, NamespaceRow, utcnow
@@ -337,6 +337,19 @@ def list_events(
             q = q.where(JobEventRow.kind.in_(list(kinds)))
         rows = s.scalars(q.order_by(JobEventRow.id).limit(limit))
         return [JobEvent(r.id, r.job_id, r.ts, r.kind, dict(r.data)) for r in rows]
+
+
+def latest_events(db: Catalog, *, job_ids: Iterable[str], kind: str) -> dict[str, JobEvent]:
+    """Each job's newest event of ``kind`` (two indexed queries for a whole page of jobs)."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    with db.session() as s:
+        newest = (select(func.max(JobEventRow.id))
+                  .where(JobEventRow.job_id.in_(ids), JobEventRow.kind == kind)
+                  .group_by(JobEventRow.job_id))  # fmt: skip
+        rows = s.scalars(select(JobEventRow).where(JobEventRow.id.in_(newest)))
+        return {r.job_id: JobEvent(r.id, r.job_id, r.ts, r.kind, dict(r.data)) for r in rows}
 
 
 def iter_events(

@@ -67,9 +67,15 @@ def test_every_route_but_health_needs_a_token(api):
         assert client.get(open_by_default).status_code in (401, 404)
     schema = client.get("/v1/openapi.json", headers=_h(ADMIN)).json()
     assert "/v1/fine_tuning/jobs" in schema["paths"]
+    # the console's page and scripts are open: they hold no data, which comes from /v1 only
+    page = client.get("/")
+    assert page.status_code == 200 and "console/app.js" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/console/app.js").status_code == 200
+    assert client.get("/console/../storage/settings.py").status_code == 404
     for route in client.app.routes:
         path = getattr(route, "path", "")
-        if path == "/health":
+        if path in ("/health", "/"):
             continue
         for method in getattr(route, "methods", set()) - {"HEAD", "OPTIONS"}:
             url = path.replace("{job_id}", "ftjob-x").replace("{namespace}", "a")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -155,7 +156,7 @@ def test_sixteen_concurrent_first_promotions_make_one_alias(catalog):
     # each promotion judged against (and recorded) the version the one before it put in place
     moves = promotion.events(catalog, namespace="team", name="race")[::-1]
     assert len(moves) == 16 and moves[0].data["from_version"] is None
-    for before, after in zip(moves, moves[1:], strict=False):
+    for before, after in itertools.pairwise(moves):
         assert after.data["from_version"] == before.version
     resolved = repo.resolve_adapter(catalog, ref=AdapterRef("team", "race", None, "prod"))
     assert resolved.version in versions
@@ -186,8 +187,9 @@ def test_gated_promotion_refuses_forces_and_rolls_back(catalog):
 
     base = _base(catalog)
     v1, v2, v3 = (_measured(catalog, base.id, x) for x in (0.4, 0.8, 0.41))
+    asked = ["eval_loss <= 0.5", "eval_loss<=current+5%"]
     rules = promotion.set_gate(catalog, namespace="team", name="gated", alias="production",
-                               rules=["eval_loss <= 0.5", "eval_loss<=current+5%"], actor="t")  # fmt: skip
+                               rules=asked, actor="t")  # fmt: skip
     assert rules == ["eval_loss<=0.5", "eval_loss<=current+5%"]
     assert promotion.gates(catalog, namespace="team", name="gated") == {"production": rules}
     with pytest.raises(GateRuleError):
