@@ -247,6 +247,92 @@ def test_adapter_routes(api, tiny_base_dir, tmp_path):
     assert client.get("/v1/adapters/a/digits", headers=h).json()["version"] == 1
 
 
+def test_gates_refuse_with_numbers_admins_force_and_events_record_it(api, tiny_base_dir, tmp_path):
+    client, registry, tokens = api
+    model, _ = load_base(tiny_base_dir)
+    inject_lora(model, LoraConfig(r=4))
+    save_adapter(model, LoraConfig(r=4), tmp_path / "ad")
+    for _ in range(2):
+        registry.import_adapter(adapter_dir=tmp_path / "ad", ref="a/gated", base_model="tiny")
+    from storage.catalog.models import AdapterVersionRow
+
+    with registry.catalog.session() as s:  # as two jobs' publishes would record them
+        for row in s.query(AdapterVersionRow):
+            row.metrics = {"eval_loss": 0.8 if row.version == 1 else 0.4}
+    writer = _h(tokens["a"])
+    admin_a = _h(repo.create_token(registry.catalog, namespace="a", name="adm", scope="admin"))
+    gate = {"require": ["eval_loss<=0.5"]}
+    r = client.put("/v1/adapters/a/gated/gates/production", json=gate, headers=writer)
+    assert r.status_code == 403  # a write token may promote, not set gates
+    r = client.put("/v1/adapters/a/gated/gates/production", json={"require": ["loss<<"]},
+                   headers=admin_a)  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["field"] == "require"
+    r = client.put("/v1/adapters/a/gated/gates/production", json=gate, headers=admin_a)
+    assert r.json()["gates"] == {"production": ["eval_loss<=0.5"]}
+    assert client.get("/v1/adapters/a/gated/gates", headers=_h(tokens["b"])).status_code == 404
+    verdict = client.get("/v1/adapters/a/gated:1/gate", params={"alias": "production"},
+                         headers=writer).json()  # fmt: skip
+    assert verdict["passed"] is False and verdict["results"][0]["value"] == 0.8
+    r = client.post("/v1/adapters/a/gated:1/promote", json={"alias": "production"}, headers=writer)
+    assert r.status_code == 409
+    assert "a/gated:1 has eval_loss 0.8 > 0.5" in r.json()["error"]["message"]
+    assert (
+        "production" not in client.get("/v1/adapters/a/gated:1", headers=writer).json()["aliases"]
+    )
+    r = client.post("/v1/adapters/a/gated:1/promote", json={"alias": "production", "force": True},
+                    headers=writer)  # fmt: skip
+    assert r.status_code == 403  # only an admin forces
+    r = client.post("/v1/adapters/a/gated:1/promote", json={"alias": "production", "force": True},
+                    headers=admin_a)  # fmt: skip
+    assert r.status_code == 200 and r.json()["aliases"] == ["production"]
+    r = client.post("/v1/adapters/a/gated:2/promote", json={"alias": "production"}, headers=writer)
+    assert r.status_code == 200
+    r = client.post("/v1/adapters/a/gated/aliases/production/rollback", json={}, headers=writer)
+    assert r.status_code == 409 and "0.8 > 0.5" in r.json()["error"]["message"]  # gated too
+    events = client.get("/v1/adapters/a/gated/events", headers=writer).json()["data"]
+    assert [(e["type"], e["version"]) for e in events] == [
+        ("promoted", 2), ("promoted_forced", 1), ("gate_set", None)]  # fmt: skip
+    assert events[1]["actor"] == "a admin token"
+    assert events[1]["data"]["gate"]["results"][0]["passed"] is False
+    r = client.delete("/v1/adapters/a/gated/gates/production", headers=admin_a)
+    assert r.json()["gates"] == {}
+
+
+def test_usage_serving_idle_and_me_are_scoped_by_namespace(api):
+    from datetime import timedelta
+
+    from storage.catalog import usage
+    from storage.catalog.models import utcnow
+
+    client, registry, tokens = api
+    now = usage.minute_of(utcnow())
+    usage.add_usage(registry.catalog, [
+        usage.UsageCount(now, "a", "a/x:1", 3, 30, 9), usage.UsageCount(now, "b", "b/y:2", 1, 5, 5),
+        usage.UsageCount(now - timedelta(days=2), "a", "a/x:1", 1, 1, 1)])  # fmt: skip
+    stats = {"slots": {"n": 4, "resident": ["a/x:1", "b/y:2"]}, "host": {"resident": ["b/y:2"]},
+             "load_ms": {"count": 1}}  # fmt: skip
+    usage.record_replica(registry.catalog, replica_id="r1", base="tiny", node="n", stats=stats)
+    mine = client.get("/v1/usage", params={"since": "1d"}, headers=_h(tokens["a"])).json()["data"]
+    assert [(u["model"], u["requests"], u["total_tokens"]) for u in mine] == [("a/x:1", 3, 39)]
+    assert len(client.get("/v1/usage", headers=_h(ADMIN)).json()["data"]) == 2
+    assert client.get("/v1/usage", params={"namespace": "b"},
+                      headers=_h(tokens["a"])).json()["data"] == []  # fmt: skip
+    r = client.get("/v1/usage", params={"since": "yesterday"}, headers=_h(ADMIN))
+    assert r.status_code == 422 and r.json()["error"]["field"] == "since"
+    per_min = client.get("/v1/usage", params={"group": "minute", "adapter": "a/x"},
+                         headers=_h(ADMIN)).json()["data"]  # fmt: skip
+    assert [u["requests"] for u in per_min] == [1, 3]
+    replicas = client.get("/v1/serving", headers=_h(tokens["a"])).json()["replicas"]
+    assert replicas[0]["tiers"]["device"] == ["a/x:1"] and replicas[0]["tiers"]["host"] == []
+    assert client.get("/v1/serving", headers=_h(ADMIN)).json()["replicas"][0]["tiers"]["host"] == [
+        "b/y:2"]  # fmt: skip
+    assert client.get("/v1/adapters/idle", params={"days": 30},
+                      headers=_h(tokens["a"])).json()["data"] == []  # fmt: skip
+    assert client.get("/v1/me", headers=_h(tokens["a"])).json() == {
+        "object": "principal", "namespace": "a", "scope": "write"}  # fmt: skip
+    assert client.get("/v1/me", headers=_h(ADMIN)).json()["namespace"] is None
+
+
 _values = st.one_of(
     st.none(),
     st.booleans(),

@@ -27,6 +27,12 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+/** Replace a node's children; arrays are flattened, null and false left out. */
+function fill(node, ...children) {
+  node.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
+}
+
 function svg(tag, attrs, text) {
   const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
@@ -174,14 +180,14 @@ function signin(message) {
       render();
     } catch (err) {
       sessionStorage.removeItem(TOKEN_KEY);
-      status.replaceChildren(errorBox(err));
+      fill(status, errorBox(err));
     }
   } },
   el("h1", { text: "Sign in" }),
   el("p", { class: "muted", text: "An API token: the admin token, or a namespace token (you see its namespace only). It stays in this browser tab's session." }),
   input, el("button", { class: "primary", type: "submit", text: "Sign in" }), status);
   if (message) status.append(errorBox({ message }));
-  main.replaceChildren(form);
+  fill(main, form);
   input.focus();
 }
 
@@ -211,17 +217,17 @@ async function jobsView() {
       const needle = textInput.value.trim().toLowerCase();
       const rows = page.data.filter((j) => !needle ||
         `${j.name} ${j.model || ""} ${j.id}`.toLowerCase().includes(needle));
-      body.replaceChildren(rows.length ? table(
+      fill(body, rows.length ? table(
         ["job", "namespace", "name", "state", "base", "progress", "created"],
         rows.map((j) => el("tr", { class: "link", "data-job": j.id, onclick: () => { location.hash = `#/jobs/${j.id}`; } },
           el("td", { text: j.id }), el("td", { text: j.namespace }), el("td", { text: j.name }),
           el("td", {}, stateCell(j.status)), el("td", { text: j.model || "-" }),
           el("td", {}, progressCell(j)), el("td", { text: when(j.created_at) })))) :
         el("p", { class: "muted", text: "No jobs match." }));
-    } catch (err) { body.replaceChildren(errorBox(err)); }
+    } catch (err) { fill(body, errorBox(err)); }
   };
   for (const c of [stateSel, nsInput, textInput]) c.addEventListener("input", load);
-  main.replaceChildren(el("h1", { text: "Jobs" }), el("div", { class: "filters" }, stateSel, nsInput, textInput), body);
+  fill(main, el("h1", { text: "Jobs" }), el("div", { class: "filters" }, stateSel, nsInput, textInput), body);
   await load();
   const timer = setInterval(load, 3000);
   teardown.push(() => clearInterval(timer));
@@ -241,7 +247,7 @@ async function jobView(jobId) {
   const chartBox = el("div", { class: "chart", id: "loss-chart", "data-points": "0" });
   const log = el("pre", { class: "log", id: "event-log" });
   const params = el("div");
-  main.replaceChildren(el("h1", { text: `Job ${jobId}` }), head,
+  fill(main, el("h1", { text: `Job ${jobId}` }), head,
     el("div", { class: "card" }, el("h2", { text: "Loss and eval loss" }), chartBox),
     el("div", { class: "grid" },
       el("div", {}, el("h2", { text: "Events" }), log),
@@ -252,7 +258,7 @@ async function jobView(jobId) {
       try { await api(`v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST" }); await showJob(); }
       catch (err) { head.append(errorBox(err)); }
     } });
-    head.replaceChildren(
+    fill(head, 
       el("div", {}, "state ", el("span", { id: "job-state" }, stateCell(j.status)),
         j.status_reason ? el("span", { class: "muted", text: ` — ${j.status_reason}` }) : null),
       el("div", { text: `${j.namespace}/${j.name} on ${j.model} · data ${j.training_file}` }),
@@ -260,7 +266,7 @@ async function jobView(jobId) {
       j.error ? errorBox({ message: j.error }) : null,
       j.fine_tuned_model ? el("div", {}, "adapter ", el("a", { href: `#/adapters/${j.fine_tuned_model.replace(":", "/")}`, text: j.fine_tuned_model })) : null,
       cancel);
-    params.replaceChildren(el("pre", { text: JSON.stringify(j.hyperparameters, null, 2) }));
+    fill(params, el("pre", { text: JSON.stringify(j.hyperparameters, null, 2) }));
     return j;
   };
   await showJob();
@@ -303,8 +309,8 @@ async function adaptersView() {
         el("td", { text: vs.flatMap((v) => v.aliases.map((a) => `@${a}→v${v.version}`)).join(" ") || "-" }),
         el("td", { text: vs[0].base_model.name }),
         el("td", { text: metricsLine(vs[0].metrics) }))))));
-  main.replaceChildren(el("h1", { text: "Adapters" }),
-    sections.length ? sections : el("p", { class: "muted", text: "No adapters yet." }));
+  fill(main, el("h1", { text: "Adapters" }),
+    ...(sections.length ? sections : [el("p", { class: "muted", text: "No adapters yet." })]));
 }
 
 function metricsLine(m) {
@@ -352,17 +358,17 @@ async function versionView(ns, name, version) {
   const check = async () => {
     try {
       const g = await api(`${path}/gate?alias=${encodeURIComponent(aliasInput.value.trim())}`);
-      verdictBox.replaceChildren(
+      fill(verdictBox, 
         el("div", { class: g.passed ? "pass" : "fail", "data-passed": String(g.passed),
           text: g.results.length ? (g.passed ? "gate passes" : "gate fails") : "no gate on this alias" }),
         g.results.map((r) => el("div", { class: `gate-result ${r.passed ? "pass" : "fail"}`, text: `${r.passed ? "✓" : "✗"} ${r.message}` })));
-    } catch (err) { verdictBox.replaceChildren(errorBox(err)); }
+    } catch (err) { fill(verdictBox, errorBox(err)); }
   };
   aliasInput.addEventListener("input", check);
   const act = (label, run) => async () => {
-    actionBox.replaceChildren();
-    try { await run(); actionBox.replaceChildren(el("div", { class: "pass", text: `${label}: done` })); await rerender(); }
-    catch (err) { actionBox.replaceChildren(errorBox(err)); }
+    fill(actionBox);
+    try { await run(); fill(actionBox, el("div", { class: "pass", text: `${label}: done` })); await rerender(); }
+    catch (err) { fill(actionBox, errorBox(err)); }
   };
   const promote = el("button", { class: "primary", id: "promote", text: "Promote", onclick: act("promote", () =>
     api(`${path}/promote`, { method: "POST", body: { alias: aliasInput.value.trim(), force: force.checked } })) });
@@ -375,13 +381,13 @@ async function versionView(ns, name, version) {
     siblings.filter((s) => s.version !== v.version).map((s) => el("option", { value: String(s.version), text: `v${s.version}` })));
   const compareBox = el("div", { id: "compare-box" });
   compareSel.addEventListener("change", async () => {
-    compareBox.replaceChildren();
+    fill(compareBox);
     const other = siblings.find((s) => String(s.version) === compareSel.value);
     if (other) await compare(v, other, compareBox);
   });
 
   const rerender = () => versionView(ns, name, version);
-  main.replaceChildren(
+  fill(main, 
     el("h1", { text: ref }),
     el("div", { class: "grid" },
       el("div", { class: "card" },
@@ -413,7 +419,7 @@ async function compare(a, b, box) {
   const keys = [...new Set([...Object.keys(a.metrics || {}), ...Object.keys(b.metrics || {})])]
     .filter((k) => typeof (a.metrics || {})[k] === "number" || typeof (b.metrics || {})[k] === "number").sort();
   const chartBox = el("div", { class: "chart", id: "compare-chart", "data-points": "0" });
-  box.replaceChildren(
+  fill(box, 
     table(["metric", `v${a.version}`, `v${b.version}`],
       keys.map((k) => el("tr", {}, el("td", { text: k }), el("td", { text: num(a.metrics[k], 6) }), el("td", { text: num(b.metrics[k], 6) })))),
     chartBox);
@@ -427,7 +433,7 @@ async function servingView() {
     api("v1/adapters/idle?days=30"),
   ]);
   const chartBox = el("div", { class: "chart", id: "usage-chart", "data-points": "0" });
-  main.replaceChildren(
+  fill(main, 
     el("h1", { text: "Serving" }),
     el("div", { class: "card" }, el("h2", { text: `Replicas (${serving.replicas.length})` }),
       serving.replicas.length ? table(["replica", "base", "device slots", "host memory", "adapter loads (ms)", "queue", "seen"],
@@ -467,7 +473,7 @@ async function render() {
   }
   const parts = (location.hash.replace(/^#\/?/, "") || "jobs").split("/").map(decodeURIComponent);
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === parts[0]);
-  main.replaceChildren(el("p", { class: "muted", text: "loading…" }));
+  fill(main, el("p", { class: "muted", text: "loading…" }));
   try {
     if (parts[0] === "jobs" && parts[1]) await jobView(parts[1]);
     else if (parts[0] === "adapters" && parts.length === 4) await versionView(parts[1], parts[2], parts[3]);
@@ -476,7 +482,7 @@ async function render() {
     else await jobsView();
   } catch (err) {
     if (err.status === 401) { me = null; signin(err.message); return; }
-    main.replaceChildren(errorBox(err));
+    fill(main, errorBox(err));
   }
 }
 
