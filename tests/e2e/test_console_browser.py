@@ -133,16 +133,14 @@ def test_console_jobs_curves_cancel_lineage_and_gated_promotion(
             trainer.start()
             page.click(f"tr[data-job='{job['id']}']")
             chart = page.locator("#loss-chart")
-            page.wait_for_function("() => +document.querySelector('#loss-chart').dataset.points >= 3")
+            points = "+document.querySelector('#loss-chart').dataset.points"
+            page.wait_for_function(f"() => {points} >= 3")
             first = int(chart.get_attribute("data-points") or 0)
-            page.wait_for_function(
-                f"() => +document.querySelector('#loss-chart').dataset.points >= {first + 4}"
-            )
+            page.wait_for_function(f"() => {points} >= {first + 4}")  # more came, drawn live
             expect(page.locator("#event-log")).to_contain_text("metrics")
             expect(page.locator("main .card").first).not_to_contain_text("null")
             if os.environ.get("LORAFLEET_SCREENSHOT"):  # the README's picture of the job page
-                page.wait_for_function(
-                    "() => +document.querySelector('#loss-chart').dataset.points >= 30")
+                page.wait_for_function(f"() => {points} >= 30")
                 page.screenshot(path=os.environ["LORAFLEET_SCREENSHOT"], full_page=False)
 
             # -- cancel from the page -----------------------------------------------------------

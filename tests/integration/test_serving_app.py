@@ -116,6 +116,7 @@ def app(ray_cluster: object, tiny_base_dir: Path, tmp_path_factory: pytest.TempP
     opts = ServeOptions(
         base_name="tiny", settings_json=settings_for_nodes(settings),
         slots=4, max_rank=16, alias_ttl_s=0.5, num_cpus=0.5, max_batch_size=64,
+        usage_flush_s=0.5,
     )  # fmt: skip
     url = start(opts, port=free_port())
     try:
@@ -338,6 +339,68 @@ def test_prewarm_then_corrupt_adapter_fails_alone(app: App) -> None:
     again = asyncio.run(_burst(app, jobs[:1], app.team_token, 4))
     assert again[0].status_code == 502  # still refused: corrupt bytes are never cached
     path.write_bytes(data)
+
+
+def _metered(app: App) -> dict[tuple[str, str], tuple[int, int, int]]:
+    from storage.catalog import usage
+
+    return {(u.namespace, u.model): (u.requests, u.prompt_tokens, u.completion_tokens)
+            for u in usage.query_usage(app.registry.catalog)}  # fmt: skip
+
+
+def _settled(app: App) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """The metered counts once flushing has caught up: unchanged across two flush intervals
+    (the replica flushes every 0.5 s, and no request is in flight)."""
+    seen = [_metered(app)]
+
+    def steady() -> bool:
+        time.sleep(1.2)
+        now = _metered(app)
+        done, seen[0] = now == seen[0], now
+        return done
+
+    wait_until(steady, timeout_s=60, what="usage flushed")
+    return seen[0]
+
+
+def test_metered_usage_equals_the_usage_fields_returned(app: App) -> None:
+    from storage.catalog import usage
+
+    before = _settled(app)
+    client = app.client()
+    want: dict[tuple[str, str], list[int]] = {}
+
+    def count(key: tuple[str, str], u: Any) -> None:
+        c = want.setdefault(key, [0, 0, 0])
+        c[0] += 1
+        c[1] += u.prompt_tokens
+        c[2] += u.completion_tokens
+
+    for i in range(3):
+        r = client.completions.create(model="team/peft", prompt=f"spell {i} =", max_tokens=4 + i,
+                                      temperature=0)  # fmt: skip
+        count(("team", "team/peft:1"), r.usage)
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=3,
+            temperature=0)  # fmt: skip
+        count(("team", "tiny"), chat.usage)  # the bare base: the caller's namespace
+    chunks = list(client.completions.create(
+        model="team/peft", prompt="spell 7 =", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    count(("team", "team/peft:1"), chunks[-1].usage)
+    admin = app.client(ADMIN).completions.create(model="other/secret", prompt="x", max_tokens=2,
+                                                 temperature=0)  # fmt: skip
+    count(("other", "other/secret:1"), admin.usage)  # an adapter: its own namespace
+    after = _settled(app)
+    for key, (n, p, c) in want.items():
+        b = before.get(key, (0, 0, 0))
+        assert (after[key][0] - b[0], after[key][1] - b[1], after[key][2] - b[2]) == (n, p, c)
+    # the replica tells the catalog what it holds: the API and console read it there
+    replicas = usage.live_replicas(app.registry.catalog)
+    assert len(replicas) == 1
+    assert "team/peft:1" in replicas[0].stats["host"]["resident"]
+    assert replicas[0].stats["load_ms"]["count"] >= 1
 
 
 def test_the_serving_app_survives_fuzzing_from_its_schema(app: App) -> None:
