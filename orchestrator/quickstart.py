@@ -15,11 +15,16 @@ cluster, PostgreSQL and S3 (``make demo-cluster``). Stages:
 5. print answers, exact-match scores and the adapter's lineage, check the served answers
    against local generation, and shut everything down.
 
+The browser console (``lorafleet server``'s page) runs alongside from the start: its URL and a
+sign-in token are printed first, so the job's curve can be watched as it trains. In a
+terminal it stays up at the end until Enter is pressed.
+
 Set-up is idempotent, so running it twice works (the second run publishes version 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,9 +36,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from storage.registry import Registry
+    from storage.settings import Settings
 
 console = Console()
 BASE_NAME = "tiny"
@@ -55,6 +65,8 @@ class QuickstartResult:
     adapter_exact_match: float
     served_equals_local: bool
     url: str | None
+    console_url: str | None = None
+    console_ok: bool = False  # the page loaded, and the job was readable through its API
 
 
 def _ensure_tiny_base(base_dir: Path) -> bool:
@@ -77,6 +89,36 @@ def _port(preferred: int) -> int:
         except OSError:
             s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _start_console(settings: Settings, registry: Registry, port: int) -> tuple[str, Any]:
+    """The REST API and console (``lorafleet server``'s app) in a thread; (url, server)."""
+    import threading
+
+    import uvicorn
+
+    from orchestrator.api import create_app
+
+    app = create_app(settings, registry)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="console", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
+def _console_answers(url: str, token: str, job_id: str) -> bool:
+    """The console's page loads and the job is readable with the printed token."""
+    try:
+        with urllib.request.urlopen(f"{url}/", timeout=10) as page:
+            ok = b"console/app.js" in page.read()
+        req = urllib.request.Request(f"{url}/v1/fine_tuning/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return ok and json.loads(resp.read())["id"] == job_id
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _ask(url: str, token: str, model: str, prompt: str) -> str:
@@ -164,6 +206,17 @@ def run_quickstart(
     result = QuickstartResult("", "", None, prompts, expected, [], [], [], 0.0, 0.0, False, None)
     loop = None
     served = False
+    console_token = repo.create_token(registry.catalog, namespace="demo", scope="admin",
+                                      name=f"console-{int(time.time())}",
+                                      expires_in_s=86400.0)  # fmt: skip
+    token_file = root / "console-token"  # a secret: in a private file, never on the screen
+    token_file.touch(mode=0o600)
+    token_file.write_text(console_token + "\n")
+    result.console_url, console_server = _start_console(
+        settings, registry, _port(port + 1 if port else 0)
+    )
+    console.print(f"console: [bold]{result.console_url}/[/] — sign in with the token in "
+                  f"{token_file} (demo namespace, valid 24 h)", highlight=False)  # fmt: skip
     console.rule(f"[bold]2. fine-tune on Ray ({spec.resources.workers} workers)")
     with console.status(f"starting Ray ({settings.ray_address or 'local'})…"):
         ray.init(address=settings.ray_address or "local", include_dashboard=False,
@@ -212,6 +265,7 @@ def run_quickstart(
             adapter_f = [pool.submit(_ask, url, token, ref, p) for p in prompts]
             result.base_answers = [f.result() for f in base_f]
             result.adapter_answers = [f.result() for f in adapter_f]
+        result.console_ok = _console_answers(result.console_url, console_token, result.job_id)
     finally:
         if served:
             with console.status("stopping the serving app…"):
@@ -219,6 +273,11 @@ def run_quickstart(
         if loop is not None:
             loop.stop()
         ray.shutdown()
+        if sys.stdin.isatty() and not os.environ.get("CI"):
+            console.print(f"the console stays up at {result.console_url}/ — press Enter to stop")
+            with contextlib.suppress(EOFError):
+                input()
+        console_server.should_exit = True
 
     console.rule("[bold]5. results")
     result.base_exact_match = exact_match(result.base_answers, expected)
@@ -283,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         result.job_state == "succeeded"
         and result.adapter_exact_match >= result.base_exact_match + 0.5
         and result.served_equals_local
+        and result.console_ok
     )
     verdict = "[bold green]quickstart passed" if ok else "[bold red]quickstart FAILED"
     console.print(f"{verdict}[/] in {time.perf_counter() - t0:.0f} s")

@@ -48,6 +48,12 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert result["job_state"] == "succeeded" and result["adapter"] == "demo/digits:1"
     assert result["adapter_exact_match"] > result["base_exact_match"]
     assert result["served_equals_local"] is True
+    # the console ran alongside: its URL printed, the page and the job readable with the token
+    # kept in a private file (never printed)
+    assert result["console_ok"] is True and f"console: {result['console_url']}/" in out
+    token_file = home / "quickstart" / "console-token"
+    assert token_file.stat().st_mode & 0o077 == 0
+    assert token_file.read_text().strip() not in out + first.stderr
 
     registry = Registry.from_settings(load_settings({"LORAFLEET_HOME": str(home)}))
     job = jobs.get_job(registry.catalog, job_id=result["job_id"])
