@@ -1,9 +1,14 @@
-"""The REST API as a Ray Serve application (for a KubeRay ``RayService`` or ``serve run``).
+"""The REST API and the browser console as a Ray Serve application (for a KubeRay
+``RayService`` or ``serve run``).
 
 applications:
   - name: lorafleet-api
     route_prefix: /api
     import_path: orchestrator.api_app:build
+
+The console is then at ``/api/`` (its page calls the API by relative URLs, so any prefix
+works). Settings come from each replica's environment, or from ``settings_json`` in the args
+(``storage.settings.settings_for_nodes``: no secret in it; the node supplies its own).
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ def build(args: dict[str, Any]) -> Any:
     from ray import serve
 
     replicas = int(args.get("replicas", 1))
+    settings_json = args.get("settings_json")
 
     def make_app() -> Any:  # built in the replica: catalog connections do not travel
         from orchestrator.api import create_app
-        from storage.settings import load_settings
+        from storage.settings import load_settings, settings_on_node
 
-        return create_app(load_settings())
+        settings = settings_on_node(settings_json) if settings_json else load_settings()
+        return create_app(settings)
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
     @serve.ingress(make_app)
     class LorafleetApi:
-        """The jobs and catalog API (``/v1/fine_tuning/jobs``, ``/v1/adapters``)."""
+        """The jobs and catalog API (``/v1/fine_tuning/jobs``, ``/v1/adapters``) and the console."""
 
     return LorafleetApi.bind()  # type: ignore[attr-defined]  # serve.deployment adds bind

@@ -108,3 +108,53 @@ def test_lists_print_the_apis_objects_for_scripts_and_never_cut_ids(home, tiny_b
     assert json.loads(_ok("jobs", "list", "-o", "json")) == []
     assert json.loads(_ok("files", "list", "-o", "json")) == []
     assert "invalid value" in _fails("adapters", "list", "-o", "xml").lower()
+
+
+def test_gate_promote_force_rollback_usage_and_idle_commands(home, tiny_base_dir, tmp_path):
+    import json
+
+    from storage.catalog import usage
+    from storage.catalog.models import AdapterVersionRow, utcnow
+    from storage.registry import Registry
+
+    model, _ = load_base(tiny_base_dir)
+    inject_lora(model, LoraConfig(r=4))
+    save_adapter(model, LoraConfig(r=4), tmp_path / "ad")
+    _ok("base", "register", "tiny", tiny_base_dir)
+    for _ in range(2):
+        _ok("adapters", "import", tmp_path / "ad", "--name", "team/x", "--base", "tiny")
+    registry = Registry.from_settings()
+    with registry.catalog.session() as s:
+        for row in s.query(AdapterVersionRow):
+            row.metrics = {"eval_loss": 0.8 if row.version == 2 else 0.3}
+
+    assert "give --require rules, or --clear" in _fails("adapters", "gate", "team/x", "production")
+    assert "invalid gate rule" in _fails("adapters", "gate", "team/x", "production",
+                                         "--require", "eval_loss")  # fmt: skip
+    out = _ok("adapters", "gate", "team/x", "production", "--require", "eval_loss <= 0.5",
+              "--require", "eval_loss<=current+2%")  # fmt: skip
+    assert "eval_loss<=0.5 and eval_loss<=current+2%" in out
+    assert "version 1" in _ok("adapters", "promote", "team/x:1", "production")
+    refused = " ".join(_fails("adapters", "promote", "team/x:2", "production").split())
+    assert "team/x:2 has eval_loss 0.8 > 0.5" in refused and "--force" in refused
+    assert "version 2" in _ok("adapters", "promote", "team/x:2", "production", "--force")
+    assert "gate @production" in _ok("adapters", "show", "team/x:2")
+    assert "version 1" in _ok("adapters", "rollback", "team/x", "production")
+    assert "name the adapter" in _fails("adapters", "rollback", "team/x:1", "production")
+    assert "none (cleared)" in _ok("adapters", "gate", "team/x", "production", "--clear")
+
+    now = usage.minute_of(utcnow())
+    usage.add_usage(registry.catalog, [usage.UsageCount(now, "team", "team/x:1", 2, 20, 6)])
+    rows = json.loads(_ok("usage", "--adapter", "team/x", "-o", "json"))
+    assert [(u["model"], u["requests"], u["total_tokens"]) for u in rows] == [("team/x:1", 2, 26)]
+    assert "2 request(s), 26 tokens" in _ok("usage", "--since", "1h")
+    assert "--since" in _fails("usage", "--since", "soon")
+    assert "0 version(s) with no traffic" in _ok("adapters", "list", "--idle", "30d")
+    from datetime import timedelta
+
+    with registry.catalog.session() as s:  # both versions two days old; only 1 served today
+        for row in s.query(AdapterVersionRow):
+            row.created_at = utcnow() - timedelta(days=2)
+    idle = json.loads(_ok("adapters", "list", "--idle", "1d", "-o", "json"))
+    assert [(v["id"], v["last_used_at"]) for v in idle] == [("team/x:2", None)]
+    assert "--idle" in _fails("adapters", "list", "--idle", "a while")

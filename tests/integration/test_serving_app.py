@@ -403,6 +403,35 @@ def test_metered_usage_equals_the_usage_fields_returned(app: App) -> None:
     assert replicas[0].stats["load_ms"]["count"] >= 1
 
 
+def test_the_api_app_serves_the_console_under_its_route_prefix(app: App) -> None:
+    """The RayService's second application (``orchestrator.api_app``) at ``/api``: the console
+    page, its script, and the usage and serving the model server replica wrote."""
+    from ray import serve
+
+    from orchestrator.api_app import build
+    from storage.settings import load_settings, settings_for_nodes
+
+    db_path = app.registry.catalog.engine.url.database  # the module's catalog (no secrets sent)
+    settings = load_settings({"LORAFLEET_CATALOG_URL": f"sqlite:///{db_path}",
+                              "LORAFLEET_OBJECT_STORE": app.registry.store.uri})  # fmt: skip
+    serve.run(build({"settings_json": settings_for_nodes(settings)}), name="lorafleet-api",
+              route_prefix="/api", blocking=False)  # fmt: skip
+    try:
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        wait_until(lambda: httpx.get(f"{app.url}/api/health").status_code == 200, timeout_s=120,
+                   what="the API app")  # fmt: skip
+        page = httpx.get(f"{app.url}/api/")
+        assert page.status_code == 200 and 'src="console/app.js"' in page.text
+        assert "uPlot" in httpx.get(f"{app.url}/api/console/vendor/uPlot.iife.min.js").text
+        assert httpx.get(f"{app.url}/api/v1/me", headers=auth).json()["namespace"] is None
+        served = httpx.get(f"{app.url}/api/v1/usage", headers=auth).json()["data"]
+        assert any(u["model"] == "team/peft:1" for u in served)
+        assert len(httpx.get(f"{app.url}/api/v1/serving", headers=auth).json()["replicas"]) == 1
+        assert _complete(app.client(), "team/peft", PROMPTS[0])[1] == "team/peft:1"  # unharmed
+    finally:
+        serve.delete("lorafleet-api")
+
+
 def test_the_serving_app_survives_fuzzing_from_its_schema(app: App) -> None:
     """Every route of the serving app, with valid and invalid requests from its OpenAPI
     schema: never a 5xx, and every 400 or 422 names the parameter (OpenAI's ``param``)."""
