@@ -76,7 +76,12 @@ def adapters_import(
     tag: list[str] = typer.Option([], help="Tags (repeatable)."),
 ) -> None:
     """Check a PEFT adapter against its base and publish it as a new version."""
-    v = _registry().import_adapter(adapter_dir=directory, ref=name, base_model=base, tags=tag)
+    from orchestrator.spectra import spectrum_metrics, spectrum_of_dir
+
+    spectrum = spectrum_of_dir(directory)
+    metrics = spectrum_metrics(spectrum)
+    v = _registry().import_adapter(adapter_dir=directory, ref=name, base_model=base, tags=tag,
+                                   metrics=metrics, spectrum=spectrum)  # fmt: skip
     console.print(f"imported [bold]{v.ref}[/] ({fmt_bytes(v.total_bytes)}, {len(v.files)} files)")
 
 
@@ -248,6 +253,57 @@ def adapters_gate(
                                rules=require, actor="cli")  # fmt: skip
     shown = " and ".join(rules) if rules else "none (cleared)"
     console.print(f"gate of {ns}/{repo_name}@{alias}: {shown}")
+
+
+@adapters_app.command("inspect")
+@user_errors
+def adapters_inspect(
+    ref: str = typer.Argument(..., help="ns/name, ns/name:VERSION or ns/name@ALIAS"),
+    output: Format = OUTPUT,
+) -> None:
+    """Per adapted layer: the singular values of scaling·B·A and the ranks that keep 90 % and
+    99 % of its energy (most adapters use far fewer directions than their rank)."""
+    from orchestrator.spectra import version_spectrum
+
+    registry = _registry()
+    v = registry.resolve(ref)
+    spectrum = version_spectrum(registry, v)
+    if emit({"id": v.ref, "object": "adapter.spectrum", **spectrum}, output):
+        return
+    table = Table("layer", "r", "singular values (largest first)", "rank 90 %", "rank 99 %",
+                  title=f"spectrum of {v.ref}")  # fmt: skip
+    for layer in spectrum["layers"]:
+        sigma = layer["singular_values"]
+        shown = " ".join(f"{x:.3g}" for x in sigma[:8]) + (" …" if len(sigma) > 8 else "")
+        table.add_row(layer["module"], str(layer["r"]), shown, str(layer["rank_90"]),
+                      str(layer["rank_99"]))  # fmt: skip
+    console.print(table)
+    console.print(f"r = {spectrum['r']}: every layer keeps 90 % of its energy at rank "
+                  f"{spectrum['rank_90']}, 99 % at rank {spectrum['rank_99']} "
+                  f"(`lorafleet adapters compress {v.ref} --energy 0.99`)")  # fmt: skip
+
+
+@adapters_app.command("compress")
+@user_errors
+def adapters_compress(
+    ref: str = typer.Argument(..., help="The version to compress (ns/name:VERSION, @alias…)."),
+    rank: int | None = typer.Option(None, help="The rank K of the new version."),
+    energy: float | None = typer.Option(
+        None, help="Or: the least rank that keeps this share of every layer's energy (0.99)."
+    ),
+    name: str | None = typer.Option(None, help="Publish under this ns/name (default: the same)."),
+) -> None:
+    """Publish the best rank-K approximation of a version (truncated SVD of each layer's B·A)
+    as a new version: PEFT-loadable, lineage ``compressed_from``."""
+    from orchestrator.spectra import compress_version
+
+    done = compress_version(_registry(), ref, rank=rank, energy=energy, out_ref=name)
+    console.print(
+        f"[bold]{done.version.ref}[/]: rank {done.rank} (from r = {done.source.r}) of "
+        f"{done.source.ref}; every layer keeps ≥ {done.energy_kept_min:.2%} of its energy; "
+        f"size {fmt_bytes(done.version.total_bytes)} = {done.size_ratio:.3f}× of "
+        f"{fmt_bytes(done.source.total_bytes)}"
+    )
 
 
 @adapters_app.command("delete")

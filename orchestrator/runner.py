@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from orchestrator.service import job_spec
 from orchestrator.spec import JobSpec
+from orchestrator.spectra import spectrum_metrics, spectrum_of_dir
 from storage.catalog import files as file_repo
 from storage.catalog import jobs
 from storage.errors import CatalogUnavailable, StorageError
@@ -140,6 +141,8 @@ def finish_job(
         metrics = {k: v for k, v in result.metrics.items() if k not in ("workers", "curve")}
         if metrics.get("eval_loss_final") is not None:  # the name gates and filters use
             metrics.setdefault("eval_loss", metrics["eval_loss_final"])
+        spectrum = spectrum_of_dir(result.adapter_dir)
+        metrics.update(spectrum_metrics(spectrum))
         version = registry.publish(
             adapter_dir=result.adapter_dir,
             ref=spec.output_adapter,
@@ -158,6 +161,7 @@ def finish_job(
             },
             tags=spec.tags,
             created_by=f"job:{job_id}",
+            spectrum=spectrum,
         )
     except Exception as exc:
         # the trained adapter stays staged in the object store (staging/<run>/)

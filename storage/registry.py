@@ -267,8 +267,12 @@ class Registry:
         hyperparameters: dict[str, Any] | None = None,
         tags: Iterable[str] = (),
         created_by: str | None = None,
+        spectrum: dict[str, Any] | None = None,
     ) -> AdapterVersion:
         """Upload, verify, then record a new ready version of ``ref`` (``namespace/name``).
+
+        ``spectrum`` is the adapter's per-layer spectrum (``orchestrator.spectra``: the
+        storage layer does no tensor math), stored with the version.
 
         Raises:
             InvalidReference, AdapterRejected, BaseModelNotFound, ObjectStoreUnavailable,
@@ -289,7 +293,7 @@ class Registry:
             return self._publish_leased(prefix, target, base, manifest, job_id=job_id,
                                         dataset_sha256=dataset_sha256, metrics=metrics,
                                         hyperparameters=hyperparameters, tags=tags,
-                                        created_by=created_by)  # fmt: skip
+                                        created_by=created_by, spectrum=spectrum)  # fmt: skip
         finally:
             repo.drop_publish_lease(self.catalog, prefix=prefix)
 
@@ -329,12 +333,12 @@ class Registry:
         )
 
     def import_adapter(
-        self, *, adapter_dir: str | Path, ref: str, base_model: str, tags: Iterable[str] = ()
-    ) -> AdapterVersion:
+        self, *, adapter_dir: str | Path, ref: str, base_model: str, tags: Iterable[str] = (),
+        metrics: dict[str, Any] | None = None, spectrum: dict[str, Any] | None = None,
+    ) -> AdapterVersion:  # fmt: skip
         """Publish an existing PEFT adapter directory (made elsewhere) after checking it."""
-        return self.publish(
-            adapter_dir=adapter_dir, ref=ref, base_model=base_model, tags=tags, created_by="import"
-        )
+        return self.publish(adapter_dir=adapter_dir, ref=ref, base_model=base_model, tags=tags,
+                            created_by="import", metrics=metrics, spectrum=spectrum)  # fmt: skip
 
     # -- read -----------------------------------------------------------------------------------
     def resolve(self, ref: str) -> AdapterVersion:

@@ -169,6 +169,14 @@ def adapters_router(reg: Registry, principal: PrincipalDep) -> APIRouter:
             raise ApiError(422, str(exc), "alias") from None
         return verdict_body(verdict)
 
+    @router.get("/{namespace}/{ref}/spectrum", response_model=schemas.Spectrum)
+    def spectrum(namespace: str, ref: str, who: Principal = Depends(principal)) -> dict:
+        """Per layer: the singular values of scaling·B·A and the ranks keeping 90 % / 99 %."""
+        from orchestrator.spectra import version_spectrum
+
+        v = resolve_visible(namespace, ref, who)
+        return {"id": v.ref, "object": "adapter.spectrum", **version_spectrum(reg, v)}
+
     @router.get("/{namespace}/{ref}", response_model=schemas.Adapter)
     def show_adapter(namespace: str, ref: str, who: Principal = Depends(principal)) -> dict:
         return adapter_object(resolve_visible(namespace, ref, who))

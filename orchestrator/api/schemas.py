@@ -261,6 +261,25 @@ class TokenList(_Out):
     data: list[Token]
 
 
+class LayerSpectrum(_Out):
+    module: str
+    r: int
+    singular_values: list[float] = Field(description="Of scaling·B·A, largest first.")
+    rank_90: int = Field(description="The least rank keeping 90 % of the energy Σσ².")
+    rank_99: int
+
+
+class Spectrum(_Out):
+    """An adapter version's spectrum: per layer, and the adapter's ranks (max over layers)."""
+
+    id: str
+    object: Literal["adapter.spectrum"]
+    r: int
+    rank_90: int
+    rank_99: int
+    layers: list[LayerSpectrum]
+
+
 class IdleAdapter(_Out):
     adapter: Adapter
     last_used_at: int | None = Field(description="The last minute it served a request.")

@@ -114,6 +114,7 @@ class AdapterVersion:
     created_by: str | None = None
     created_at: datetime | None = None
     aliases: tuple[str, ...] = ()
+    spectrum: dict[str, Any] | None = None  # per-layer singular values (stored at publish)
 
     @property
     def ref(self) -> str:

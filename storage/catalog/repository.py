@@ -95,6 +95,7 @@ def _version(session: Session, row: AdapterVersionRow) -> AdapterVersion:
         created_by=row.created_by,
         created_at=row.created_at,
         aliases=tuple(sorted(aliases)),
+        spectrum=row.spectrum,
     )
 
 
@@ -300,6 +301,7 @@ def create_adapter_version(
     tags: Iterable[str] = (),
     created_by: str | None = None,
     state: str = READY,
+    spectrum: dict[str, Any] | None = None,
 ) -> AdapterVersion:
     """Create the next version of ``namespace/name`` in one transaction."""
     validate_name(namespace, kind="namespace")
@@ -339,6 +341,7 @@ def create_adapter_version(
             total_bytes=sum(f.size for f in file_list),
             metrics=metrics or {},
             hyperparameters=hyperparameters or {},
+            spectrum=spectrum,
             created_by=created_by,
             state=state,
             tags=[AdapterTagRow(tag=t) for t in sorted(set(tags))],

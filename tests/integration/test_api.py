@@ -237,6 +237,9 @@ def test_adapter_routes(api, tiny_base_dir, tmp_path):
     assert [v["id"] for v in listed] == ["a/digits:2", "a/digits:1"]
     shown = client.get("/v1/adapters/a/digits:1", headers=h).json()
     assert shown["base_model"]["name"] == "tiny" and len(shown["files"]) == 2
+    # imported without a stored spectrum: computed from the verified files
+    spectrum = client.get("/v1/adapters/a/digits:1/spectrum", headers=h).json()
+    assert spectrum["r"] == 4 and all(x["rank_99"] <= 4 for x in spectrum["layers"])
     r = client.post("/v1/adapters/a/digits:1/promote", json={"alias": "production"}, headers=h)
     assert r.json()["aliases"] == ["production"]
     assert client.get("/v1/adapters/a/digits@production", headers=h).json()["version"] == 1
