@@ -175,7 +175,11 @@ def adapters_show(
         ),
         ("job", v.job_id or "-"),
         ("dataset sha256", v.dataset_sha256 or "-"),
-        ("LoRA", f"r={v.r} alpha={v.alpha:g} rslora={v.use_rslora} targets={v.target_modules}"),
+        (
+            "method",
+            f"{v.method}: r={v.r} alpha={v.alpha:g} rslora={v.use_rslora} "
+            f"targets={v.target_modules}",
+        ),
         ("aliases", ", ".join(v.aliases) or "-"),
         ("tags", ", ".join(v.tags) or "-"),
         ("created", f"{v.created_at} by {v.created_by or '-'}"),

@@ -70,7 +70,7 @@ def adapter_object(v: AdapterVersion) -> dict[str, Any]:
         "tags": list(v.tags),
         "base_model": {"name": v.base_model.name, "fingerprint": v.base_model.fingerprint},
         "lora": {"r": v.r, "alpha": v.alpha, "target_modules": v.target_modules,
-                 "use_rslora": v.use_rslora},
+                 "use_rslora": v.use_rslora, "method": v.method},
         "lineage": {"job_id": v.job_id, "dataset_sha256": v.dataset_sha256,
                     "hyperparameters": v.hyperparameters, "created_by": v.created_by},
         "metrics": v.metrics,

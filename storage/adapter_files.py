@@ -20,7 +20,10 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 OPTIONAL = ("metrics.json", "README.md")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+# lora_A / lora_B weights, and DoRA's per-row magnitude (PEFT's key has no ".weight")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<path>.+)\.lora_(?:(?P<which>[AB])\.weight|(?P<m>magnitude_vector))$"
+)
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,17 @@ class AdapterManifest:
     def use_rslora(self) -> bool:
         return bool(self.config.get("use_rslora", False))
 
+    @property
+    def method(self) -> str:
+        """``dora`` (PEFT's ``use_dora``) or ``lora``."""
+        return "dora" if self.config.get("use_dora") else "lora"
+
     def modules(self) -> dict[str, dict[str, tuple[int, ...]]]:
         out: dict[str, dict[str, tuple[int, ...]]] = {}
         for key, shape in self.shapes.items():
             m = _KEY.match(key)
             assert m is not None
-            out.setdefault(m["path"], {})[m["which"]] = shape
+            out.setdefault(m["path"], {})[m["which"] or "M"] = shape
         return out
 
 
@@ -112,8 +120,13 @@ def inspect_adapter_dir(directory: str | Path) -> AdapterManifest:
         tuple(root / n for n in (CONFIG, WEIGHTS, *OPTIONAL) if (root / n).is_file()),
     )
     for path, pair in manifest.modules().items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise AdapterRejected(f"{root / WEIGHTS}: module {path!r} lacks lora_A or lora_B")
+        if ("M" in pair) != (manifest.method == "dora"):
+            raise AdapterRejected(
+                f"{root / WEIGHTS}: module {path!r}: a magnitude vector goes with use_dora "
+                "in adapter_config.json, and only with it"
+            )
     return manifest
 
 
@@ -139,4 +152,8 @@ def check_against_base(manifest: AdapterManifest, base_tensors: dict[str, Tensor
                 f"adapter for another base shape at {path!r}: base weight is {out_f}×{in_f}, so "
                 f"lora_A must be {(r, in_f)} and lora_B {(out_f, r)}; adapter has {pair['A']} and "
                 f"{pair['B']}"
+            )
+        if "M" in pair and pair["M"] != (out_f,):
+            raise AdapterRejected(
+                f"{path!r}: lora_magnitude_vector is {pair['M']}, the base expects ({out_f},)"
             )

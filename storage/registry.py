@@ -328,6 +328,7 @@ class Registry:
             alpha=manifest.alpha,
             target_modules=manifest.target_modules,
             use_rslora=manifest.use_rslora,
+            method=manifest.method,
             hyperparameters=hyperparameters or {"lora": manifest.config},
             **lineage,
         )

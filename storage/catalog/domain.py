@@ -115,6 +115,7 @@ class AdapterVersion:
     created_at: datetime | None = None
     aliases: tuple[str, ...] = ()
     spectrum: dict[str, Any] | None = None  # per-layer singular values (stored at publish)
+    method: str = "lora"  # or "dora"
 
     @property
     def ref(self) -> str:

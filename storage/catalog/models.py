@@ -181,6 +181,7 @@ class AdapterVersionRow(Base):
     alpha: Mapped[float] = mapped_column(Float)
     target_modules: Mapped[list[Any]] = mapped_column(JSON)
     use_rslora: Mapped[bool] = mapped_column(Boolean, default=False)
+    method: Mapped[str] = mapped_column(String(16), default="lora", server_default="lora")
     object_prefix: Mapped[str] = mapped_column(Text)
     files: Mapped[dict[str, Any]] = mapped_column(JSON)
     total_bytes: Mapped[int] = mapped_column(BigInteger)

@@ -96,6 +96,7 @@ def _version(session: Session, row: AdapterVersionRow) -> AdapterVersion:
         created_at=row.created_at,
         aliases=tuple(sorted(aliases)),
         spectrum=row.spectrum,
+        method=row.method,
     )
 
 
@@ -302,6 +303,7 @@ def create_adapter_version(
     created_by: str | None = None,
     state: str = READY,
     spectrum: dict[str, Any] | None = None,
+    method: str = "lora",
 ) -> AdapterVersion:
     """Create the next version of ``namespace/name`` in one transaction."""
     validate_name(namespace, kind="namespace")
@@ -342,6 +344,7 @@ def create_adapter_version(
             metrics=metrics or {},
             hyperparameters=hyperparameters or {},
             spectrum=spectrum,
+            method=method,
             created_by=created_by,
             state=state,
             tags=[AdapterTagRow(tag=t) for t in sorted(set(tags))],

@@ -3,7 +3,9 @@
 LoRA (Hu et al., 2021, arXiv:2106.09685) freezes a weight W0 (out × in) and learns a low-rank
 update: W = W0 + scaling · B·A with A (r × in), B (out × r). ``scaling`` is alpha / r, or
 alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732), which keeps the update's
-magnitude stable as r grows.
+magnitude stable as r grows. DoRA (Liu et al., 2024, arXiv:2402.09353; ``use_dora``) learns a
+magnitude m (one per output row) besides the direction: W = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖,
+the norm taken per output row — PEFT's ``use_dora`` and ``lora_magnitude_vector``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class LoraConfig:
             default: A ~ kaiming-uniform(a=√5), B = 0). Either way training starts exactly
             at the base model.
         bias: only ``"none"``: biases stay frozen.
+        use_dora: DoRA: also learn a per-output-row magnitude (PEFT's ``use_dora``).
     """
 
     r: int = 8
@@ -86,6 +89,7 @@ class LoraConfig:
     use_rslora: bool = False
     init: InitKind = "gaussian"
     bias: Literal["none"] = "none"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -98,6 +102,8 @@ class LoraConfig:
             raise LoraConfigError("init", f"must be 'gaussian' or 'kaiming', got {self.init!r}")
         if self.bias != "none":
             raise LoraConfigError("bias", f"only 'none' is supported, got {self.bias!r}")
+        if not isinstance(self.use_dora, bool):
+            raise LoraConfigError("use_dora", f"must be true or false, got {self.use_dora!r}")
         targets = self.target_modules
         if isinstance(targets, list | set | frozenset):
             targets = tuple(sorted(targets)) if not isinstance(targets, list) else tuple(targets)
@@ -123,6 +129,11 @@ class LoraConfig:
             )
 
     @property
+    def method(self) -> str:
+        """``"dora"`` or ``"lora"``: what the catalog and the job spec call it."""
+        return "dora" if self.use_dora else "lora"
+
+    @property
     def scaling(self) -> float:
         """The factor multiplying B·A: alpha/r, or alpha/sqrt(r) with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
@@ -143,7 +154,7 @@ class LoraConfig:
             "bias": self.bias,
             "fan_in_fan_out": False,
             "modules_to_save": None,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "rank_pattern": {},
             "alpha_pattern": {},
             "layers_to_transform": None,
@@ -163,7 +174,6 @@ class LoraConfig:
             raise LoraConfigError("peft_type", f"only LORA adapters are supported, got {peft_type}")
         unsupported: dict[str, Any] = {
             "fan_in_fan_out": False,
-            "use_dora": False,
             "modules_to_save": None,
             "rank_pattern": {},
             "alpha_pattern": {},
@@ -195,6 +205,7 @@ class LoraConfig:
             use_rslora=bool(data.get("use_rslora", False)),
             init=init,
             bias=data.get("bias", "none"),
+            use_dora=bool(data.get("use_dora", False)),
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -128,6 +128,7 @@ def inject_lora(
             dropout=config.dropout,
             init=config.init,
             dtype=dtype,
+            use_dora=config.use_dora,
         )
         _set_submodule(model, path, wrapped)
     return list(paths)
@@ -139,19 +140,25 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def lora_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """The trainable LoRA parameters (A then B per module, in model order)."""
+    """The trainable LoRA parameters (A, B and DoRA's magnitude per module, in model order)."""
     params: list[torch.Tensor] = []
     for module in lora_modules(model).values():
         params += [module.lora_A.weight, module.lora_B.weight]
+        if module.use_dora:
+            params.append(module.lora_magnitude_vector)
     return params
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA weights under PEFT's file keys: ``base_model.model.<path>.lora_{A,B}.weight``."""
+    """LoRA weights under PEFT's file keys: ``base_model.model.<path>.lora_{A,B}.weight`` (and
+    DoRA's ``….lora_magnitude_vector``)."""
     out: dict[str, torch.Tensor] = {}
     for path, module in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.weight.detach()
         out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.weight.detach()
+        if module.use_dora:
+            magnitude = module.lora_magnitude_vector.detach()
+            out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = magnitude
     return out
 
 

@@ -27,7 +27,9 @@ from workers.lora.inject import PEFT_PREFIX, inject_lora, lora_modules, lora_sta
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<path>.+)\.lora_(?:(?P<which>[AB])\.weight|(?P<m>magnitude_vector))$"
+)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -133,10 +135,12 @@ def read_adapter_weights(adapter_dir: str | os.PathLike[str]) -> dict[str, torch
 
 
 def parse_adapter_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group tensors by module path: ``{path: {"A": tensor, "B": tensor}}``.
+    """Group tensors by module path: ``{path: {"A": tensor, "B": tensor}}`` (and ``"M"``, DoRA's
+    magnitude vector, where the adapter has one).
 
     Raises:
-        AdapterFormatError: a key that is not a LoRA A/B weight, or a module missing one of A/B.
+        AdapterFormatError: a key that is not a LoRA A/B weight or magnitude, or a module missing
+            one of A/B.
     """
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -146,9 +150,9 @@ def parse_adapter_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
                 f"unexpected tensor {key!r} in adapter (expected "
                 f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight')"
             )
-        modules.setdefault(m["path"], {})[m["which"]] = tensor
+        modules.setdefault(m["path"], {})[m["which"] or "M"] = tensor
     for path, pair in modules.items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             missing = "lora_B" if "A" in pair else "lora_A"
             raise AdapterFormatError(f"module {path!r} has no {missing}.weight in the adapter")
     return modules
@@ -181,6 +185,17 @@ def check_adapter_shapes(
                 f"adapter for another base shape at {path!r}: base expects lora_A {want_a} and "
                 f"lora_B {want_b} (r={config.r}), adapter has {tuple(a.shape)} and "
                 f"{tuple(b.shape)}"
+            )
+        magnitude = pair.get("M")
+        if config.use_dora != (magnitude is not None):
+            which = "lacks" if config.use_dora else "has"
+            raise AdapterFormatError(
+                f"{path!r} {which} lora_magnitude_vector, but use_dora is {config.use_dora}"
+            )
+        if magnitude is not None and tuple(magnitude.shape) != (base.out_features,):
+            raise AdapterFormatError(
+                f"{path!r}: lora_magnitude_vector is {tuple(magnitude.shape)}, the base expects "
+                f"({base.out_features},)"
             )
 
 
@@ -216,7 +231,11 @@ def load_adapter(
         inject_lora(model, config, module_paths=order, dtype=dtype)
         existing = lora_modules(model)
     for path, layer in existing.items():
+        if layer.use_dora != config.use_dora:
+            raise AdapterFormatError(f"{path!r}: the model's layer and the adapter differ in DoRA")
         layer.lora_A.weight.copy_(modules[path]["A"])
         layer.lora_B.weight.copy_(modules[path]["B"])
+        if config.use_dora:
+            layer.lora_magnitude_vector.copy_(modules[path]["M"])
         layer.scaling = config.scaling
     return config

@@ -9,6 +9,14 @@ The training forward is one autograd node (``_LoraLinearFn``) rather than PEFT's
 base linear → A → B → ·scaling → +: scaling is folded into the small (tokens × r) activation
 and the update is accumulated into the base output by the GEMM itself (``addmm_``), so no
 full-size (tokens × out) temporary is multiplied or added, in either direction.
+
+DoRA (``use_dora``) adds a trainable magnitude m (out,), initialised to the row norms of W0:
+
+    y = (m / ‖W0 + s·B·A‖) ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b,
+
+the norm per output row and, as in the DoRA paper (§4.3) and PEFT, detached from the graph (a
+constant in the backward pass). With dropout the base term keeps the undropped input, as in
+PEFT: y = x W0ᵀ + b + (m/‖·‖ − 1) ⊙ x̃ W0ᵀ + (m/‖·‖) ⊙ s · x̃ Aᵀ Bᵀ, x̃ = dropout(x).
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ class LoraLinear(nn.Module):
         init: initialisation of A; B always starts at zero so the layer starts as the base.
         dtype: dtype of A and B; defaults to float32 for half-precision bases (so small
             updates are not lost to rounding), otherwise the base's dtype.
+        use_dora: also learn DoRA's magnitude vector (``lora_magnitude_vector``, PEFT's key).
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         init: InitKind = "gaussian",
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -110,6 +120,11 @@ class LoraLinear(nn.Module):
             p.requires_grad_(False)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.use_dora = use_dora
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(
+                torch.ones(self.out_features, device=device, dtype=dtype)
+            )
         self.reset_lora_parameters(init)
 
     @torch.no_grad()
@@ -120,6 +135,21 @@ class LoraLinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora and self.base_layer.weight.device.type != "meta":
+            # B = 0: m = ‖W0‖ per row, so the layer starts exactly at the base
+            self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row (out,), in float32, outside the autograd graph."""
+        with torch.no_grad():
+            w = self.base_layer.weight.to(torch.float32)
+            a, b = self.lora_A.weight.to(torch.float32), self.lora_B.weight.to(torch.float32)
+            return torch.linalg.vector_norm(w + self.scaling * (b @ a), dim=1)
+
+    def dora_scale(self) -> torch.Tensor:
+        """m / ‖W0 + s·B·A‖ (out,): the gradient reaches m, not the detached norm."""
+        m = self.lora_magnitude_vector
+        return m / self.weight_norm().to(m.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B·A, shape (out, in), in the base weight's dtype."""
@@ -133,6 +163,8 @@ class LoraLinear(nn.Module):
         x_lora = None
         if self.training and self.dropout_p > 0:
             x_lora = F.dropout(x, p=self.dropout_p, training=True)
+        if self.use_dora:
+            return self._forward_dora(x, x_lora)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if (
             x.dtype != a.dtype
@@ -145,6 +177,22 @@ class LoraLinear(nn.Module):
         xl2 = None if x_lora is None else x_lora.reshape(-1, self.in_features)
         out = _LoraLinearFn.apply(x2, xl2, weight, bias, a, b, self.scaling)
         return out.reshape(*lead, self.out_features)
+
+    def _forward_dora(self, x: torch.Tensor, x_lora: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's forward (module docstring), as PEFT computes it."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        dtype = self.lora_A.weight.dtype
+        scale = self.dora_scale()  # (out,)
+        base = F.linear(x, weight)  # x W0ᵀ, no bias
+        xl = (x if x_lora is None else x_lora).to(dtype)
+        update = self.lora_B(self.lora_A(xl)) * self.scaling
+        if x_lora is None:
+            out = scale * (base.to(dtype) + update)
+        else:  # PEFT: the magnitude term scales W0 applied to the dropped input
+            dropped = F.linear(x_lora, weight).to(dtype)
+            out = base.to(dtype) + (scale - 1) * dropped + scale * update
+        out = out.to(base.dtype)
+        return out + bias if bias is not None else out
 
     def _forward_unfused(self, x: torch.Tensor, x_lora: torch.Tensor | None) -> torch.Tensor:
         """Plain composition, for mixed dtypes and autocast (which custom Functions bypass)."""
@@ -171,22 +219,39 @@ class LoraLinear(nn.Module):
                 "cannot merge into a read-only (shared) base weight; load a private copy of "
                 "the base to merge"
             )
-        delta = self.delta_weight()
-        if safe and not torch.isfinite(weight + delta).all():
+        merged = self.merged_weight()
+        if safe and not torch.isfinite(merged).all():
             raise MergeError("merging would produce non-finite weights; base left unchanged")
-        weight.add_(delta)
+        if self.use_dora:  # unmerge divides by this scale again
+            self._merged_scale = self.dora_scale().detach().clone()
+        weight.copy_(merged)
         self.merged = True
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + s·B·A, or DoRA's (m/‖W0 + s·B·A‖) ⊙ (W0 + s·B·A), in the base's dtype."""
+        weight = self.base_layer.weight
+        merged = weight.to(torch.float32) + self.delta_weight().to(torch.float32)
+        if self.use_dora:
+            merged = self.dora_scale().to(torch.float32)[:, None] * merged
+        return merged.to(weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract scaling·B·A from W0 again (restores W0 up to float rounding)."""
         if not self.merged:
             raise MergeError("adapter is not merged")
-        self.base_layer.weight.sub_(self.delta_weight())
+        weight = self.base_layer.weight
+        if self.use_dora:
+            restored = weight.to(torch.float32) / self._merged_scale.to(torch.float32)[:, None]
+            weight.copy_((restored - self.delta_weight().to(torch.float32)).to(weight.dtype))
+        else:
+            weight.sub_(self.delta_weight())
         self.merged = False
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, "
             f"scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}"
+            + (", dora=True" if self.use_dora else "")
         )

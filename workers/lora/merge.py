@@ -33,7 +33,7 @@ def merge_lora(model: nn.Module, *, safe: bool = True) -> int:
             )
     if safe:
         for layer in layers:
-            if not torch.isfinite(layer.base_layer.weight + layer.delta_weight()).all():
+            if not torch.isfinite(layer.merged_weight()).all():
                 raise MergeError("merging would produce non-finite weights; base left unchanged")
     for layer in layers:
         layer.merge(safe=False)
@@ -87,13 +87,16 @@ def merged_base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = lora_modules(model)
     plain: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        if ".lora_A." in key or ".lora_B." in key:
+        if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
             continue
         plain[key.replace(".base_layer.", ".")] = value
     lora = {}
     scalings = set()
     for path, layer in layers.items():
         if layer.merged:  # already folded into W0
+            continue
+        if layer.use_dora:  # the magnitude rescales every row: the layer merges itself
+            plain[f"{path}.weight"] = layer.merged_weight()
             continue
         lora[path] = (layer.lora_A.weight, layer.lora_B.weight)
         scalings.add(layer.scaling)

@@ -120,6 +120,11 @@ def pairs(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, tor
     return {path: (ab["A"], ab["B"]) for path, ab in parse_adapter_keys(weights).items()}
 
 
+def _plain_lora(config: LoraConfig) -> None:
+    if config.use_dora:  # a truncated direction changes every row norm the magnitude divides by
+        raise LoraConfigError("method", "compressing a DoRA adapter is not supported (plain LoRA)")
+
+
 def adapter_spectrum(weights: dict[str, torch.Tensor], config: LoraConfig) -> Spectrum:
     """The spectrum of every layer of an adapter (PEFT keys, its config's scaling)."""
     layers = []
@@ -162,6 +167,7 @@ def compress(
     """
     if (rank is None) == (energy is None):
         raise LoraConfigError("rank", "give a rank or an energy to keep (one of the two)")
+    _plain_lora(config)
     layers = pairs(weights)
     spectra = {m: singular_values(a, b, config.scaling) for m, (a, b) in layers.items()}
     if rank is None:
