@@ -137,19 +137,26 @@ def train_cmd(
     nodes: int = typer.Option(1, help="Nodes to spread the workers over."),
     checkpoint_every: int = typer.Option(0, help="Steps between checkpoints (distributed)."),
     max_failures: int = typer.Option(0, help="Worker-group restarts allowed (distributed)."),
+    method: str = typer.Option("lora", help="lora | dora (a learned magnitude per output row)."),
+    quantize: str = typer.Option(
+        "none", help="Frozen base held quantized: none (int8, nf4: not available in this version)."
+    ),
 ) -> None:
     """Fine-tune a LoRA adapter; writes the adapter and metrics.json.
 
     One worker trains in this process; more run data-parallel on Ray Train (a local Ray
     instance, or the cluster at LORAFLEET_RAY_ADDRESS) with the base once per node.
     """
+    from orchestrator.spec import check_lora_method
     from workers.lora import LoraConfig
     from workers.training.recipe import TrainConfig
     from workers.training.single import train_single
 
+    check_lora_method(method, quantize)  # the job spec's rule: one owner
     lcfg = LoraConfig(
-        r=r, alpha=alpha, dropout=dropout, target_modules=parse_targets(targets), use_rslora=rslora
-    )
+        r=r, alpha=alpha, dropout=dropout, target_modules=parse_targets(targets),
+        use_rslora=rslora, use_dora=method == "dora",
+    )  # fmt: skip
     tcfg = TrainConfig(
         max_steps=max_steps,
         lr=lr,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -60,6 +60,28 @@ class LoraSpec(_Strict):
         description="Module names, 'all-linear', or 're:<regex>'.",
     )
     rslora: bool = False
+    method: Literal["lora", "dora", "adalora"] = Field(
+        "lora", description="lora; dora (a learned magnitude per output row, as PEFT's use_dora)."
+    )
+    base_quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Hold the frozen base quantized under the LoRA layers (QLoRA)."
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v == "adalora":  # named in the schema so the refusal is about support, not spelling
+            raise ValueError("adalora is not available in this version of lorafleet; use lora "
+                             "or dora")  # fmt: skip
+        return v
+
+    @field_validator("base_quantization")
+    @classmethod
+    def _quantization(cls, v: str) -> str:
+        if v != "none":
+            raise ValueError(f"{v} base quantization is not available in this version of "
+                             "lorafleet; use none")  # fmt: skip
+        return v
 
     @field_validator("targets")
     @classmethod
@@ -212,6 +234,19 @@ def _first_error(exc: ValidationError) -> SpecError:
         message = "unknown field"
     message = message.removeprefix("Value error, ")
     return SpecError(path, message)
+
+
+def check_lora_method(method: str, base_quantization: str = "none") -> None:
+    """The spec's rule for ``lora.method`` and ``lora.base_quantization``, for ``lorafleet train``.
+
+    Raises:
+        SpecError: naming ``lora.method`` or ``lora.base_quantization``.
+    """
+    try:
+        LoraSpec.model_validate({"method": method, "base_quantization": base_quantization})
+    except ValidationError as exc:
+        err = _first_error(exc)
+        raise SpecError(f"lora.{err.field}", str(err).split(": ", 1)[-1]) from None
 
 
 def parse_spec(data: Any) -> JobSpec:

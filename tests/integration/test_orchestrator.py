@@ -47,6 +47,7 @@ def _spec(
     ns="team",
     seq_len=64,
     packing=True,
+    lora=None,
 ):  # type: ignore[no-untyped-def]
     return parse_spec({
         "name": name, "namespace": ns, "base_model": "tiny",
@@ -56,6 +57,7 @@ def _spec(
         "training": {"max_steps": steps, "batch_size": 4, "seq_len": seq_len, "eval_every": 0,
                      "checkpoint_every": ckpt},
         "resources": {"nodes": nodes, "workers_per_node": workers},
+        **({"lora": lora} if lora else {}),
     })  # fmt: skip
 
 
@@ -281,3 +283,47 @@ def test_two_namespaces_share_the_cluster(env):
                    what="the cluster to be idle again")  # fmt: skip
     finally:
         loop.stop()
+
+
+def test_a_dora_job_trains_alone_publishes_dora_and_peft_reads_it(env, tiny_base_dir, tmp_path):
+    """Two LoRA jobs and a DoRA job admitted in one tick: the LoRA jobs pack, the DoRA job (a
+    method the packed layer lacks) trains alone; its version is a PEFT DoRA adapter."""
+    import torch
+    from peft import PeftModel
+
+    from workers.base_model import load_base
+    from workers.lora import load_adapter
+
+    settings, registry = env
+    dora = {"r": 4, "alpha": 8, "method": "dora", "targets": ["q_proj", "v_proj"]}
+    specs = [_spec(registry, "lora-a", steps=4), _spec(registry, "lora-b", steps=4),
+             _spec(registry, "dora", steps=4, lora=dora)]  # fmt: skip
+    submitted = {s.name: submit_job(registry.catalog, s).job.id for s in specs}
+    loop = _loop(settings, registry)
+    packs_seen: dict[str, str] = {}
+    try:
+
+        def done() -> bool:
+            for name, job_id in submitted.items():
+                job = jobs.get_job(registry.catalog, job_id=job_id)
+                if job.pack_id is not None:  # the pack a job trained in (cleared as it ends)
+                    packs_seen.setdefault(name, job.pack_id)
+            return all(_state(registry, j) in ("succeeded", "failed") for j in submitted.values())
+
+        wait_until(done, timeout_s=240, what="three jobs to finish")
+    finally:
+        loop.stop()
+    assert all(_state(registry, j) == "succeeded" for j in submitted.values())
+    assert packs_seen.get("lora-a") and packs_seen.get("lora-a") == packs_seen.get("lora-b")
+    assert "dora" not in packs_seen  # never in a pack
+    version = registry.resolve("team/dora")
+    assert version.method == "dora" and version.hyperparameters["lora"]["method"] == "dora"
+    assert registry.resolve("team/lora-a").method == "lora"
+    _, directory = registry.fetch(version)
+    batch = torch.tensor([[1, 4, 9, 16, 25]])
+    peft_model = PeftModel.from_pretrained(load_base(tiny_base_dir)[0], directory).eval()
+    ours, _ = load_base(tiny_base_dir)
+    assert load_adapter(ours, directory).use_dora
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(batch).logits, ours.eval()(batch).logits,
+                                   atol=1e-5, rtol=0)  # fmt: skip

@@ -207,3 +207,35 @@ def test_a_full_queue_answers_overloaded_and_the_rest_are_served(tmp_path, tiny_
         time.sleep(0.05)
     assert [r.error for r in results[1:]] == [None, None]
     engine.close()
+
+
+def test_a_peft_dora_adapter_serves_in_mixed_batches_and_merged(setup, tiny_base_dir, tmp_path):
+    """DoRA rows next to LoRA rows and base rows: each answers as PEFT does for it alone; the
+    catalog records the method; merged mode folds the magnitude in."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    registry, engine, dirs = setup
+    cfg = PeftLoraConfig(r=4, lora_alpha=8, use_dora=True,
+                         target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    peft_model = get_peft_model(load_base(tiny_base_dir)[0], cfg)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(tmp_path / "dora")
+    version = registry.publish(adapter_dir=tmp_path / "dora", ref="team/dora", base_model="tiny")
+    assert version.method == "dora"
+    refs = ["team/dora", "team/a", None, "team/dora"]
+    out = engine.complete(list(zip(PROMPTS, refs, strict=True)), max_new_tokens=8)
+    for prompt, ref, c in zip(PROMPTS, refs, out, strict=True):
+        assert c.error is None, c
+        adapter_dir = {"team/dora": tmp_path / "dora", "team/a": dirs["a"], None: None}[ref]
+        assert c.text == _peft(tiny_base_dir, adapter_dir, prompt), (ref, prompt)
+    merged = ServingEngine(tiny_base_dir, registry, slots=1, max_rank=8, merged="team/dora")
+    try:
+        c = merged.complete([(PROMPTS[0], "team/dora")], max_new_tokens=8)[0]
+        assert c.error is None and c.text == _peft(tiny_base_dir, tmp_path / "dora", PROMPTS[0])
+    finally:
+        merged.close()

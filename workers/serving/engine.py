@@ -96,7 +96,7 @@ class HostAdapter:
     """An adapter parsed into host memory, checked against the served base."""
 
     version: AdapterVersion
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (A, B)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (A, B, m)
     scaling: float
     nbytes: int
 
@@ -279,7 +279,7 @@ class ServingEngine:
                     f"adapter {version.ref} has rank {config.r}; this server's slots hold "
                     f"rank ≤ {rank} (start it with a larger --max-rank)"
                 )
-        modules = {p: (pair["A"], pair["B"]) for p, pair in pairs.items()}
+        modules = {p: (pair["A"], pair["B"], pair.get("M")) for p, pair in pairs.items()}
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         return HostAdapter(version, modules, config.scaling, nbytes)
 
@@ -289,7 +289,7 @@ class ServingEngine:
             if pair is None:
                 layer.clear_slot(slot)
             else:
-                layer.load_slot(slot, pair[0], pair[1], adapter.scaling)
+                layer.load_slot(slot, pair[0], pair[1], adapter.scaling, magnitude=pair[2])
 
     def warm(self, ref: str) -> int:
         """Make ``ref`` ready to serve: staged in host memory and loaded into a device slot."""

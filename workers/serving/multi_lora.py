@@ -10,6 +10,15 @@ base, slot -1) share the base GEMM and one pass:
 
 Padding an adapter of rank r < r_max with zero rows of A and zero columns of B leaves its
 product unchanged, so adapters of different ranks share one slot layout.
+
+DoRA adapters share the batch too. At inference a DoRA layer is W = diag(c)·(W0 + s·B·A)
+with c = m / ‖W0 + s·B·A‖ per output row — fixed once the adapter is loaded — so a slot also
+holds c (ones for plain LoRA), and a batch with a DoRA row computes
+
+    y[b] = c[s_b] ⊙ (x[b] W0ᵀ + s·(x[b] A[s_b]ᵀ) B[s_b]ᵀ) + bias,
+
+which leaves every other row's answer unchanged (its c is 1). Batches without a DoRA row skip
+the scaling altogether.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ class MultiLoraLinear(nn.Module):
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
+    dora_scale: torch.Tensor
 
     def __init__(self, base_layer: nn.Linear, *, n_slots: int, max_rank: int) -> None:
         super().__init__()
@@ -46,11 +56,20 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(shape_a, device=dev, dtype=dtype))
         shape_b = (n_slots + 1, max_rank, base_layer.out_features)  # (scaling · B)ᵀ per slot
         self.register_buffer("lora_B", torch.zeros(shape_b, device=dev, dtype=dtype))
+        # DoRA's per-row output scale c = m / ‖W0 + s·B·A‖ per slot; 1 for LoRA and the base
+        shape_c = (n_slots + 1, base_layer.out_features)
+        self.register_buffer("dora_scale", torch.ones(shape_c, device=dev, dtype=dtype))
+        self.dora_slots: set[int] = set()
         self.slot_ids: torch.Tensor | None = None  # (batch,) gather index, set per forward
+        self.scale_rows = False  # the next forward has a DoRA row (set with slot_ids)
 
     @torch.no_grad()
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Put one adapter (A: r × in, B: out × r) into ``slot``, zero-padded to max_rank."""
+    def load_slot(
+        self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float,
+        magnitude: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """Put one adapter (A: r × in, B: out × r) into ``slot``, zero-padded to max_rank; a
+        DoRA adapter also brings its magnitude m (out,), turned into c = m / ‖W0 + s·B·A‖."""
         if not 0 <= slot < self.n_slots:
             raise ValueError(f"slot {slot} is not one of 0…{self.n_slots - 1}")
         r = a.shape[0]
@@ -60,11 +79,21 @@ class MultiLoraLinear(nn.Module):
         self.lora_B[slot].zero_()
         self.lora_A[slot, :, :r] = a.t().to(self.lora_A.dtype)
         self.lora_B[slot, :r] = (b * scaling).t().to(self.lora_B.dtype)
+        self.dora_scale[slot].fill_(1.0)
+        self.dora_slots.discard(slot)
+        if magnitude is not None:
+            w = self.base_layer.weight.to(torch.float32)
+            delta = scaling * (b.to(torch.float32) @ a.to(torch.float32))
+            norm = torch.linalg.vector_norm(w + delta, dim=1)
+            self.dora_scale[slot] = (magnitude.to(torch.float32) / norm).to(self.dora_scale.dtype)
+            self.dora_slots.add(slot)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
+        self.dora_scale[slot].fill_(1.0)
+        self.dora_slots.discard(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (B, T, out): the shared base GEMM
@@ -75,7 +104,15 @@ class MultiLoraLinear(nn.Module):
         # index_select, not lora_A[idx]: the same gather, several times faster on a CPU
         xa = torch.bmm(x3, torch.index_select(self.lora_A, 0, idx))  # (B, T, r); base rows: 0
         update = torch.bmm(xa, torch.index_select(self.lora_B, 0, idx))  # (B, T, out)
-        return out + update.reshape(out.shape)
+        out = out + update.reshape(out.shape)
+        if not self.scale_rows:
+            return out
+        scale = torch.index_select(self.dora_scale, 0, idx)  # (B, out)
+        scale = scale.reshape(scale.shape[0], *([1] * (out.dim() - 2)), scale.shape[-1])
+        bias = self.base_layer.bias
+        if bias is None:
+            return out * scale
+        return (out - bias) * scale + bias  # DoRA scales W·x, not the bias
 
 
 def to_multi_lora(model: nn.Module, paths: list[str], *, n_slots: int, max_rank: int) -> dict:
@@ -98,8 +135,12 @@ def set_batch_slots(layers: dict[str, MultiLoraLinear], slot_ids: torch.Tensor |
     """Tell every layer which slot each row of the next forward passes uses (``BASE_SLOT``:
     none). A batch of base rows only skips the LoRA work altogether."""
     index = None
+    present: set[int] = set()
     if slot_ids is not None and layers and bool((slot_ids >= 0).any()):
         zero_slot = next(iter(layers.values())).n_slots
         index = torch.where(slot_ids >= 0, slot_ids, torch.full_like(slot_ids, zero_slot))
+        if any(layer.dora_slots for layer in layers.values()):
+            present = set(index.unique().tolist())
     for layer in layers.values():
         layer.slot_ids = index
+        layer.scale_rows = bool(present & layer.dora_slots)
