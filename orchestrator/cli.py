@@ -139,7 +139,7 @@ def train_cmd(
     max_failures: int = typer.Option(0, help="Worker-group restarts allowed (distributed)."),
     method: str = typer.Option("lora", help="lora | dora (a learned magnitude per output row)."),
     quantize: str = typer.Option(
-        "none", help="Frozen base held quantized: none (int8, nf4: not available in this version)."
+        "none", help="Hold the frozen base quantized (QLoRA): none | int8 | nf4."
     ),
 ) -> None:
     """Fine-tune a LoRA adapter; writes the adapter and metrics.json.
@@ -156,6 +156,7 @@ def train_cmd(
     lcfg = LoraConfig(
         r=r, alpha=alpha, dropout=dropout, target_modules=parse_targets(targets),
         use_rslora=rslora, use_dora=method == "dora",
+        base_quantization=quantize,  # type: ignore[arg-type]  # checked above
     )  # fmt: skip
     tcfg = TrainConfig(
         max_steps=max_steps,

@@ -111,11 +111,13 @@ def pack_key_of(job: Job, base_fingerprint: str) -> str | None:
     Jobs pack when they share the base (its content fingerprint), the gang (one worker group
     runs them all), ``grad_accum`` (micro-steps are shared) and ``max_failures`` (the group's
     restarts are shared). Rank, alpha, targets, lr, batch, seq_len and data may all differ.
-    Only plain LoRA packs: the packed layer has no DoRA magnitude, so a DoRA job trains alone.
+    Only plain LoRA on an unquantized base packs: the packed layer has no DoRA magnitude and
+    shares one full-precision base, so a DoRA or QLoRA job trains alone.
     """
     if job.spec.get("packing", True) is False:
         return None
-    if (job.spec.get("lora") or {}).get("method", "lora") != "lora":
+    lora = job.spec.get("lora") or {}
+    if lora.get("method", "lora") != "lora" or lora.get("base_quantization", "none") != "none":
         return None
     g = gang_of(job)
     accum = (job.spec.get("training") or {}).get("grad_accum", 1)

@@ -75,14 +75,6 @@ class LoraSpec(_Strict):
                              "or dora")  # fmt: skip
         return v
 
-    @field_validator("base_quantization")
-    @classmethod
-    def _quantization(cls, v: str) -> str:
-        if v != "none":
-            raise ValueError(f"{v} base quantization is not available in this version of "
-                             "lorafleet; use none")  # fmt: skip
-        return v
-
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: list[str] | str) -> list[str] | str:

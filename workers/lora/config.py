@@ -80,6 +80,9 @@ class LoraConfig:
             at the base model.
         bias: only ``"none"``: biases stay frozen.
         use_dora: DoRA: also learn a per-output-row magnitude (PEFT's ``use_dora``).
+        base_quantization: hold the frozen base quantized while training (QLoRA): ``"none"``,
+            ``"int8"`` or ``"nf4"``. Not part of the adapter file: the adapter is for the
+            unquantized base.
     """
 
     r: int = 8
@@ -90,6 +93,7 @@ class LoraConfig:
     init: InitKind = "gaussian"
     bias: Literal["none"] = "none"
     use_dora: bool = False
+    base_quantization: Literal["none", "int8", "nf4"] = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -104,6 +108,10 @@ class LoraConfig:
             raise LoraConfigError("bias", f"only 'none' is supported, got {self.bias!r}")
         if not isinstance(self.use_dora, bool):
             raise LoraConfigError("use_dora", f"must be true or false, got {self.use_dora!r}")
+        if self.base_quantization not in ("none", "int8", "nf4"):
+            raise LoraConfigError(
+                "base_quantization", f"must be none, int8 or nf4, got {self.base_quantization!r}"
+            )
         targets = self.target_modules
         if isinstance(targets, list | set | frozenset):
             targets = tuple(sorted(targets)) if not isinstance(targets, list) else tuple(targets)

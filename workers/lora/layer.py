@@ -165,6 +165,8 @@ class LoraLinear(nn.Module):
             x_lora = F.dropout(x, p=self.dropout_p, training=True)
         if self.use_dora:
             return self._forward_dora(x, x_lora)
+        if not isinstance(self.base_layer, nn.Linear):  # a quantized base (QLoRA)
+            return self._forward_unfused(x, x_lora)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if (
             x.dtype != a.dtype
@@ -180,19 +182,27 @@ class LoraLinear(nn.Module):
 
     def _forward_dora(self, x: torch.Tensor, x_lora: torch.Tensor | None) -> torch.Tensor:
         """DoRA's forward (module docstring), as PEFT computes it."""
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        bias = self.base_layer.bias
         dtype = self.lora_A.weight.dtype
         scale = self.dora_scale()  # (out,)
-        base = F.linear(x, weight)  # x W0ᵀ, no bias
+        base = self._matmul(x)  # x W0ᵀ, no bias
         xl = (x if x_lora is None else x_lora).to(dtype)
         update = self.lora_B(self.lora_A(xl)) * self.scaling
         if x_lora is None:
             out = scale * (base.to(dtype) + update)
         else:  # PEFT: the magnitude term scales W0 applied to the dropped input
-            dropped = F.linear(x_lora, weight).to(dtype)
+            dropped = self._matmul(x_lora).to(dtype)
             out = base.to(dtype) + (scale - 1) * dropped + scale * update
         out = out.to(base.dtype)
         return out + bias if bias is not None else out
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W0ᵀ without the bias (a quantized base dequantizes inside its own autograd node)."""
+        matmul = getattr(self.base_layer, "matmul", None)
+        if matmul is not None:
+            out: torch.Tensor = matmul(x)
+            return out
+        return F.linear(x, self.base_layer.weight)
 
     def _forward_unfused(self, x: torch.Tensor, x_lora: torch.Tensor | None) -> torch.Tensor:
         """Plain composition, for mixed dtypes and autocast (which custom Functions bypass)."""
@@ -213,6 +223,8 @@ class LoraLinear(nn.Module):
         """
         if self.merged:
             raise MergeError("adapter is already merged")
+        if not isinstance(self.base_layer, nn.Linear):
+            raise MergeError("cannot merge into a quantized base; load the base unquantized")
         weight = self.base_layer.weight
         if is_read_only(weight):
             raise MergeError(

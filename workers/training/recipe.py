@@ -23,6 +23,7 @@ from torch import nn
 from workers.datasets import Example
 from workers.errors import TrainingError
 from workers.lora import LoraConfig, inject_lora, lora_parameters
+from workers.lora.quant import QuantReport, quantize_base
 from workers.training.batches import (
     collate,
     global_batch_indices,
@@ -147,6 +148,7 @@ class LoraFinetuneRecipe:
         self.step = 0
         self.params: list[torch.Tensor] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self.quant: QuantReport | None = None  # the base's quantization, when asked for
 
     # -- setup --------------------------------------------------------------------------
     def setup(self, *, inject: bool = True) -> None:
@@ -155,6 +157,8 @@ class LoraFinetuneRecipe:
         torch.manual_seed(self.cfg.seed)
         if inject:
             inject_lora(self.model, self.lora)
+        if self.lora.base_quantization != "none":
+            self.quant = quantize_base(self.model, self.lora.base_quantization)
         self.params = lora_parameters(self.model)
         if not self.params:
             raise TrainingError("the model has no LoRA parameters to train")

@@ -79,6 +79,9 @@ def load_sharded_base(
     config = load_base_config(base_dir)
     if getattr(config, "tie_word_embeddings", False):
         raise BaseModelError("shard_per_node does not support tied input/output embeddings yet")
+    if lora.base_quantization != "none":
+        raise BaseModelError("a quantized base is held whole on each device, not sharded: "
+                             "drop shard_per_node for QLoRA")  # fmt: skip
     if lora.use_dora:  # ‖W0‖ per row needs whole rows, and each rank holds a shard of them
         raise BaseModelError("DoRA on a base sharded across GPUs is not supported yet: "
                              "train DoRA on CPU workers or one GPU per node")  # fmt: skip

@@ -68,6 +68,10 @@ def train_single(
         "lora": lora.as_dict(),
         "train": train.__dict__,
     }
+    if recipe.quant is not None:  # the base's linear weights as held while training
+        metrics["base_linear_bytes"] = {"full": recipe.quant.bytes_before,
+                                        "quantized": recipe.quant.bytes_after,
+                                        "backend": recipe.quant.backend}  # fmt: skip
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("adapter written to %s", out)
     return TrainOutput(adapter_dir=out, result=result, dataset_sha256=digest)
