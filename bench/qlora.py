@@ -15,6 +15,7 @@ Writes ``bench/results/qlora.json``.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import zipfile
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, median, write_result
 from workers.base_model import load_base

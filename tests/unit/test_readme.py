@@ -135,6 +135,28 @@ def _fleet(key: str) -> str:
     return _spread({"ratio": r["median"], "min": r["min"], "max": r["max"]}, 2)
 
 
+def _spectrum() -> str:
+    s = _get("spectrum")
+    return (f"rank {s['rank_90']} · {s['rank_99']}; {s['exact_match_full']:.0%} → "
+            f"{s['exact_match_compressed']:.0%}, {_x(s['size_ratio'])}")  # fmt: skip
+
+
+def _qlora_memory() -> str:
+    m = _get("qlora", "memory", "smollm2-135m")
+    return (f"{_x(m['nf4']['vs_fp32'])} · {_x(m['int8']['vs_fp32'])} of fp32; "
+            f"{_x(m['nf4']['vs_bf16'])} · {_x(m['int8']['vs_bf16'])} of bf16")  # fmt: skip
+
+
+def _qlora(key: str) -> str:
+    s = _get("qlora", "summary")
+    if key == "time":
+        return " · ".join(_spread({"ratio": s[k]["step_time_ratio_median"],
+                                   "min": s[k]["step_time_ratio_min"],
+                                   "max": s[k]["step_time_ratio_max"]}, 2)
+                          for k in ("nf4", "int8"))  # fmt: skip
+    return " · ".join(f"{s[k]['eval_loss_final']:.4f}" for k in ("nf4", "int8", "none"))
+
+
 def _merged() -> str:
     m = _get("serving", "merged_vs_base")
     return f"{_x(m['ratio'])} ({m['ratio_min']:.3f}–{m['ratio_max']:.3f})"
@@ -181,6 +203,10 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("packed fleet vs sequential", lambda: _fleet("wall_packed_over_sequential")),
     ("packed fleet vs side by side", lambda: _fleet("wall_packed_over_side_by_side")),
     ("packed fleet memory", lambda: _fleet("pss_packed_over_side_by_side")),
+    ("spectrum", _spectrum),
+    ("QLoRA memory", _qlora_memory),
+    ("QLoRA step time", lambda: _qlora("time")),
+    ("QLoRA eval loss", lambda: _qlora("loss")),
 ]  # fmt: skip
 
 
