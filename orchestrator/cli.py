@@ -137,7 +137,14 @@ def train_cmd(
     nodes: int = typer.Option(1, help="Nodes to spread the workers over."),
     checkpoint_every: int = typer.Option(0, help="Steps between checkpoints (distributed)."),
     max_failures: int = typer.Option(0, help="Worker-group restarts allowed (distributed)."),
-    method: str = typer.Option("lora", help="lora | dora (a learned magnitude per output row)."),
+    method: str = typer.Option(
+        "lora",
+        help="lora | dora (a learned magnitude per output row) | adalora (SVD form; "
+        "--r is its initial rank).",
+    ),
+    target_r: int | None = typer.Option(
+        None, help="adalora: the average rank per layer the budget ends at (default r // 2)."
+    ),
     quantize: str = typer.Option(
         "none", help="Hold the frozen base quantized (QLoRA): none | int8 | nf4."
     ),
@@ -149,14 +156,17 @@ def train_cmd(
     """
     from orchestrator.spec import check_lora_method
     from workers.lora import LoraConfig
+    from workers.lora.config import AdaLoraSchedule
     from workers.training.recipe import TrainConfig
     from workers.training.single import train_single
 
-    check_lora_method(method, quantize)  # the job spec's rule: one owner
+    spec = check_lora_method(method, quantize, r=r, target_r=target_r)  # the job spec's rule
     lcfg = LoraConfig(
         r=r, alpha=alpha, dropout=dropout, target_modules=parse_targets(targets),
         use_rslora=rslora, use_dora=method == "dora",
         base_quantization=quantize,  # type: ignore[arg-type]  # checked above
+        adalora=AdaLoraSchedule.for_steps(spec.adalora_target_r, max_steps)
+        if method == "adalora" else None,
     )  # fmt: skip
     tcfg = TrainConfig(
         max_steps=max_steps,

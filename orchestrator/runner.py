@@ -25,6 +25,7 @@ from storage.settings import Settings, mask_url, settings_for_nodes, settings_on
 from storage.staging import checkpoint_root, remove_staged
 from workers.errors import WorkerError
 from workers.lora import LoraConfig
+from workers.lora.config import AdaLoraSchedule
 from workers.training.distributed_spec import DistributedSpec
 from workers.training.ray_train import DistributedResult, train_distributed
 from workers.training.recipe import TrainConfig
@@ -75,6 +76,9 @@ def build_distributed_spec(
     )
     raw = spec.lora.targets
     targets: Any = raw.removeprefix("re:") if isinstance(raw, str) else tuple(raw)
+    train = _train_config(spec, data.rows, spec.resources.workers)
+    adalora = (AdaLoraSchedule.for_steps(spec.lora.adalora_target_r, train.max_steps)
+               if spec.lora.method == "adalora" else None)  # fmt: skip
     return DistributedSpec(
         job_name=f"{job.id}-a{job.attempts}",
         base=asdict(base),
@@ -87,8 +91,8 @@ def build_distributed_spec(
         lora=LoraConfig(r=spec.lora.r, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
                         target_modules=targets, use_rslora=spec.lora.rslora,
                         use_dora=spec.lora.method == "dora",
-                        base_quantization=spec.lora.base_quantization),
-        train=_train_config(spec, data.rows, spec.resources.workers),
+                        base_quantization=spec.lora.base_quantization, adalora=adalora),
+        train=train,
         workers=spec.resources.workers,
         nodes=spec.resources.nodes,
         cpus_per_worker=spec.resources.cpus_per_worker,

@@ -61,19 +61,27 @@ class LoraSpec(_Strict):
     )
     rslora: bool = False
     method: Literal["lora", "dora", "adalora"] = Field(
-        "lora", description="lora; dora (a learned magnitude per output row, as PEFT's use_dora)."
-    )
+        "lora", description="lora; dora (a learned magnitude per output row, as PEFT's "
+        "use_dora); adalora (SVD form, the rank budget spent where layers need it; r is the "
+        "initial rank).")  # fmt: skip
+    target_r: int | None = Field(
+        None, ge=1, le=1024, description="adalora: the average rank per layer the budget "
+        "ends at (default r // 2).")  # fmt: skip
     base_quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="Hold the frozen base quantized under the LoRA layers (QLoRA)."
     )
 
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v == "adalora":  # named in the schema so the refusal is about support, not spelling
-            raise ValueError("adalora is not available in this version of lorafleet; use lora "
-                             "or dora")  # fmt: skip
-        return v
+    @model_validator(mode="after")
+    def _adalora(self) -> LoraSpec:
+        if self.target_r is not None and self.method != "adalora":
+            raise ValueError("target_r is AdaLoRA's: set method: adalora, or drop it")
+        if self.target_r is not None and self.target_r > self.r:
+            raise ValueError(f"target_r ({self.target_r}) must be at most r ({self.r})")
+        return self
+
+    @property
+    def adalora_target_r(self) -> int:
+        return self.target_r or max(1, self.r // 2)
 
     @field_validator("targets")
     @classmethod
@@ -228,17 +236,22 @@ def _first_error(exc: ValidationError) -> SpecError:
     return SpecError(path, message)
 
 
-def check_lora_method(method: str, base_quantization: str = "none") -> None:
-    """The spec's rule for ``lora.method`` and ``lora.base_quantization``, for ``lorafleet train``.
+def check_lora_method(
+    method: str, base_quantization: str = "none", *, r: int = 8, target_r: int | None = None
+) -> LoraSpec:
+    """The spec's rule for ``lora.method``, ``target_r`` and ``base_quantization``, for
+    ``lorafleet train``; returns the checked ``lora`` part.
 
     Raises:
-        SpecError: naming ``lora.method`` or ``lora.base_quantization``.
+        SpecError: naming the ``lora.…`` field.
     """
     try:
-        LoraSpec.model_validate({"method": method, "base_quantization": base_quantization})
+        return LoraSpec.model_validate({"method": method, "base_quantization": base_quantization,
+                                        "r": r, "target_r": target_r})  # fmt: skip
     except ValidationError as exc:
         err = _first_error(exc)
-        raise SpecError(f"lora.{err.field}", str(err).split(": ", 1)[-1]) from None
+        message = str(err).removeprefix(f"{err.field}: ") if err.field else str(err)
+        raise SpecError(f"lora.{err.field}" if err.field else "lora", message) from None
 
 
 def parse_spec(data: Any) -> JobSpec:

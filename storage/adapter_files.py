@@ -22,7 +22,8 @@ OPTIONAL = ("metrics.json", "README.md")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # lora_A / lora_B weights, and DoRA's per-row magnitude (PEFT's key has no ".weight")
 _KEY = re.compile(
-    r"^base_model\.model\.(?P<path>.+)\.lora_(?:(?P<which>[AB])\.weight|(?P<m>magnitude_vector))$"
+    r"^base_model\.model\.(?P<path>.+)\.lora_"
+    r"(?:(?P<which>[AB])(?:\.weight)?|(?P<m>magnitude_vector)|(?P<e>E))$"
 )
 
 
@@ -37,6 +38,9 @@ class AdapterManifest:
 
     @property
     def r(self) -> int:
+        """The rank of the stored tensors (AdaLoRA: its initial rank, ``init_r``)."""
+        if self.method == "adalora":
+            return int(self.config.get("init_r", 12))
         return int(self.config["r"])
 
     @property
@@ -54,7 +58,9 @@ class AdapterManifest:
 
     @property
     def method(self) -> str:
-        """``dora`` (PEFT's ``use_dora``) or ``lora``."""
+        """``adalora`` (PEFT's ADALORA), ``dora`` (its ``use_dora``) or ``lora``."""
+        if self.config.get("peft_type") == "ADALORA":
+            return "adalora"
         return "dora" if self.config.get("use_dora") else "lora"
 
     def modules(self) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -62,7 +68,7 @@ class AdapterManifest:
         for key, shape in self.shapes.items():
             m = _KEY.match(key)
             assert m is not None
-            out.setdefault(m["path"], {})[m["which"] or "M"] = shape
+            out.setdefault(m["path"], {})[m["which"] or ("M" if m["m"] else "E")] = shape
         return out
 
 
@@ -93,9 +99,9 @@ def inspect_adapter_dir(directory: str | Path) -> AdapterManifest:
         config = json.loads((root / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterRejected(f"{root / CONFIG} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise AdapterRejected(f"{root / CONFIG} does not describe a LoRA adapter")
-    r = config.get("r")
+    r = config.get("init_r" if config.get("peft_type") == "ADALORA" else "r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterRejected(f"{root / CONFIG}: r must be an integer ≥ 1, got {r!r}")
     if not config.get("target_modules"):
@@ -122,6 +128,11 @@ def inspect_adapter_dir(directory: str | Path) -> AdapterManifest:
     for path, pair in manifest.modules().items():
         if not {"A", "B"} <= set(pair):
             raise AdapterRejected(f"{root / WEIGHTS}: module {path!r} lacks lora_A or lora_B")
+        if ("E" in pair) != (manifest.method == "adalora"):
+            raise AdapterRejected(
+                f"{root / WEIGHTS}: module {path!r}: lora_E goes with an ADALORA config, and "
+                "only with it"
+            )
         if ("M" in pair) != (manifest.method == "dora"):
             raise AdapterRejected(
                 f"{root / WEIGHTS}: module {path!r}: a magnitude vector goes with use_dora "
@@ -153,6 +164,8 @@ def check_against_base(manifest: AdapterManifest, base_tensors: dict[str, Tensor
                 f"lora_A must be {(r, in_f)} and lora_B {(out_f, r)}; adapter has {pair['A']} and "
                 f"{pair['B']}"
             )
+        if "E" in pair and pair["E"] != (r, 1):
+            raise AdapterRejected(f"{path!r}: lora_E is {pair['E']}, AdaLoRA expects {(r, 1)}")
         if "M" in pair and pair["M"] != (out_f,):
             raise AdapterRejected(
                 f"{path!r}: lora_magnitude_vector is {pair['M']}, the base expects ({out_f},)"

@@ -285,11 +285,11 @@ def test_two_namespaces_share_the_cluster(env):
         loop.stop()
 
 
-def test_dora_and_qlora_jobs_train_alone_and_publish_what_peft_reads(env, tiny_base_dir, tmp_path):
-    """Two LoRA jobs, a DoRA job and a QLoRA job (NF4 base) admitted in one tick: the LoRA jobs
-    pack; DoRA (a method the packed layer lacks) and QLoRA (a base the pack does not share)
-    train alone. The DoRA version is a PEFT DoRA adapter; the QLoRA one a plain adapter for the
-    unquantized base."""
+def test_dora_qlora_adalora_jobs_train_alone_and_publish_what_peft_reads(env, tiny_base_dir):
+    """Two LoRA jobs, a DoRA, a QLoRA (NF4 base) and an AdaLoRA job admitted in one tick: the
+    LoRA jobs pack; the others (methods the packed layer lacks, a base the pack does not share)
+    train alone. Each version loads in PEFT with our logits: a DoRA adapter, a plain one for the
+    unquantized base, an AdaLoRA one pruned to its budget."""
     import torch
     from peft import PeftModel
 
@@ -301,7 +301,9 @@ def test_dora_and_qlora_jobs_train_alone_and_publish_what_peft_reads(env, tiny_b
     qlora = {"r": 4, "alpha": 8, "base_quantization": "nf4"}
     specs = [_spec(registry, "lora-a", steps=4), _spec(registry, "lora-b", steps=4),
              _spec(registry, "dora", steps=4, lora=dora),
-             _spec(registry, "qlora", steps=4, lora=qlora)]  # fmt: skip
+             _spec(registry, "qlora", steps=4, lora=qlora),
+             _spec(registry, "ada", steps=10,
+                   lora={"r": 6, "alpha": 8, "method": "adalora", "target_r": 2})]  # fmt: skip
     submitted = {s.name: submit_job(registry.catalog, s).job.id for s in specs}
     loop = _loop(settings, registry)
     packs_seen: dict[str, str] = {}
@@ -314,23 +316,25 @@ def test_dora_and_qlora_jobs_train_alone_and_publish_what_peft_reads(env, tiny_b
                     packs_seen.setdefault(name, job.pack_id)
             return all(_state(registry, j) in ("succeeded", "failed") for j in submitted.values())
 
-        wait_until(done, timeout_s=300, what="four jobs to finish")
+        wait_until(done, timeout_s=360, what="five jobs to finish")
     finally:
         loop.stop()
     assert all(_state(registry, j) == "succeeded" for j in submitted.values())
     assert packs_seen.get("lora-a") and packs_seen.get("lora-a") == packs_seen.get("lora-b")
-    assert "dora" not in packs_seen and "qlora" not in packs_seen  # never in a pack
+    assert not {"dora", "qlora", "ada"} & set(packs_seen)  # never in a pack
     version = registry.resolve("team/dora")
     assert version.method == "dora" and version.hyperparameters["lora"]["method"] == "dora"
     assert registry.resolve("team/lora-a").method == "lora"
     q = registry.resolve("team/qlora")
     assert q.method == "lora" and q.hyperparameters["lora"]["base_quantization"] == "nf4"
+    ada = registry.resolve("team/ada")
+    assert ada.method == "adalora" and ada.r == 6
     batch = torch.tensor([[1, 4, 9, 16, 25]])
-    for v, dora_file in ((version, True), (q, False)):
+    for v, method in ((version, "dora"), (q, "lora"), (ada, "adalora")):
         _, directory = registry.fetch(v)
         peft_model = PeftModel.from_pretrained(load_base(tiny_base_dir)[0], directory).eval()
         ours, _ = load_base(tiny_base_dir)
-        assert load_adapter(ours, directory).use_dora is dora_file
+        assert load_adapter(ours, directory).method == method
         with torch.no_grad():
             torch.testing.assert_close(peft_model(batch).logits, ours.eval()(batch).logits,
                                        atol=1e-5, rtol=0)  # fmt: skip

@@ -239,3 +239,31 @@ def test_a_peft_dora_adapter_serves_in_mixed_batches_and_merged(setup, tiny_base
         assert c.error is None and c.text == _peft(tiny_base_dir, tmp_path / "dora", PROMPTS[0])
     finally:
         merged.close()
+
+
+def test_an_adalora_adapter_is_served_as_its_kept_triplets(setup, tiny_base_dir, tmp_path):
+    """A PEFT AdaLoRA adapter with pruned triplets: published as it is (method adalora), served
+    as plain LoRA pairs of per-layer ranks next to other adapters, answers equal to PEFT's."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    registry, engine, dirs = setup
+    cfg = AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        total_step=40, tinit=5, tfinal=10, deltaT=5)  # fmt: skip
+    peft_model = get_peft_model(load_base(tiny_base_dir)[0], cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_E" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+                p[: int(name.count("layers.0")) * 2 + 1] = 0  # layers pruned differently
+            elif "lora_B" in name or "lora_A" in name:
+                p.mul_(20)
+    peft_model.save_pretrained(tmp_path / "ada")
+    version = registry.publish(adapter_dir=tmp_path / "ada", ref="team/ada", base_model="tiny")
+    assert version.method == "adalora" and version.r == 6
+    refs = ["team/ada", "team/a", None, "team/ada"]
+    out = engine.complete(list(zip(PROMPTS, refs, strict=True)), max_new_tokens=8)
+    for prompt, ref, c in zip(PROMPTS, refs, out, strict=True):
+        assert c.error is None, c
+        adapter_dir = {"team/ada": tmp_path / "ada", "team/a": dirs["a"], None: None}[ref]
+        assert c.text == _peft(tiny_base_dir, adapter_dir, prompt), (ref, prompt)

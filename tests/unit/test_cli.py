@@ -48,7 +48,10 @@ def test_bad_inputs(tiny_base_dir, tmp_path, other_shape_adapter):
             "does not exist",
         ),
         ([*train, "--base", tiny_base_dir, "--data", bad], "bad.jsonl:2: malformed JSON"),
-        ([*train, "--base", tiny_base_dir, "--data", TRAIN_FILE, "--r", 0], "r: must be"),
+        (
+            [*train, "--base", tiny_base_dir, "--data", TRAIN_FILE, "--r", 0],
+            "lora.r: Input should be greater than or equal to 1",
+        ),
         (
             [*train, "--base", tiny_base_dir, "--data", TRAIN_FILE, "--targets", "qkv"],
             "linear modules in this model: down_proj",

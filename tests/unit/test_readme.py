@@ -157,6 +157,11 @@ def _qlora(key: str) -> str:
     return " · ".join(f"{s[k]['eval_loss_final']:.4f}" for k in ("nf4", "int8", "none"))
 
 
+def _adalora() -> str:
+    b = _get("adalora", "best")
+    return f"{b['adalora']['eval_loss_final']:.4f} · {b['lora']['eval_loss_final']:.4f}"
+
+
 def _merged() -> str:
     m = _get("serving", "merged_vs_base")
     return f"{_x(m['ratio'])} ({m['ratio_min']:.3f}–{m['ratio_max']:.3f})"
@@ -207,6 +212,9 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("QLoRA memory", _qlora_memory),
     ("QLoRA step time", lambda: _qlora("time")),
     ("QLoRA eval loss", lambda: _qlora("loss")),
+    ("AdaLoRA vs LoRA", _adalora),
+    ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
+                                          for m in ("adalora", "lora"))),
 ]  # fmt: skip
 
 

@@ -20,6 +20,43 @@ from workers.lora.errors import LoraConfigError
 InitKind = Literal["gaussian", "kaiming"]
 ALL_LINEAR = "all-linear"
 
+
+@dataclass(frozen=True)
+class AdaLoraSchedule:
+    """AdaLoRA's rank budget (Zhang et al., 2023, arXiv:2303.10512): every layer starts at rank
+    r; after ``tinit`` steps the total budget falls (cubically) to ``target_r`` per layer by
+    step ``total_step - tfinal``, pruning every ``delta_t`` steps the triplets whose
+    importance (sensitivity × uncertainty, EMAs ``beta1`` / ``beta2``) is lowest; then it stays.
+    ``orth_reg`` weighs the regulariser ‖PᵀP − I‖ + ‖QQᵀ − I‖ that keeps P and Q orthogonal.
+    """
+
+    target_r: int
+    total_step: int
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg: float = 0.5
+
+    @classmethod
+    def for_steps(cls, target_r: int, total_step: int) -> AdaLoraSchedule:
+        """The schedule a job gets: the first 10 % of steps at full rank, pruning every ~3 %
+        of the steps, the last 20 % at the target budget."""
+        return cls(target_r=target_r, total_step=total_step, tinit=total_step // 10,
+                   tfinal=total_step // 5, delta_t=max(1, total_step // 30))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.target_r < 1:
+            raise LoraConfigError("target_r", f"must be ≥ 1, got {self.target_r}")
+        if self.total_step < 1 or self.tinit < 0 or self.tfinal < 0 or self.delta_t < 1:
+            raise LoraConfigError("adalora", "steps must be positive (tinit, tfinal ≥ 0)")
+        if self.tinit + self.tfinal >= self.total_step:
+            raise LoraConfigError(
+                "adalora", f"tinit + tfinal ({self.tinit} + {self.tfinal}) must be below the "
+                f"total steps ({self.total_step}): no step would prune")  # fmt: skip
+
+
 # PEFT config keys we understand; anything else that changes the math is refused on load.
 _PEFT_NEUTRAL_KEYS = {
     "auto_mapping",
@@ -83,6 +120,8 @@ class LoraConfig:
         base_quantization: hold the frozen base quantized while training (QLoRA): ``"none"``,
             ``"int8"`` or ``"nf4"``. Not part of the adapter file: the adapter is for the
             unquantized base.
+        adalora: AdaLoRA's schedule; set, the adapter is AdaLoRA (``r`` is its initial rank;
+            PEFT's ``peft_type: ADALORA`` files).
     """
 
     r: int = 8
@@ -94,8 +133,11 @@ class LoraConfig:
     bias: Literal["none"] = "none"
     use_dora: bool = False
     base_quantization: Literal["none", "int8", "nf4"] = "none"
+    adalora: AdaLoraSchedule | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.adalora, dict):  # from as_dict() / JSON
+            object.__setattr__(self, "adalora", AdaLoraSchedule(**self.adalora))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise LoraConfigError("r", f"must be an integer ≥ 1, got {self.r!r}")
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
@@ -108,6 +150,12 @@ class LoraConfig:
             raise LoraConfigError("bias", f"only 'none' is supported, got {self.bias!r}")
         if not isinstance(self.use_dora, bool):
             raise LoraConfigError("use_dora", f"must be true or false, got {self.use_dora!r}")
+        if self.adalora is not None:
+            if self.use_dora:
+                raise LoraConfigError("method", "AdaLoRA and DoRA do not combine")
+            if self.adalora.target_r > self.r:
+                got = self.adalora.target_r
+                raise LoraConfigError("target_r", f"must be at most r = {self.r}, got {got}")
         if self.base_quantization not in ("none", "int8", "nf4"):
             raise LoraConfigError(
                 "base_quantization", f"must be none, int8 or nf4, got {self.base_quantization!r}"
@@ -138,17 +186,35 @@ class LoraConfig:
 
     @property
     def method(self) -> str:
-        """``"dora"`` or ``"lora"``: what the catalog and the job spec call it."""
+        """``"lora"``, ``"dora"`` or ``"adalora"``: what the catalog and the job spec call it."""
+        if self.adalora is not None:
+            return "adalora"
         return "dora" if self.use_dora else "lora"
 
     @property
     def scaling(self) -> float:
-        """The factor multiplying B·A: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        """The factor multiplying B·A: alpha/r, or alpha/sqrt(r) with rsLoRA; AdaLoRA (as
+        PEFT): alpha / (r + 1e-5)."""
+        if self.adalora is not None:
+            return self.alpha / (self.r + 1e-5)
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_peft_dict(self, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
         """The ``adapter_config.json`` content PEFT writes for the same adapter."""
         targets = self.target_modules
+        if self.adalora is not None:
+            s = self.adalora
+            return {
+                "peft_type": "ADALORA", "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model_name_or_path, "r": self.r,
+                "init_r": self.r, "target_r": s.target_r, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout,
+                "target_modules": targets if isinstance(targets, str) else sorted(targets),
+                "tinit": s.tinit, "tfinal": s.tfinal, "deltaT": s.delta_t, "beta1": s.beta1,
+                "beta2": s.beta2, "orth_reg_weight": s.orth_reg, "total_step": s.total_step,
+                "rank_pattern": None, "bias": "none", "fan_in_fan_out": False,
+                "modules_to_save": None, "inference_mode": True,
+            }  # fmt: skip
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -178,8 +244,11 @@ class LoraConfig:
             LoraConfigError: naming the field that is unsupported or invalid.
         """
         peft_type = data.get("peft_type", "LORA")
+        if peft_type == "ADALORA":
+            return cls._from_adalora_dict(data)
         if peft_type != "LORA":
-            raise LoraConfigError("peft_type", f"only LORA adapters are supported, got {peft_type}")
+            raise LoraConfigError("peft_type", f"only LORA and ADALORA adapters are supported, "
+                                  f"got {peft_type}")  # fmt: skip
         unsupported: dict[str, Any] = {
             "fan_in_fan_out": False,
             "modules_to_save": None,
@@ -215,6 +284,33 @@ class LoraConfig:
             bias=data.get("bias", "none"),
             use_dora=bool(data.get("use_dora", False)),
         )
+
+    @classmethod
+    def _from_adalora_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        if data.get("rank_pattern"):  # pruned triplets stored truncated: not read (yet)
+            raise LoraConfigError(
+                "rank_pattern",
+                "AdaLoRA files with a rank_pattern are not supported; save "
+                "with the pruned triplets zeroed in lora_E",
+            )
+        for key in ("fan_in_fan_out", "modules_to_save"):
+            if data.get(key):
+                raise LoraConfigError(key, f"is not supported by lorafleet (got {data[key]!r})")
+        targets = data.get("target_modules")
+        if targets is None:
+            raise LoraConfigError("target_modules", "is missing from adapter_config.json")
+        init_r = int(data.get("init_r", 12))
+        schedule = AdaLoraSchedule(
+            target_r=int(data.get("target_r", 8)), total_step=int(data.get("total_step") or 1),
+            tinit=int(data.get("tinit", 0)), tfinal=int(data.get("tfinal", 0)),
+            delta_t=int(data.get("deltaT", 1)),
+            beta1=float(data.get("beta1", 0.85)), beta2=float(data.get("beta2", 0.85)),
+            orth_reg=float(data.get("orth_reg_weight", 0.5)),
+        )  # fmt: skip
+        return cls(r=init_r, alpha=float(data.get("lora_alpha", 8)),
+                   dropout=data.get("lora_dropout", 0.0) or 0.0,
+                   target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
+                   adalora=schedule)  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-JSON view (for metrics, lineage and the catalog)."""

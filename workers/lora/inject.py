@@ -129,6 +129,7 @@ def inject_lora(
             init=config.init,
             dtype=dtype,
             use_dora=config.use_dora,
+            adalora=config.adalora is not None,
         )
         _set_submodule(model, path, wrapped)
     return list(paths)
@@ -143,9 +144,7 @@ def lora_parameters(model: nn.Module) -> list[torch.Tensor]:
     """The trainable LoRA parameters (A, B and DoRA's magnitude per module, in model order)."""
     params: list[torch.Tensor] = []
     for module in lora_modules(model).values():
-        params += [module.lora_A.weight, module.lora_B.weight]
-        if module.use_dora:
-            params.append(module.lora_magnitude_vector)
+        params += list(module.named_lora_tensors().values())
     return params
 
 
@@ -154,11 +153,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     DoRA's ``….lora_magnitude_vector``)."""
     out: dict[str, torch.Tensor] = {}
     for path, module in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.weight.detach()
-        out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.weight.detach()
-        if module.use_dora:
-            magnitude = module.lora_magnitude_vector.detach()
-            out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = magnitude
+        for suffix, tensor in module.named_lora_tensors().items():
+            out[f"{PEFT_PREFIX}{path}.{suffix}"] = tensor.detach()
     return out
 
 

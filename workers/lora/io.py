@@ -28,7 +28,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 _KEY = re.compile(
-    r"^base_model\.model\.(?P<path>.+)\.lora_(?:(?P<which>[AB])\.weight|(?P<m>magnitude_vector))$"
+    r"^base_model\.model\.(?P<path>.+)\.lora_"
+    r"(?:(?P<which>[AB])(?:\.weight)?|(?P<m>magnitude_vector)|(?P<e>E))$"
 )
 
 
@@ -150,7 +151,7 @@ def parse_adapter_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
                 f"unexpected tensor {key!r} in adapter (expected "
                 f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight')"
             )
-        modules.setdefault(m["path"], {})[m["which"] or "M"] = tensor
+        modules.setdefault(m["path"], {})[m["which"] or ("M" if m["m"] else "E")] = tensor
     for path, pair in modules.items():
         if not {"A", "B"} <= set(pair):
             missing = "lora_B" if "A" in pair else "lora_A"
@@ -185,6 +186,16 @@ def check_adapter_shapes(
                 f"adapter for another base shape at {path!r}: base expects lora_A {want_a} and "
                 f"lora_B {want_b} (r={config.r}), adapter has {tuple(a.shape)} and "
                 f"{tuple(b.shape)}"
+            )
+        diagonal = pair.get("E")
+        if (config.adalora is not None) != (diagonal is not None):
+            which = "lacks" if config.adalora is not None else "has"
+            raise AdapterFormatError(f"{path!r} {which} lora_E, but the adapter is "
+                                     f"{config.method}")  # fmt: skip
+        if diagonal is not None and tuple(diagonal.shape) != (config.r, 1):
+            raise AdapterFormatError(
+                f"{path!r}: lora_E is {tuple(diagonal.shape)}, AdaLoRA r={config.r} expects "
+                f"({config.r}, 1)"
             )
         magnitude = pair.get("M")
         if config.use_dora != (magnitude is not None):
@@ -231,11 +242,15 @@ def load_adapter(
         inject_lora(model, config, module_paths=order, dtype=dtype)
         existing = lora_modules(model)
     for path, layer in existing.items():
-        if layer.use_dora != config.use_dora:
-            raise AdapterFormatError(f"{path!r}: the model's layer and the adapter differ in DoRA")
+        if layer.use_dora != config.use_dora or layer.adalora != (config.adalora is not None):
+            raise AdapterFormatError(
+                f"{path!r}: the model's layer and the adapter differ in method"
+            )
         layer.lora_A.weight.copy_(modules[path]["A"])
         layer.lora_B.weight.copy_(modules[path]["B"])
         if config.use_dora:
             layer.lora_magnitude_vector.copy_(modules[path]["M"])
+        if config.adalora is not None:
+            layer.lora_E.copy_(modules[path]["E"])
         layer.scaling = config.scaling
     return config

@@ -17,6 +17,11 @@ DoRA (``use_dora``) adds a trainable magnitude m (out,), initialised to the row 
 the norm per output row and, as in the DoRA paper (§4.3) and PEFT, detached from the graph (a
 constant in the backward pass). With dropout the base term keeps the undropped input, as in
 PEFT: y = x W0ᵀ + b + (m/‖·‖ − 1) ⊙ x̃ W0ᵀ + (m/‖·‖) ⊙ s · x̃ Aᵀ Bᵀ, x̃ = dropout(x).
+
+AdaLoRA (``adalora``) keeps the update in SVD form, ΔW = P Λ Q with Λ = diag(E): here
+B = P (out × r), A = Q (r × in), E (r × 1), so the forward uses A ⊙ E in place of A and the
+rank allocator (``workers.lora.adalora``) zeroes the E of the least important triplets.
+PEFT's AdaLoRA scales by alpha / (r + 1e-5).
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class LoraLinear(nn.Module):
         dtype: dtype of A and B; defaults to float32 for half-precision bases (so small
             updates are not lost to rounding), otherwise the base's dtype.
         use_dora: also learn DoRA's magnitude vector (``lora_magnitude_vector``, PEFT's key).
+        adalora: AdaLoRA's SVD form: a learned diagonal E (``lora_E``) between B and A.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class LoraLinear(nn.Module):
         init: InitKind = "gaussian",
         dtype: torch.dtype | None = None,
         use_dora: bool = False,
+        adalora: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -121,6 +128,9 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.use_dora = use_dora
+        self.adalora = adalora
+        if adalora:  # Λ starts at zero: the layer starts at the base whatever A and B are
+            self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device, dtype=dtype))
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(
                 torch.ones(self.out_features, device=device, dtype=dtype)
@@ -129,7 +139,13 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: InitKind = "gaussian") -> None:
-        """A random (Gaussian std 1/r, or PEFT's kaiming-uniform), B zero: starts at the base."""
+        """A random (Gaussian std 1/r, or PEFT's kaiming-uniform), B zero: starts at the base.
+        AdaLoRA (PEFT's init): A and B ~ N(0, 0.02²), E zero."""
+        if self.adalora:
+            nn.init.normal_(self.lora_A.weight, std=0.02)
+            nn.init.normal_(self.lora_B.weight, std=0.02)
+            nn.init.zeros_(self.lora_E)
+            return
         if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
         else:
@@ -139,11 +155,27 @@ class LoraLinear(nn.Module):
             # B = 0: m = ‖W0‖ per row, so the layer starts exactly at the base
             self.lora_magnitude_vector.copy_(self.weight_norm())
 
+    def effective_a(self) -> torch.Tensor:
+        """A, or AdaLoRA's A ⊙ E (r × in): what multiplies the input."""
+        a = self.lora_A.weight
+        return a * self.lora_E if self.adalora else a
+
+    def named_lora_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's trained tensors under PEFT's key suffixes, in optimizer order: the one
+        owner of what an adapter file and a checkpoint hold per layer."""
+        if self.adalora:  # PEFT's AdaLoRA keys carry no ".weight"
+            return {"lora_A": self.lora_A.weight, "lora_B": self.lora_B.weight,
+                    "lora_E": self.lora_E}  # fmt: skip
+        out = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.use_dora:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return out
+
     def weight_norm(self) -> torch.Tensor:
         """‖W0 + s·B·A‖ per output row (out,), in float32, outside the autograd graph."""
         with torch.no_grad():
             w = self.base_layer.weight.to(torch.float32)
-            a, b = self.lora_A.weight.to(torch.float32), self.lora_B.weight.to(torch.float32)
+            a, b = self.effective_a().to(torch.float32), self.lora_B.weight.to(torch.float32)
             return torch.linalg.vector_norm(w + self.scaling * (b @ a), dim=1)
 
     def dora_scale(self) -> torch.Tensor:
@@ -153,13 +185,13 @@ class LoraLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B·A, shape (out, in), in the base weight's dtype."""
-        a, b = self.lora_A.weight, self.lora_B.weight
+        a, b = self.effective_a(), self.lora_B.weight
         return (b @ a).mul_(self.scaling).to(self.base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        a, b = self.lora_A.weight, self.lora_B.weight
+        a, b = self.effective_a(), self.lora_B.weight
         x_lora = None
         if self.training and self.dropout_p > 0:
             x_lora = F.dropout(x, p=self.dropout_p, training=True)
@@ -208,7 +240,7 @@ class LoraLinear(nn.Module):
         """Plain composition, for mixed dtypes and autocast (which custom Functions bypass)."""
         result = self.base_layer(x)
         xl = (x if x_lora is None else x_lora).to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(xl)) * self.scaling
+        update = self.lora_B(F.linear(xl, self.effective_a())) * self.scaling
         return result + update.to(result.dtype)
 
     @torch.no_grad()
@@ -266,4 +298,5 @@ class LoraLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, r={self.r}, "
             f"scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}"
             + (", dora=True" if self.use_dora else "")
+            + (", adalora=True" if self.adalora else "")
         )

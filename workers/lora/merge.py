@@ -98,7 +98,7 @@ def merged_base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer.use_dora:  # the magnitude rescales every row: the layer merges itself
             plain[f"{path}.weight"] = layer.merged_weight()
             continue
-        lora[path] = (layer.lora_A.weight, layer.lora_B.weight)
+        lora[path] = (layer.effective_a(), layer.lora_B.weight)
         scalings.add(layer.scaling)
     if not lora:
         return plain

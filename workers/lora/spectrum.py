@@ -117,12 +117,16 @@ def pairs(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, tor
     """``module path → (A, B)`` from PEFT-keyed weights (``….lora_A.weight`` / ``lora_B``)."""
     from workers.lora.io import parse_adapter_keys
 
-    return {path: (ab["A"], ab["B"]) for path, ab in parse_adapter_keys(weights).items()}
+    out = {}
+    for path, ab in parse_adapter_keys(weights).items():  # AdaLoRA: Λ folded into A
+        out[path] = (ab["A"] * ab["E"] if "E" in ab else ab["A"], ab["B"])
+    return out
 
 
 def _plain_lora(config: LoraConfig) -> None:
-    if config.use_dora:  # a truncated direction changes every row norm the magnitude divides by
-        raise LoraConfigError("method", "compressing a DoRA adapter is not supported (plain LoRA)")
+    if config.method != "lora":  # DoRA: a truncated direction changes every row norm
+        raise LoraConfigError("method", f"compressing a {config.method} adapter is not "
+                              "supported (plain LoRA only)")  # fmt: skip
 
 
 def adapter_spectrum(weights: dict[str, torch.Tensor], config: LoraConfig) -> Spectrum:

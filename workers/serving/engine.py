@@ -273,13 +273,23 @@ class ServingEngine:
                     f"adapter {version.ref} adapts modules this server does not serve: "
                     f"{unserved[:3]}"
                 )
+        if config.adalora is not None:  # served as plain LoRA: the kept triplets, Λ in A
+            from workers.lora.adalora import to_plain_lora
+
+            plain = {p: to_plain_lora(pair["A"], pair["B"], pair["E"]) for p, pair in pairs.items()}
+            modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {
+                p: (a, b, None) for p, (a, b) in plain.items()
+            }
+        else:
+            modules = {p: (pair["A"], pair["B"], pair.get("M")) for p, pair in pairs.items()}
+        if self.layers:
             rank = next(iter(self.layers.values())).max_rank
-            if config.r > rank:
+            r = max(m[0].shape[0] for m in modules.values())  # AdaLoRA: the kept rank
+            if r > rank:
                 raise AdapterMismatch(
-                    f"adapter {version.ref} has rank {config.r}; this server's slots hold "
+                    f"adapter {version.ref} has rank {r}; this server's slots hold "
                     f"rank ≤ {rank} (start it with a larger --max-rank)"
                 )
-        modules = {p: (pair["A"], pair["B"], pair.get("M")) for p, pair in pairs.items()}
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         return HostAdapter(version, modules, config.scaling, nbytes)
 

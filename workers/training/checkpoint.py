@@ -29,9 +29,9 @@ def write_checkpoint(
     """Write one job's checkpoint: ``modules`` maps module paths to that job's LoRA layers
     (in model order, as its optimizer's parameters are)."""
     state: dict[str, torch.Tensor] = {}
-    for path, layer in modules.items():
-        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
-        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+    for path, layer in modules.items():  # A, B, and DoRA's magnitude or AdaLoRA's E
+        for suffix, tensor in layer.named_lora_tensors().items():
+            state[f"{PEFT_PREFIX}{path}.{suffix}"] = tensor.detach().contiguous()
     save_file(state, str(directory / CKPT_WEIGHTS))
     torch.save(optimizer.state_dict(), directory / CKPT_OPTIM)
     (directory / CKPT_STATE).write_text(json.dumps({"step": step}))
@@ -47,7 +47,7 @@ def read_checkpoint(
     """
     weights = load_file(str(directory / CKPT_WEIGHTS))
     for path, layer in modules.items():
-        layer.lora_A.weight.copy_(weights[f"{PEFT_PREFIX}{path}.lora_A.weight"])
-        layer.lora_B.weight.copy_(weights[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+        for suffix, tensor in layer.named_lora_tensors().items():
+            tensor.copy_(weights[f"{PEFT_PREFIX}{path}.{suffix}"])
     optimizer.load_state_dict(torch.load(directory / CKPT_OPTIM, weights_only=True))
     return int(json.loads((directory / CKPT_STATE).read_text())["step"])

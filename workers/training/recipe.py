@@ -23,6 +23,8 @@ from torch import nn
 from workers.datasets import Example
 from workers.errors import TrainingError
 from workers.lora import LoraConfig, inject_lora, lora_parameters
+from workers.lora.adalora import RankAllocator, orthogonal_regularizer
+from workers.lora.inject import lora_modules
 from workers.lora.quant import QuantReport, quantize_base
 from workers.training.batches import (
     collate,
@@ -149,6 +151,7 @@ class LoraFinetuneRecipe:
         self.params: list[torch.Tensor] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.quant: QuantReport | None = None  # the base's quantization, when asked for
+        self.allocator: RankAllocator | None = None  # AdaLoRA's rank budget
 
     # -- setup --------------------------------------------------------------------------
     def setup(self, *, inject: bool = True) -> None:
@@ -162,6 +165,9 @@ class LoraFinetuneRecipe:
         self.params = lora_parameters(self.model)
         if not self.params:
             raise TrainingError("the model has no LoRA parameters to train")
+        if self.lora.adalora is not None:
+            self.allocator = RankAllocator(lora_modules(self.model), self.lora.adalora,
+                                           self.lora.r)  # fmt: skip
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(
@@ -216,6 +222,9 @@ class LoraFinetuneRecipe:
             loss_sum = self._loss_sum(batch)
             (loss_sum / denom).backward()
             loss_total += loss_sum.detach().double().cpu()
+        if self.allocator is not None:  # AdaLoRA keeps P and Q orthogonal (per worker: 1/world)
+            weight = self.allocator.schedule.orth_reg / self.world
+            (orthogonal_regularizer(self.allocator.layers) * weight).backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         stat = torch.stack([loss_total, torch.tensor(float(tokens), dtype=torch.float64)])
         self.all_reduce([*grads, stat])
@@ -225,6 +234,8 @@ class LoraFinetuneRecipe:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         self.optimizer.step()
         self.step += 1
+        if self.allocator is not None:  # scores from this step's gradients, then prunes
+            self.allocator.step(self.step)
         elapsed = time.perf_counter() - t0
         all_tokens = int(stat[1])
         return StepReport(
