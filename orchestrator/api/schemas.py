@@ -174,7 +174,7 @@ class LoraShape(_Out):
     alpha: float
     target_modules: list[str] | str
     use_rslora: bool
-    method: Literal["lora", "dora"] = "lora"
+    method: Literal["lora", "dora", "adalora"] = "lora"
 
 
 class Lineage(_Out):

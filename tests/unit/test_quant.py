@@ -103,3 +103,36 @@ def test_a_base_quantized_under_lora_keeps_lora_in_full_precision(tiny_base_dir,
     assert all(p.grad is not None for p in lora_parameters(model))
     with pytest.raises(MergeError, match="quantized"):
         next(iter(lora_modules(model).values())).merge()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_qlora_adapter_round_trips_within_the_quantization_error(tiny_base_dir, batch,
+                                                                    tmp_path, kind):  # fmt: skip
+    """Trained on the quantized base, the adapter is a plain PEFT adapter for the full one: the
+    logits PEFT gives with it on the unquantized base differ from the quantized training model's
+    by no more than the quantized base alone differs from the full base (the tolerance)."""
+    from peft import PeftModel
+
+    from workers.lora import save_adapter
+
+    cfg = LoraConfig(r=8, target_modules=("q_proj", "v_proj"), base_quantization=kind)
+    model, _ = load_base(tiny_base_dir)
+    inject_lora(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    save_adapter(model, cfg, tmp_path / "qlora")
+    assert "base_quantization" not in (tmp_path / "qlora" / "adapter_config.json").read_text()
+    quantize_base(model, kind)
+    peft_model = PeftModel.from_pretrained(load_base(tiny_base_dir)[0], tmp_path / "qlora")
+    full, _ = load_base(tiny_base_dir)
+    quantized, _ = load_base(tiny_base_dir)
+    quantize_base(quantized, kind)
+    with torch.no_grad():
+        trained = model.eval()(**batch).logits
+        reference = peft_model.eval()(**batch).logits
+        base_err = (full.eval()(**batch).logits - quantized.eval()(**batch).logits).abs().mean()
+    err = (trained - reference).abs().mean()
+    assert err <= 1.25 * base_err, (float(err), float(base_err))
+    assert float(base_err) / float(reference.abs().mean()) < (0.4 if kind == "nf4" else 0.03)

@@ -394,7 +394,7 @@ async function versionView(ns, name, version) {
         el("div", {}, "state ", stateCell(v.state)),
         el("div", { text: `aliases: ${v.aliases.map((a) => `@${a}`).join(" ") || "-"}` }),
         el("div", { text: `tags: ${v.tags.join(", ") || "-"}` }),
-        el("div", { text: `LoRA r=${v.lora.r} alpha=${v.lora.alpha} targets=${v.lora.target_modules}` }),
+        el("div", { text: `${v.lora.method} r=${v.lora.r} alpha=${v.lora.alpha} targets=${v.lora.target_modules}` }),
         el("div", { class: "muted", text: `created ${when(v.created_at)} by ${v.lineage.created_by || "-"}` }),
         el("h2", { text: "Gates" }),
         Object.keys(gates).length ? Object.entries(gates).map(([a, rules]) => el("div", { class: "gate-rules", text: `@${a}: ${rules.join(" and ")}` }))
