@@ -17,24 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, write_result
-from workers.base_model import load_base
-from workers.datasets import read_jsonl
-from workers.demo_task import HELDOUT_FILE, TRAIN_FILE, exact_match
-from workers.generate import greedy_generate
-from workers.lora import LoraConfig, load_adapter
+from workers.demo_task import TRAIN_FILE, heldout_exact_match
+from workers.lora import LoraConfig
 from workers.lora.io import read_adapter_config, read_adapter_weights, save_adapter_state
 from workers.lora.spectrum import adapter_spectrum, compress
 from workers.tiny_base import create_tiny_base
 from workers.training.recipe import TrainConfig
 from workers.training.single import train_single
-
-
-def _exact_match(base: Path, adapter: Path) -> float:
-    rows = read_jsonl(HELDOUT_FILE)
-    model, tok = load_base(base)
-    load_adapter(model, adapter)
-    answers = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=8)
-    return exact_match(answers, [r["completion"] for r in rows])
 
 
 def main() -> None:
@@ -52,8 +41,8 @@ def main() -> None:
     spectrum = adapter_spectrum(weights, config)
     small = compress(weights, config, energy=0.99)
     small_dir = save_adapter_state(small.weights, small.config, work / "compressed")
-    em_full = _exact_match(base, trained.adapter_dir)
-    em_small = _exact_match(base, small_dir)
+    em_full = heldout_exact_match(base, trained.adapter_dir)
+    em_small = heldout_exact_match(base, small_dir)
     payload = {
         "environment": environment(1), "r": 16, "rank_90": spectrum.rank_90,
         "rank_99": spectrum.rank_99, "compressed_rank": small.rank,

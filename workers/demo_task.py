@@ -48,6 +48,20 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return hits / len(references)
 
 
+def heldout_exact_match(base_dir: str | Path, adapter_dir: str | Path) -> float:
+    """Greedy exact match of an adapter on the held-out prompts (8 new tokens, as served)."""
+    from workers.base_model import load_base
+    from workers.datasets import read_jsonl
+    from workers.generate import greedy_generate
+    from workers.lora import load_adapter
+
+    rows = read_jsonl(HELDOUT_FILE)
+    model, tok = load_base(base_dir)
+    load_adapter(model, adapter_dir)
+    answers = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=8)
+    return exact_match(answers, [r["completion"] for r in rows])
+
+
 def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
     """Write rows as JSON Lines."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -19,9 +19,7 @@ from orchestrator.cli import app
 from storage.registry import Registry
 from storage.settings import load_settings
 from workers.base_model import load_base
-from workers.datasets import read_jsonl
-from workers.demo_task import HELDOUT_FILE, TRAIN_FILE, exact_match
-from workers.generate import greedy_generate
+from workers.demo_task import TRAIN_FILE, heldout_exact_match
 from workers.lora import LoraConfig, load_adapter
 from workers.training.recipe import TrainConfig
 from workers.training.single import train_single
@@ -42,14 +40,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("LORAFLEET_CATALOG_URL", "LORAFLEET_OBJECT_STORE", "LORAFLEET_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path / "home"
-
-
-def _exact_match(base_dir: Path, adapter_dir: Path) -> float:
-    rows = read_jsonl(HELDOUT_FILE)
-    model, tok = load_base(base_dir)
-    load_adapter(model, adapter_dir)
-    answers = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=8)
-    return exact_match(answers, [r["completion"] for r in rows])
 
 
 def test_an_r16_demo_adapter_compressed_to_99_percent_energy(home, tiny_base_dir, tmp_path):
@@ -82,7 +72,10 @@ def test_an_r16_demo_adapter_compressed_to_99_percent_energy(home, tiny_base_dir
     assert "compressed" in v2.tags and v2.metrics["rank_99"] <= rank and v2.spectrum
     assert v1.metrics["rank_99"] == spectrum["rank_99"]  # stored at publish
 
-    em_full, em_small = _exact_match(tiny_base_dir, d1), _exact_match(tiny_base_dir, d2)
+    em_full, em_small = (
+        heldout_exact_match(tiny_base_dir, d1),
+        heldout_exact_match(tiny_base_dir, d2),
+    )
     print(f"r=16 → rank {rank}: exact match {em_full:.0%} → {em_small:.0%}, size {ratio:.3f}×")
     assert em_full >= 0.9 and em_small >= 0.95 * em_full
 
