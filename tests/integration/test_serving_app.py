@@ -341,66 +341,52 @@ def test_prewarm_then_corrupt_adapter_fails_alone(app: App) -> None:
     path.write_bytes(data)
 
 
-def _metered(app: App) -> dict[tuple[str, str], tuple[int, int, int]]:
+def _metered(app: App, namespace: str) -> dict[tuple[str, str], tuple[int, int, int]]:
     from storage.catalog import usage
 
     return {(u.namespace, u.model): (u.requests, u.prompt_tokens, u.completion_tokens)
-            for u in usage.query_usage(app.registry.catalog)}  # fmt: skip
-
-
-def _settled(app: App) -> dict[tuple[str, str], tuple[int, int, int]]:
-    """The metered counts once flushing has caught up: unchanged across two flush intervals
-    (the replica flushes every 0.5 s, and no request is in flight)."""
-    seen = [_metered(app)]
-
-    def steady() -> bool:
-        time.sleep(1.2)
-        now = _metered(app)
-        done, seen[0] = now == seen[0], now
-        return done
-
-    wait_until(steady, timeout_s=60, what="usage flushed")
-    return seen[0]
+            for u in usage.query_usage(app.registry.catalog, namespace=namespace)}  # fmt: skip
 
 
 def test_metered_usage_equals_the_usage_fields_returned(app: App) -> None:
+    """A namespace no other test uses: its buckets start empty, so once flushed they must equal
+    the summed ``usage`` fields exactly (a lost or double count never gets there)."""
     from storage.catalog import usage
 
-    before = _settled(app)
-    client = app.client()
-    want: dict[tuple[str, str], list[int]] = {}
+    for name, source in (("peft", "team/peft"), ("secret", "other/secret")):
+        app.registry.publish(adapter_dir=app.dirs[source], ref=f"meter/{name}", base_model="tiny")
+    client = app.client(repo.create_token(app.registry.catalog, namespace="meter", name="m"))
+    want: dict[tuple[str, str], tuple[int, int, int]] = {}
 
     def count(key: tuple[str, str], u: Any) -> None:
-        c = want.setdefault(key, [0, 0, 0])
-        c[0] += 1
-        c[1] += u.prompt_tokens
-        c[2] += u.completion_tokens
+        n, p, c = want.get(key, (0, 0, 0))
+        want[key] = (n + 1, p + u.prompt_tokens, c + u.completion_tokens)
 
     for i in range(3):
-        r = client.completions.create(model="team/peft", prompt=f"spell {i} =", max_tokens=4 + i,
-                                      temperature=0)  # fmt: skip
-        count(("team", "team/peft:1"), r.usage)
+        r = client.completions.create(model="meter/peft", prompt=f"spell {i} =",
+                                      max_tokens=4 + i, temperature=0)  # fmt: skip
+        count(("meter", "meter/peft:1"), r.usage)
         chat = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=3,
             temperature=0)  # fmt: skip
-        count(("team", "tiny"), chat.usage)  # the bare base: the caller's namespace
+        count(("meter", "tiny"), chat.usage)  # the bare base: the caller's namespace
     chunks = list(client.completions.create(
-        model="team/peft", prompt="spell 7 =", max_tokens=5, temperature=0, stream=True,
+        model="meter/peft", prompt="spell 7 =", max_tokens=5, temperature=0, stream=True,
         stream_options={"include_usage": True}))  # fmt: skip
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    count(("team", "team/peft:1"), chunks[-1].usage)
-    admin = app.client(ADMIN).completions.create(model="other/secret", prompt="x", max_tokens=2,
+    count(("meter", "meter/peft:1"), chunks[-1].usage)
+    admin = app.client(ADMIN).completions.create(model="meter/secret", prompt="x", max_tokens=2,
                                                  temperature=0)  # fmt: skip
-    count(("other", "other/secret:1"), admin.usage)  # an adapter: its own namespace
-    after = _settled(app)
-    for key, (n, p, c) in want.items():
-        b = before.get(key, (0, 0, 0))
-        assert (after[key][0] - b[0], after[key][1] - b[1], after[key][2] - b[2]) == (n, p, c)
+    count(("meter", "meter/secret:1"), admin.usage)  # an adapter: its own namespace
+    wait_until(lambda: _metered(app, "meter") == want, timeout_s=60, what="usage flushed")
+
     # the replica tells the catalog what it holds: the API and console read it there
-    replicas = usage.live_replicas(app.registry.catalog)
-    assert len(replicas) == 1
-    assert "team/peft:1" in replicas[0].stats["host"]["resident"]
-    assert replicas[0].stats["load_ms"]["count"] >= 1
+    def holds() -> bool:
+        replicas = usage.live_replicas(app.registry.catalog)
+        return len(replicas) == 1 and "meter/peft:1" in replicas[0].stats["host"]["resident"]
+
+    wait_until(holds, timeout_s=30, what="the replica's snapshot")
+    assert usage.live_replicas(app.registry.catalog)[0].stats["load_ms"]["count"] >= 1
 
 
 def test_the_api_app_serves_the_console_under_its_route_prefix(app: App) -> None:
@@ -425,7 +411,7 @@ def test_the_api_app_serves_the_console_under_its_route_prefix(app: App) -> None
         assert "uPlot" in httpx.get(f"{app.url}/api/console/vendor/uPlot.iife.min.js").text
         assert httpx.get(f"{app.url}/api/v1/me", headers=auth).json()["namespace"] is None
         served = httpx.get(f"{app.url}/api/v1/usage", headers=auth).json()["data"]
-        assert any(u["model"] == "team/peft:1" for u in served)
+        assert any(u["model"] == "meter/peft:1" for u in served)
         assert len(httpx.get(f"{app.url}/api/v1/serving", headers=auth).json()["replicas"]) == 1
         assert _complete(app.client(), "team/peft", PROMPTS[0])[1] == "team/peft:1"  # unharmed
     finally:
