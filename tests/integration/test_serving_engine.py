@@ -212,19 +212,11 @@ def test_a_full_queue_answers_overloaded_and_the_rest_are_served(tmp_path, tiny_
 def test_a_peft_dora_adapter_serves_in_mixed_batches_and_merged(setup, tiny_base_dir, tmp_path):
     """DoRA rows next to LoRA rows and base rows: each answers as PEFT does for it alone; the
     catalog records the method; merged mode folds the magnitude in."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from tests.peft_dora import peft_dora_adapter
 
     registry, engine, dirs = setup
-    cfg = PeftLoraConfig(r=4, lora_alpha=8, use_dora=True,
-                         target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
-    peft_model = get_peft_model(load_base(tiny_base_dir)[0], cfg)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "lora_magnitude" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(tmp_path / "dora")
+    peft_dora_adapter(tiny_base_dir, tmp_path / "dora", ["q_proj", "v_proj", "down_proj"],
+                      seed=11, scale=0.3)  # fmt: skip
     version = registry.publish(adapter_dir=tmp_path / "dora", ref="team/dora", base_model="tiny")
     assert version.method == "dora"
     refs = ["team/dora", "team/a", None, "team/dora"]

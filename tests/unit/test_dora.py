@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 
+from tests.peft_dora import peft_dora_adapter
 from workers.base_model import load_base
 from workers.lora import (
     AdapterFormatError,
@@ -62,16 +62,8 @@ def test_ours_loads_in_peft_with_equal_logits(tiny_base_dir, batch, tmp_path):
 
 
 def test_peft_dora_loads_in_ours_with_equal_logits(tiny_base_dir, batch, tmp_path):
-    peft_base, _ = load_base(tiny_base_dir)
-    cfg = PeftLoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
-                         target_modules=["q_proj", "v_proj", "o_proj"])  # fmt: skip
-    peft_model = get_peft_model(peft_base, cfg)
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "lora_magnitude" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    peft_model.save_pretrained(tmp_path / "peft-dora")
+    peft_model = peft_dora_adapter(tiny_base_dir, tmp_path / "peft-dora",
+                                   ["q_proj", "v_proj", "o_proj"], seed=9, scale=0.2)  # fmt: skip
     expected = _logits(peft_model, batch)
     ours, _ = load_base(tiny_base_dir)
     assert load_adapter(ours, tmp_path / "peft-dora").use_dora

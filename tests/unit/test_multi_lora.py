@@ -86,19 +86,12 @@ def test_mixed_generation_equals_each_adapter_alone_and_peft(tiny_base_dir, tmp_
 def test_dora_rows_share_a_batch_with_lora_and_base_rows(tiny_base_dir, tmp_path):
     """A PEFT DoRA adapter, a LoRA adapter and the bare base in one batch: every row's logits
     are PEFT's for that row alone."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
+    from tests.peft_dora import peft_dora_adapter
     from workers.lora.io import parse_adapter_keys, read_adapter_weights
 
-    peft_model = get_peft_model(load_base(tiny_base_dir)[0], PeftLoraConfig(
-        r=4, lora_alpha=8, use_dora=True, target_modules=list(PATHS_TARGETS)))  # fmt: skip
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "lora_magnitude" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(tmp_path / "dora")
+    peft_dora_adapter(tiny_base_dir, tmp_path / "dora", list(PATHS_TARGETS), seed=4, scale=0.3)
     lora_model, tok = _adapter(tiny_base_dir, 8, 2)
     base, _ = load_base(tiny_base_dir)
     layers = to_multi_lora(base, list(lora_modules(lora_model)), n_slots=3, max_rank=8)

@@ -21,6 +21,7 @@ check the two agree.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -125,6 +126,7 @@ def dequantize_int8(q: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.
 
 
 # -- bitsandbytes, where it runs -----------------------------------------------------------------
+@functools.cache  # probed once per process, not once per quantized layer
 def bitsandbytes_nf4() -> Any | None:
     """``bitsandbytes.functional`` if it imports and round-trips an NF4 block on this machine."""
     try:

@@ -41,6 +41,7 @@ from storage.fingerprint import fingerprint_model_dir
 from storage.registry import Registry
 from workers.base_model import load_base
 from workers.lora import LoraError, load_adapter, match_target_modules, remove_lora
+from workers.lora.adalora import to_plain_lora
 from workers.lora.io import (
     check_adapter_shapes,
     parse_adapter_keys,
@@ -274,8 +275,6 @@ class ServingEngine:
                     f"{unserved[:3]}"
                 )
         if config.adalora is not None:  # served as plain LoRA: the kept triplets, Λ in A
-            from workers.lora.adalora import to_plain_lora
-
             plain = {p: to_plain_lora(pair["A"], pair["B"], pair["E"]) for p, pair in pairs.items()}
             modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {
                 p: (a, b, None) for p, (a, b) in plain.items()
