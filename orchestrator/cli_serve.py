@@ -9,6 +9,7 @@ import threading
 import typer
 
 from orchestrator.cli_common import console, err_console, user_errors
+from workers.serving.options import DEFAULT_SLOTS
 
 
 @user_errors
@@ -20,7 +21,9 @@ def serve(
     max_replicas: int | None = typer.Option(
         None, min=1, help="Autoscale between --replicas and this many replicas."
     ),
-    slots: int = typer.Option(8, min=1, help="Adapters in one batched forward pass, per replica."),
+    slots: int = typer.Option(
+        DEFAULT_SLOTS, min=1, help="Adapters in one batched forward pass, per replica."
+    ),
     max_rank: int = typer.Option(64, min=1, help="Largest adapter rank the slots hold."),
     host_adapters: int = typer.Option(64, min=1, help="Adapters kept in host memory per replica."),
     merged: str | None = typer.Option(
@@ -35,7 +38,25 @@ def serve(
         512.0, min=1, help="KV-cache budget per replica (MiB); admission waits when it is full."
     ),
     max_queue: int = typer.Option(
-        256, min=1, help="Requests waiting per replica; beyond it the API answers 429."
+        256, min=1, help="Prompts waiting per replica; beyond it the API answers 429."
+    ),
+    max_queue_per_namespace: int = typer.Option(
+        64, min=1, help="Prompts one namespace may have waiting; beyond, 429 for it alone."
+    ),
+    max_rows_per_namespace: int | None = typer.Option(
+        None,
+        min=1,
+        help="Rows one namespace may decode at once (default: no cap; "
+        "namespaces still share rows fairly).",
+    ),
+    slots_per_namespace: int | None = typer.Option(
+        None, min=1, help="Adapter slots one namespace may pin at once (default: no cap)."
+    ),
+    kv_share_per_namespace: float | None = typer.Option(
+        None, min=0.01, max=1.0, help="Share of the KV budget one namespace may hold."
+    ),
+    prefix_cache: bool = typer.Option(
+        True, help="Keep prompt prefixes' KV per adapter version (inside --kv-cache-mb)."
     ),
 ) -> None:
     """Serve the base and every adapter of it in the catalog (Ctrl-C stops)."""
@@ -65,7 +86,9 @@ def serve(
         slots=slots, max_rank=max_rank, host_adapters=host_adapters, replicas=replicas,
         max_replicas=max_replicas, alias_ttl_s=alias_ttl, merged=merged,
         num_cpus=cpus_per_replica, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb,
-        max_queue=max_queue,
+        max_queue=max_queue, max_queue_per_namespace=max_queue_per_namespace,
+        max_rows_per_namespace=max_rows_per_namespace, slots_per_namespace=slots_per_namespace,
+        kv_share_per_namespace=kv_share_per_namespace, prefix_cache=prefix_cache,
     )  # fmt: skip
     if settings.api_token is None:
         err_console.print("warning: LORAFLEET_API_TOKEN is not set: only namespace tokens work")

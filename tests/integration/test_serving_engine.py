@@ -186,19 +186,20 @@ def test_a_full_queue_answers_overloaded_and_the_rest_are_served(tmp_path, tiny_
     registry = Registry.from_settings(load_settings({"LORAFLEET_HOME": str(tmp_path / "home")}))
     engine = ServingEngine(tiny_base_dir, registry, slots=1, max_rank=8, alias_ttl_s=0.0,
                            max_rows=1, max_queue=1)  # fmt: skip
-    step, held, release = engine.scheduler.decoder.step, threading.Event(), threading.Event()
+    step, held, release = engine.loop.decoder.step, threading.Event(), threading.Event()
 
-    def gated():  # type: ignore[no-untyped-def]
+    def gated(*args):  # type: ignore[no-untyped-def]
         held.set()
         assert release.wait(30)
-        return step()
+        return step(*args)
 
-    engine.scheduler.decoder.step = gated  # type: ignore[method-assign]
+    engine.loop.decoder.step = gated  # type: ignore[method-assign]
     results: list = []
-    engine.submit(GenRequest(PROMPTS[0], None, 3), results.append)
+    add = lambda rs: results.extend(rs)  # noqa: E731
+    engine.submit(GenRequest(PROMPTS[0], None, 3), add)
     assert held.wait(30)  # running, its step held
-    engine.submit(GenRequest(PROMPTS[1], None, 3), results.append)  # waits: max_rows=1
-    engine.submit(GenRequest(PROMPTS[2], None, 3), results.append)  # no room in the queue
+    engine.submit(GenRequest(PROMPTS[1], None, 3), add)  # waits: max_rows=1
+    engine.submit(GenRequest(PROMPTS[2], None, 3), add)  # no room in the queue
     assert [r.kind for r in results] == ["overloaded"]
     release.set()
     for _ in range(600):

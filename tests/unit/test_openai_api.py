@@ -15,6 +15,7 @@ from workers.serving.openai_api import (
     chat_prompt_ids,
     completion_response,
     error_body,
+    error_param,
 )
 
 
@@ -29,11 +30,21 @@ def test_completion_defaults_follow_openai() -> None:
     [
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "temperature": 3}, "temperature"),
-        ({"prompt": "x", "n": 2}, "n"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "n": 17}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": ["a"] * 65}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [3, -1]}, "prompt"),
         ({"prompt": ""}, "prompt"),
-        ({"prompt": "x", "echo": True}, "echo"),
-        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "echo": True, "stream": True}, "echo"),
+        ({"prompt": "x", "max_tokens": 0, "echo": False}, "max_tokens"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs"),
+        ({"prompt": "x", "best_of": 4}, "best_of"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "x", "logit_bias": {"7": 100}}, "logit_bias"),
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"prompt": "x", "seed": 2**64}, "seed"),
         ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),
@@ -45,7 +56,8 @@ def test_completion_defaults_follow_openai() -> None:
 def test_bad_completion_requests_name_the_field(body: dict, field: str) -> None:
     with pytest.raises(ValidationError) as err:
         CompletionRequest(model="m", **body)
-    assert err.value.errors()[0]["loc"][0] == field
+    first = err.value.errors()[0]
+    assert error_param(first["loc"], first["msg"]) == field
 
 
 def test_chat_request_checks_roles_and_takes_max_completion_tokens() -> None:

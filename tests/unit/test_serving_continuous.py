@@ -10,7 +10,7 @@ import torch
 
 from workers.serving.decode import DecodeRow, RowOutput
 from workers.serving.kv import RowKVCache, row_mask
-from workers.serving.scheduler import ContinuousScheduler, Overloaded, Ticket
+from workers.serving.decode_loop import DecodeLoop, Overloaded, Ticket
 from workers.serving.stepper import StepDecoder, decode_batch
 
 PROMPTS = ["spell 1 2 3 4 =", "hello there, spell 9 =", "the quick brown fox", "spell 7 ="]
@@ -153,42 +153,42 @@ class _Gate:
         self.open, self.reached = threading.Event(), threading.Event()
         step = decoder.step
 
-        def held() -> Any:
+        def held(*args: Any) -> Any:
             self.reached.set()
             assert self.open.wait(30)
-            return step()
+            return step(*args)
 
         decoder.step = held  # type: ignore[method-assign]
 
 
 def _ticket(
-    row: DecodeRow, results: dict[str, Any], name: str, loop: ContinuousScheduler | None = None
+    row: DecodeRow, results: dict[str, Any], name: str, loop: DecodeLoop | None = None
 ) -> Ticket:
     done = threading.Event()
     results[name] = done
 
-    def on_done(out: RowOutput | None, error: tuple[str, str] | None) -> None:
-        results[name + ".out"] = (out, error)
+    def on_done(outs: list[RowOutput], error: tuple[str, str] | None) -> None:
+        results[name + ".out"] = (outs[0], error)
         if loop is not None:  # on the loop thread, right after the step it ended in
             results[name + ".step"] = loop.stats.steps
         done.set()
 
-    return Ticket(row, lambda _: None, on_done)
+    return Ticket([row], None, on_done)
 
 
 def test_the_queue_is_bounded_and_answers_overloaded(base) -> None:  # type: ignore[no-untyped-def]
     model, tok = base
     decoder = StepDecoder(model, tok, {}, max_rows=1, kv_tokens=4096)
     gate = _Gate(decoder)
-    loop = ContinuousScheduler(decoder, max_queue=2)
+    loop = DecodeLoop(decoder, max_queue=2)
     results: dict[str, Any] = {}
     row = DecodeRow(tok(PROMPTS[0])["input_ids"], max_new_tokens=3)
-    loop.submit(_ticket(row, results, "running"))
+    loop.submit([_ticket(row, results, "running")])
     assert gate.reached.wait(30)  # the first is admitted and its step is held
-    loop.submit(_ticket(row, results, "a"))
-    loop.submit(_ticket(row, results, "b"))  # max_rows=1: these two wait in the queue
+    loop.submit([_ticket(row, results, "a")])
+    loop.submit([_ticket(row, results, "b")])  # max_rows=1: these two wait in the queue
     with pytest.raises(Overloaded):
-        loop.submit(_ticket(row, results, "c"))
+        loop.submit([_ticket(row, results, "c")])
     assert loop.stats.rejected == 1 and loop.stats.waiting == 2
     gate.open.set()
     for name in ("running", "a", "b"):
@@ -196,7 +196,7 @@ def test_the_queue_is_bounded_and_answers_overloaded(base) -> None:  # type: ign
         out, error = results[name + ".out"]
         assert error is None and out.text == _alone(model, tok, row).text
     with pytest.raises(ValueError, match="KV cache"):  # can never run: refused at once
-        loop.submit(_ticket(DecodeRow(row.prompt_ids, max_new_tokens=10**6), results, "huge"))
+        loop.submit([_ticket(DecodeRow(row.prompt_ids, max_new_tokens=10**6), results, "huge")])
     loop.close()
 
 
@@ -208,11 +208,11 @@ def test_a_newcomer_is_admitted_at_the_next_step_not_after_the_batch(base) -> No
     short = DecodeRow(tok(PROMPTS[1])["input_ids"], max_new_tokens=2, min_new_tokens=2)
     decoder = StepDecoder(model, tok, {}, max_rows=4, kv_tokens=4096)
     gate = _Gate(decoder)
-    loop = ContinuousScheduler(decoder)
+    loop = DecodeLoop(decoder)
     results: dict[str, Any] = {}
-    loop.submit(_ticket(long, results, "long", loop))
+    loop.submit([_ticket(long, results, "long", loop)])
     assert gate.reached.wait(30)
-    loop.submit(_ticket(short, results, "short", loop))
+    loop.submit([_ticket(short, results, "short", loop)])
     gate.open.set()
     for name in ("short", "long"):
         assert results[name].wait(60)

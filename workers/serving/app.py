@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.names import NAME_RE
+from workers.serving.options import DEFAULT_SLOTS
 
 
 class AppArgs(BaseModel):
@@ -39,7 +40,7 @@ class AppArgs(BaseModel):
             )
         return v
 
-    slots: int = Field(default=8, ge=1)
+    slots: int = Field(default=DEFAULT_SLOTS, ge=1)
     max_rank: int = Field(default=64, ge=1)
     host_adapters: int = Field(default=64, ge=1)
     replicas: int = Field(default=1, ge=1)
@@ -50,6 +51,11 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     kv_cache_mb: float = Field(default=512.0, gt=0)
     max_queue: int = Field(default=256, ge=1)
+    max_queue_per_namespace: int | None = Field(default=64, ge=1)
+    max_rows_per_namespace: int | None = Field(default=None, ge=1)
+    slots_per_namespace: int | None = Field(default=None, ge=1)
+    kv_share_per_namespace: float | None = Field(default=None, gt=0, le=1)
+    prefix_cache: bool = True
 
 
 def options_from(args: AppArgs) -> Any:
@@ -66,7 +72,10 @@ def options_from(args: AppArgs) -> Any:
         replicas=args.replicas, max_replicas=args.max_replicas, merged=args.merged,
         alias_ttl_s=args.alias_ttl_s, num_cpus=args.cpus_per_replica,
         max_batch_size=args.max_batch_size, kv_cache_mb=args.kv_cache_mb,
-        max_queue=args.max_queue,
+        max_queue=args.max_queue, max_queue_per_namespace=args.max_queue_per_namespace,
+        max_rows_per_namespace=args.max_rows_per_namespace,
+        slots_per_namespace=args.slots_per_namespace,
+        kv_share_per_namespace=args.kv_share_per_namespace, prefix_cache=args.prefix_cache,
     )  # fmt: skip
 
 

@@ -2,18 +2,22 @@
 
 A request (``DecodeRow``) has its own ``max_new_tokens``, greedy or temperature / top-p
 sampling with its own seeded generator (so a seeded request is reproducible whatever it is
-batched with), and stop strings. Text reaches a client as deltas that never contain a stop
-string or half a UTF-8 character (``TextTracker``). ``stepper.py`` runs the batches.
+batched with), stop strings, and optionally the log-probabilities of the tokens it samples
+(``logprobs``) and of its prompt's tokens (``prompt_logprobs``, for ``echo``). Text reaches a
+client as deltas that never contain a stop string or half a UTF-8 character
+(``TextTracker``). ``stepper.py`` runs the batches.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from workers.serving.logprobs import TokenLogprob
 from workers.serving.multi_lora import BASE_SLOT
 
 
@@ -29,16 +33,24 @@ class DecodeRow:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks)
+    logprobs: int | None = None  # sampled tokens' log-probabilities with this many top ones
+    prompt_logprobs: int | None = None  # the prompt's too (echo); None: not computed
 
 
 @dataclass
 class RowOutput:
-    """What a row produced: its tokens, its text (stops removed) and why it ended."""
+    """What a row produced: its tokens, its text (stops removed) and why it ended.
+
+    ``logprobs`` has one entry per sampled token when the row asked for them (a token cut by
+    a stop string included); ``prompt_logprobs`` one per prompt token, the first ``None``.
+    """
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length" or "error"
     error: str | None = None  # why this row alone failed (its batch-mates went on)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
 class TextTracker:
@@ -121,3 +133,18 @@ def row_generator(row: DecodeRow, device: torch.device) -> Any:
     g = torch.Generator(device=device)
     g.manual_seed(row.seed if row.seed is not None else int(torch.randint(2**62, ()).item()))
     return g
+
+
+def choice_seed(seed: int | None, prompt_index: int, choice: int) -> int | None:
+    """The seed of one choice of a request: its prompt's place and its own, mixed into the
+    request's ``seed``, so every choice differs and the whole response is reproducible.
+
+    The first choice of the first prompt keeps ``seed`` itself (a one-choice request samples
+    what it always did).
+    """
+    if seed is None:
+        return None
+    if prompt_index == 0 and choice == 0:
+        return seed
+    mixed = hashlib.sha256(f"{seed}:{prompt_index}:{choice}".encode()).digest()
+    return int.from_bytes(mixed[:8], "little") >> 1  # within what a generator accepts

@@ -63,6 +63,11 @@ class _ReplicaMetrics:
         "lorafleet_forward_passes": ("batches", "count"),
         "lorafleet_decode_steps": ("batches", "steps"),
         "lorafleet_requests_rejected": ("queue", "rejected"),
+        "lorafleet_requests_preempted": ("queue", "preempted"),
+        "lorafleet_prefix_cache_hits": ("prefix_cache", "hits"),
+        "lorafleet_prefix_cache_misses": ("prefix_cache", "misses"),
+        "lorafleet_prefix_cache_hit_tokens": ("prefix_cache", "hit_tokens"),
+        "lorafleet_prefix_cache_miss_tokens": ("prefix_cache", "miss_tokens"),
     }
 
     def __init__(self) -> None:
@@ -125,6 +130,7 @@ def _server_class(opts: ServeOptions) -> Any:
     from storage.catalog import usage as usage_store
     from storage.registry import Registry
     from storage.settings import settings_on_node
+    from workers.serving.decode_loop import TenantLimits
     from workers.serving.engine import GenRequest, ServingEngine, error_kind
     from workers.serving.metering import Periodic
     from workers.serving.streams import stream
@@ -138,12 +144,16 @@ def _server_class(opts: ServeOptions) -> Any:
             settings = settings_on_node(self.opts.settings_json)
             registry = Registry.from_settings(settings)
             base_dir = registry.base_dir(self.opts.base_name)  # this node's verified copy
+            o = self.opts
             self.engine = ServingEngine(
-                base_dir, registry, slots=self.opts.slots, max_rank=self.opts.max_rank,
-                alias_ttl_s=self.opts.alias_ttl_s, host_adapters=None,  # Serve's LRU decides
-                merged=self.opts.merged, max_rows=self.opts.max_batch_size,
-                kv_cache_mb=self.opts.kv_cache_mb, prefill_chunk=self.opts.prefill_chunk,
-                max_queue=self.opts.max_queue,
+                base_dir, registry, slots=o.slots, max_rank=o.max_rank,
+                alias_ttl_s=o.alias_ttl_s, host_adapters=None,  # Serve's LRU decides
+                merged=o.merged, max_rows=o.max_batch_size, kv_cache_mb=o.kv_cache_mb,
+                prefill_chunk=o.prefill_chunk, max_queue=o.max_queue,
+                prefix_cache=o.prefix_cache, kv_share_per_namespace=o.kv_share_per_namespace,
+                tenants=TenantLimits(max_queue=o.max_queue_per_namespace,
+                                     max_rows=o.max_rows_per_namespace,
+                                     max_slots=o.slots_per_namespace),
             )  # fmt: skip
             self.metrics = _ReplicaMetrics()
             self._versions: dict[str, Any] = {}  # exact ref -> the version the ingress sent
@@ -194,20 +204,26 @@ def _server_class(opts: ServeOptions) -> Any:
             await asyncio.shield(staged.future)
 
         async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-            """Stream ``{"ready"}``, then ``{"delta"}``s, then ``{"result"}`` (or ``{"error"}``)."""
+            """Stream ``{"ready"}``, then ``{"deltas"}`` (streamed requests), then
+            ``{"results"}`` (or one ``{"error"}``): see ``streams.py``."""
             payload = dict(payload)
             version = payload.pop("version", None)
-            req = GenRequest(**payload)
+            prompts = payload.pop("prompts")
+            deltas = bool(payload.pop("stream", False))
+            payload["stop"] = tuple(payload.get("stop") or ())
+            reqs = [GenRequest(prompt=ids, prompt_index=i, **payload)
+                    for i, ids in enumerate(prompts)]  # fmt: skip
+            adapter = payload.get("adapter")
             if version is not None:
                 self._versions[version.ref] = version
-            if req.adapter is not None and self.engine.merged is None:
+            if adapter is not None and self.engine.merged is None:
                 try:
-                    await self._ensure_staged(req.adapter)
+                    await self._ensure_staged(adapter)
                 except Exception as exc:  # reported to this request only
                     yield {"error": str(exc), "kind": error_kind(exc)}
                     return
-            async for item in stream(self.engine, req, version):
-                if "result" in item:
+            async for item in stream(self.engine, reqs, version, deltas=deltas):
+                if "results" in item:
                     self.metrics.update(self.engine)
                 yield item
 
@@ -231,7 +247,7 @@ def _server_class(opts: ServeOptions) -> Any:
 
 def build_app(opts: ServeOptions) -> Any:
     """The bound Ray Serve application (ingress + model servers)."""
-    from workers.serving.ingress import ingress_class
+    from workers.serving.ingress import OpenAIIngress
 
     server = _server_class(opts)
     scaling: dict[str, Any]
@@ -244,7 +260,8 @@ def build_app(opts: ServeOptions) -> Any:
     bound = server.options(ray_actor_options={"num_cpus": opts.num_cpus}, **scaling).bind(
         opts.model_dump_json()
     )
-    ingress = ingress_class(opts).options(ray_actor_options={"num_cpus": 0})  # I/O only
+    deployment: Any = OpenAIIngress  # a Serve deployment (the decorator made it one)
+    ingress = deployment.options(ray_actor_options={"num_cpus": 0})  # I/O only
     return ingress.bind(bound, opts.model_dump_json())
 
 

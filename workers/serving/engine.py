@@ -21,6 +21,7 @@ serves exactly one adapter folded into the base weights (no LoRA work per token)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import statistics
@@ -49,11 +50,14 @@ from workers.lora.io import (
     read_adapter_weights,
 )
 from workers.lora.merge import merge_lora
-from workers.serving.decode import DecodeRow, RowOutput
+from workers.serving.decode import DecodeRow, RowOutput, choice_seed
+from workers.serving.decode_loop import DecodeLoop, Overloaded, TenantLimits, Ticket
 from workers.serving.kv import kv_bytes_per_token
+from workers.serving.logprobs import TokenLogprob
 from workers.serving.multi_lora import BASE_SLOT, MultiLoraLinear, to_multi_lora
+from workers.serving.options import DEFAULT_SLOTS
+from workers.serving.prefix_cache import PrefixCache, PrefixStats, prefix_root
 from workers.serving.resolver import RefResolver
-from workers.serving.scheduler import ContinuousScheduler, Overloaded, Ticket
 from workers.serving.slots import AdapterSlots, NoFreeSlot
 from workers.serving.stepper import StepDecoder
 
@@ -104,7 +108,13 @@ class HostAdapter:
 
 @dataclass(frozen=True)
 class GenRequest:
-    """One completion request: a prompt (text or token ids) and an adapter reference."""
+    """One prompt (text or token ids) for an adapter reference, with ``n`` choices.
+
+    ``logprobs``: report each sampled token's log-probability with this many most likely
+    tokens (None: none); with ``echo`` the prompt's tokens get theirs too. ``prompt_index``:
+    the prompt's place in its API request (it numbers the choices and mixes the seeds).
+    ``namespace``: the tenant it counts against (queues, rows, slots).
+    """
 
     prompt: str | Sequence[int]
     adapter: str | None = None  # None: the bare base
@@ -113,11 +123,16 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False
+    namespace: str = ""
+    prompt_index: int = 0
 
 
 @dataclass
 class GenResult:
-    """One request's answer, or its error (the batch goes on without it)."""
+    """One choice's answer, or its error (the batch goes on without it)."""
 
     text: str | None = None
     adapter: str | None = None  # the exact version used, e.g. "team/x:3"
@@ -126,6 +141,11 @@ class GenResult:
     completion_tokens: int = 0
     error: str | None = None
     kind: ErrorKind | None = None  # set with ``error``
+    index: int = 0  # the choice's index in its API response (prompt-major)
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -160,9 +180,14 @@ class ServingEngine:
             multiplexed-model LRU decide, so one LRU governs host memory, not two.
         merged: serve only this adapter, merged into the base weights.
         max_rows: requests decoded together at most.
-        kv_cache_mb: KV-cache budget; admission waits when it is full.
+        kv_cache_mb: KV-cache budget (running rows and cached prefixes); admission waits
+            (or the planner preempts) when it is full.
         prefill_chunk: prompt tokens prefilled per step at most (running rows wait no longer).
         max_queue: waiting requests at most; beyond, ``submit`` answers ``overloaded``.
+        tenants: per-namespace caps (queue, rows, slots, KV); fairness between namespaces
+            is the planner's whatever the caps.
+        kv_share_per_namespace: the share of the KV budget one namespace's rows may hold.
+        prefix_cache: keep prompt prefixes' KV (in blocks, inside ``kv_cache_mb``).
     """
 
     def __init__(
@@ -170,7 +195,7 @@ class ServingEngine:
         base_dir: str | Path,
         registry: Registry,
         *,
-        slots: int = 4,
+        slots: int = DEFAULT_SLOTS,
         max_rank: int = 64,
         targets: tuple[str, ...] | str = "all-linear",
         alias_ttl_s: float = 2.0,
@@ -180,6 +205,9 @@ class ServingEngine:
         kv_cache_mb: float = 512.0,
         prefill_chunk: int = 256,
         max_queue: int = 256,
+        tenants: TenantLimits | None = None,
+        kv_share_per_namespace: float | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.registry = registry
         self.model, self.tokenizer = load_base(base_dir)
@@ -203,10 +231,16 @@ class ServingEngine:
         per_token = kv_bytes_per_token(config, next(self.model.parameters()).dtype)
         self.kv_tokens = max(1, int(kv_cache_mb * 2**20) // per_token)
         context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        self.prefix_cache = PrefixCache() if prefix_cache else None
         decoder = StepDecoder(self.model, self.tokenizer, self.layers, max_rows=max_rows,
                               kv_tokens=self.kv_tokens, max_len=context,
-                              prefill_chunk=prefill_chunk)  # fmt: skip
-        self.scheduler = ContinuousScheduler(decoder, self.slots, max_queue=max_queue)
+                              prefill_chunk=prefill_chunk,
+                              prefix_cache=self.prefix_cache)  # fmt: skip
+        tenants = tenants or TenantLimits()
+        if kv_share_per_namespace is not None:
+            share = max(1, int(kv_share_per_namespace * self.kv_tokens))
+            tenants = dataclasses.replace(tenants, max_kv_tokens=share)
+        self.loop = DecodeLoop(decoder, self.slots, max_queue=max_queue, tenants=tenants)
         self._closed = threading.Event()
         if alias_ttl_s > 0 and self.merged is None:
             threading.Thread(target=self._sweep_loop, args=(max(alias_ttl_s, 0.5),),
@@ -316,6 +350,7 @@ class ServingEngine:
         dropped = self.slots.evict(version.ref) is not None
         with self._host_lock:
             dropped = self._host.pop(version.ref, None) is not None or dropped
+        self.loop.call_soon(functools.partial(self.loop.decoder.drop_prefixes, version.ref))
         if disk:
             self.registry.cache.remove(version)
         return dropped
@@ -332,79 +367,122 @@ class ServingEngine:
         log.info("serving %s merged into the base", version.ref)
 
     # -- requests ------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        return list(prompt)
+
+    def _target(
+        self, adapter: str | None, version: AdapterVersion | None
+    ) -> tuple[AdapterVersion | None, HostAdapter | None]:
+        """The exact version a request runs on (None: the base) and its host copy."""
+        if self.merged is not None:
+            ref = version.ref if version else adapter and self.resolve(adapter).ref
+            if ref != self.merged.ref:
+                raise RequestRejected(
+                    f"this deployment serves only {self.merged.ref} (merged); asked for "
+                    f"{adapter or 'the base'}"
+                )
+            return self.merged, None
+        if adapter is None:
+            return None, None
+        try:
+            version = version or self.resolve(adapter)
+            return version, self.stage(version)
+        except (NotFound, IntegrityError):  # never keep a deleted or corrupt version
+            self.forget(version.ref if version else None)
+            raise
+
     def submit(
         self,
-        req: GenRequest,
-        on_done: Callable[[GenResult], None],
-        on_delta: Callable[[str], None] | None = None,
+        requests: GenRequest | Sequence[GenRequest],
+        on_done: Callable[[list[GenResult]], None],
+        on_delta: Callable[[int, str, list[TokenLogprob]], None] | None = None,
         *,
         version: AdapterVersion | None = None,
-    ) -> Ticket | None:
-        """Queue ``req`` for the decode loop; ``on_delta`` gets its text as it is decoded and
-        ``on_done`` its result (or error) once. Both run on the loop thread.
+    ) -> list[Ticket] | None:
+        """Queue the prompts of one API request (one adapter, the same settings) for the
+        decode loop, all or none.
 
-        ``version``: the exact adapter version, when the caller resolved ``req.adapter``
-        already (the ingress does: one resolution per request). Returns the ticket (for
-        ``cancel``), or None when the request failed at once (``on_done`` was called).
+        ``on_delta(choice, text, logprobs)`` gets each choice's new text (and new token
+        log-probabilities, when asked) as it is decoded; ``on_done`` gets every choice's result
+        once (prompt-major: choice ``prompt_index · n + j``), each carrying the error when the
+        request failed. Both run on the loop thread. ``version``: the exact adapter version,
+        when the caller resolved it already (the ingress does: one resolution per request).
+        Returns the tickets (for ``cancel``), or None when the request failed at once
+        (``on_done`` was called).
         """
-        result = GenResult(adapter=None)
+        reqs = [requests] if isinstance(requests, GenRequest) else list(requests)
+        first = reqs[0]
+        results: list[GenResult] = []
         try:
-            ids = (list(self.tokenizer(req.prompt)["input_ids"]) if isinstance(req.prompt, str)
-                   else list(req.prompt))  # fmt: skip
-            if not ids:
-                raise RequestRejected("empty prompt")
-            result.prompt_tokens = len(ids)
-            adapter, load = None, None
-            if self.merged is not None:
-                ref = version.ref if version else req.adapter and self.resolve(req.adapter).ref
-                if ref != self.merged.ref:
-                    raise RequestRejected(
-                        f"this deployment serves only {self.merged.ref} (merged); asked for "
-                        f"{req.adapter or 'the base'}"
-                    )
-                result.adapter = self.merged.ref
-            elif req.adapter is not None:
-                try:
-                    version = version or self.resolve(req.adapter)
-                    host = self.stage(version)
-                except (NotFound, IntegrityError):  # never keep a deleted or corrupt version
-                    self.forget(version.ref if version else None)
-                    raise
-                adapter, result.adapter = version.ref, version.ref
-                load = functools.partial(self._load_into, host)
-            row = DecodeRow(ids, BASE_SLOT, req.max_tokens, req.temperature, req.top_p,
-                            req.seed, tuple(req.stop))  # fmt: skip
+            target, host = self._target(first.adapter, version)
+            name = target.ref if target is not None else None
+            key = None if self.merged is not None or target is None else target.ref
+            load = functools.partial(self._load_into, host) if host is not None else None
+            root = prefix_root(self.fingerprint, name, target.digest if target else None)
+            tickets, pending = [], [len(reqs)]
+            by_index: dict[int, GenResult] = {}
+            lock = threading.Lock()
+            for req in reqs:
+                ids = self._prompt_ids(req.prompt)
+                if not ids:
+                    raise RequestRejected("empty prompt")
+                prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
+                rows = [DecodeRow(ids, BASE_SLOT, req.max_tokens, req.temperature, req.top_p,
+                                  choice_seed(req.seed, req.prompt_index, j), tuple(req.stop),
+                                  logprobs=req.logprobs, prompt_logprobs=prompt_lp)
+                        for j in range(req.n)]  # fmt: skip
+                base_index = req.prompt_index * req.n
 
-            def done(out: RowOutput | None, error: tuple[str, str] | None) -> None:
-                if out is not None:
-                    result.text, result.finish_reason = out.text, out.finish_reason
-                    result.completion_tokens = len(out.token_ids)
-                if error is not None:
-                    result.error, result.kind = error[0], error[1]  # type: ignore[assignment]
-                on_done(result)
+                def done(outs: list[RowOutput], error: tuple[str, str] | None, *,
+                         ids: list[int] = ids, base_index: int = base_index,
+                         req: GenRequest = req) -> None:  # fmt: skip
+                    for j, out in enumerate(outs):
+                        r = GenResult(out.text, name, out.finish_reason, len(ids),
+                                      len(out.token_ids), index=base_index + j, prompt_ids=ids,
+                                      token_ids=list(out.token_ids))  # fmt: skip
+                        if req.logprobs is not None:
+                            r.logprobs = list(out.logprobs)
+                            if req.echo:
+                                r.prompt_logprobs = list(out.prompt_logprobs)
+                        if error is not None:
+                            r.error, r.kind = error[0], error[1]  # type: ignore[assignment]
+                        by_index[r.index] = r
+                    with lock:
+                        pending[0] -= 1
+                        last = pending[0] == 0
+                    if last:
+                        on_done([by_index[i] for i in sorted(by_index)])
 
-            ticket = Ticket(row, on_delta or (lambda _: None), done, adapter=adapter, load=load)
-            self.scheduler.submit(ticket)
-            return ticket
+                tickets.append(Ticket(rows, on_delta, done, adapter=key, load=load,
+                                      namespace=req.namespace, cache_root=root,
+                                      first_choice=base_index))  # fmt: skip
+            self.loop.submit(tickets)
+            return tickets
         except (StorageError, AdapterMismatch, LoraError, ValueError, Overloaded) as exc:
-            result.error, result.kind = str(exc), error_kind(exc)
-            on_done(result)
+            err = GenResult(adapter=None, error=str(exc), kind=error_kind(exc))
+            results.append(err)
+            on_done(results)
             return None
 
-    def cancel(self, ticket: Ticket) -> None:
+    def cancel(self, tickets: Sequence[Ticket] | Ticket) -> None:
         """Stop decoding a request whose caller went away."""
-        self.scheduler.cancel(ticket)
+        for t in [tickets] if isinstance(tickets, Ticket) else tickets:
+            self.loop.cancel(t)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        """Answer ``requests`` (submitted together; they share steps with anything running).
+        """Answer ``requests`` (each submitted alone; they share steps with anything running):
+        their choices in order, ``n`` per request.
 
-        A request that cannot be served gets an error result; the others are answered.
+        A request that cannot be served gets an error result per choice; the others are
+        answered.
         """
-        results: list[GenResult | None] = [None] * len(requests)
+        results: list[list[GenResult] | None] = [None] * len(requests)
         done = threading.Semaphore(0)
 
-        def finisher(i: int) -> Callable[[GenResult], None]:
-            def finish(result: GenResult) -> None:
+        def finisher(i: int) -> Callable[[list[GenResult]], None]:
+            def finish(result: list[GenResult]) -> None:
                 results[i] = result
                 done.release()
 
@@ -414,15 +492,23 @@ class ServingEngine:
             self.submit(req, finisher(i))
         for _ in requests:
             done.acquire()
-        return [r for r in results if r is not None]
+        out: list[GenResult] = []
+        for req, rs in zip(requests, results, strict=True):
+            assert rs is not None
+            if len(rs) == 1 and rs[0].error is not None and req.n > 1:
+                rs = [dataclasses.replace(rs[0], index=j) for j in range(req.n)]
+            out.extend(rs)
+        return out
 
     def forget(self, ref: str | None) -> None:
-        """Drop an exact version from the slot and host tiers (deleted, or bad bytes)."""
+        """Drop an exact version from the slot and host tiers and its cached prefixes
+        (deleted, or bad bytes)."""
         if ref is None:
             return
         self.slots.evict(ref)
         with self._host_lock:
             self._host.pop(ref, None)
+        self.loop.call_soon(functools.partial(self.loop.decoder.drop_prefixes, ref))
 
     def drop_host(self, ref: str) -> None:
         """Drop an exact version from host memory (its device slot, if any, stays)."""
@@ -457,7 +543,7 @@ class ServingEngine:
     def close(self) -> None:
         """Stop the decode loop and the sweeper."""
         self._closed.set()
-        self.scheduler.close()
+        self.loop.close()
 
     def complete(
         self, requests: list[tuple[str, str | None]], *, max_new_tokens: int = 32
@@ -473,7 +559,7 @@ class ServingEngine:
             host_bytes = sum(a.nbytes for a in self._host.values())
         loads = self.tier_stats.load_ms
         s = self.slots.stats
-        loop = self.scheduler.stats
+        loop = self.loop.stats
         return {
             "merged": self.merged.ref if self.merged else None,
             "slots": {"n": self.slots.n, "resident": self.slots.resident(), "hits": s.hits,
@@ -485,6 +571,17 @@ class ServingEngine:
             "batches": {"count": loop.forwards, "rows": loop.rows, "max_rows": loop.max_rows,
                         "max_adapters": loop.max_adapters, "steps": loop.steps},
             "queue": {"waiting": loop.waiting, "running": loop.running,
-                      "admitted": loop.admitted, "rejected": loop.rejected},
-            "kv": {"budget_tokens": self.kv_tokens, "bytes": self.scheduler.decoder.kv.nbytes()},
+                      "admitted": loop.admitted, "rejected": loop.rejected,
+                      "preempted": loop.preempted},
+            "kv": {"budget_tokens": self.kv_tokens, "bytes": self.loop.decoder.kv.nbytes()},
+            "prefix_cache": self._prefix_stats(),
         }  # fmt: skip
+
+    def _prefix_stats(self) -> dict[str, Any]:
+        c = self.prefix_cache
+        st = c.stats if c is not None else PrefixStats()
+        return {"enabled": c is not None, "block_tokens": c.block if c else 0,
+                "tokens": c.tokens if c else 0,
+                "hits": st.hits, "misses": st.misses, "hit_tokens": st.hit_tokens,
+                "miss_tokens": st.miss_tokens, "evicted_blocks": st.evicted_blocks,
+                "dropped_blocks": st.dropped_blocks}  # fmt: skip

@@ -16,7 +16,9 @@ Why rows and not pages: on a CPU, padded attention over a few rows costs less th
 gather a paged layout needs, and the budget is simple to state (``rows × length`` tokens,
 checked at admission). The price is padding: a row's buffer is as long as the longest
 admitted sequence needs. ``bench/serving.py`` measures the result against transformers'
-own paged continuous batching.
+own paged continuous batching. Sharing happens by copying ranges of positions: a cached
+prefix is written into a row (``write``), a prompt's KV is read out for the prefix cache
+(``read``), and the ``n`` rows of one request copy their first row's prompt (``copy``).
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ from typing import Any
 import torch
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """Bytes one token of one sequence takes in the KV cache of a decoder ``config``."""
+def kv_layout(config: Any, dtype: torch.dtype) -> tuple[int, int, torch.dtype]:
+    """(kv_heads, head_dim, dtype) of one layer's keys for a decoder ``config``."""
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return kv_heads, head_dim, dtype
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes one token of one sequence takes in the KV cache of a decoder ``config``."""
+    kv_heads, head_dim, _ = kv_layout(config, dtype)
     size = torch.empty((), dtype=dtype).element_size()
     return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * size
 
@@ -63,9 +71,15 @@ class RowKVCache:
     Buffers are sized by ``resize`` and are dropped with ``release`` when idle.
     """
 
-    def __init__(self, n_layers: int, *, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, n_layers: int, *, device: torch.device | str = "cpu",
+        layout: tuple[int, int, torch.dtype] | None = None,
+    ) -> None:  # fmt: skip
+        """``layout``: (kv_heads, head_dim, dtype), to allocate at ``resize``; without it the
+        buffers are allocated by the first ``update`` (from the keys it gets)."""
         self.n_layers = n_layers
         self.device = torch.device(device)
+        self.layout = layout
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.rows = 0  # rows the buffers hold
@@ -89,6 +103,10 @@ class RowKVCache:
         for store in (self.k, self.v):
             for i, old in enumerate(store):
                 if old is None:
+                    if self.layout is not None:
+                        heads, dim, dtype = self.layout
+                        store[i] = torch.zeros((rows, heads, length + 1, dim), dtype=dtype,
+                                               device=self.device)  # fmt: skip
                     continue
                 new = old.new_zeros((rows, old.shape[1], length + 1, old.shape[3]))
                 new[:keep_rows, :, :keep_len] = old[:keep_rows, :, :keep_len]
@@ -111,6 +129,29 @@ class RowKVCache:
             for t in store:
                 if t is not None:
                     t[dst] = t[src]
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy positions ``0:length`` of row ``src`` into row ``dst`` (one prompt, n rows)."""
+        for store in (self.k, self.v):
+            for t in store:
+                if t is not None:
+                    t[dst, :, :length] = t[src, :, :length]
+
+    def read(self, row: int, start: int, end: int) -> torch.Tensor:
+        """Positions ``start:end`` of ``row``: ``(layers, 2, kv_heads, end - start, head_dim)``."""
+        if any(t is None for t in self.k):
+            raise RuntimeError("the buffers are not allocated")
+        return torch.stack([torch.stack((k[row, :, start:end], v[row, :, start:end]))  # type: ignore[index]
+                            for k, v in zip(self.k, self.v, strict=True)])  # fmt: skip
+
+    def write(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Put ``kv`` (as ``read`` returns it) at positions ``start:`` of ``row``."""
+        if any(t is None for t in self.k):
+            raise RuntimeError("the buffers are not allocated: give the cache a layout")
+        end = start + kv.shape[3]
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            k[row, :, start:end] = kv[i, 0]  # type: ignore[index]
+            v[row, :, start:end] = kv[i, 1]  # type: ignore[index]
 
     # -- one forward -----------------------------------------------------------------------
     def begin(

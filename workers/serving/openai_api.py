@@ -1,9 +1,22 @@
 """The OpenAI wire format: request models, response and stream-chunk builders, chat prompts.
 
 Pure functions and pydantic models, no HTTP and no Ray, so they are unit-tested directly.
-Defaults follow OpenAI's (``max_tokens`` 16, ``temperature`` 1); fields clients send that we
-do not implement are accepted and ignored unless they would change the answer, in which case
-they are refused with a message naming them.
+Defaults follow OpenAI's (``max_tokens`` 16, ``temperature`` 1, ``n`` 1). Fields clients send
+that do not change the answer (``user``, ``metadata``) are accepted and ignored; a field that
+would change it and is not implemented (``best_of``, penalties, ``logit_bias``, ``suffix``,
+tools, response formats) is refused with a message naming it, never silently dropped.
+
+Shapes, as OpenAI and vLLM return them:
+- ``/v1/completions``: a prompt is a string, a list of strings, a list of token ids or a list
+  of token-id lists (up to ``MAX_PROMPTS``); choices are prompt-major (``index = prompt · n +
+  j``). ``logprobs: k`` (0–20) gives ``{tokens, token_logprobs, top_logprobs, text_offset}``
+  per choice, ``top_logprobs`` holding the ``k`` most likely tokens and the chosen one;
+  ``echo`` puts the prompt before the text, with its tokens' log-probabilities (the first
+  ``null``), and allows ``max_tokens: 0``.
+- ``/v1/chat/completions``: ``logprobs: true`` with ``top_logprobs`` (0–20) gives
+  ``{"content": [{token, logprob, bytes, top_logprobs}]}``.
+- Every response names the exact adapter version in ``model`` and carries a
+  ``system_fingerprint`` of the bytes that answered (``provenance.py``).
 """
 
 from __future__ import annotations
@@ -11,11 +24,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workers.datasets import DEFAULT_CHAT_TEMPLATE
+from workers.serving.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
+from workers.serving.token_text import TokenText
 
 MAX_TOKENS_LIMIT = 4096
 # Bounds on what one request may ask, so no request can stall or break its batch-mates. The
@@ -23,9 +39,32 @@ MAX_TOKENS_LIMIT = 4096
 MIN_TEMPERATURE = 0.01  # 0 is greedy; below this, softmax(logits / t) is not a distribution
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator accepts
 MAX_PROMPT_CHARS = 200_000
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_N = 16  # choices per prompt
 MAX_MESSAGES = 512
 MAX_STOPS, MAX_STOP_CHARS = 4, 128
 MAX_BODY_BYTES = 2 * 1024 * 1024
+
+# Fields of OpenAI's (or vLLM's) requests that change the answer and that this server does not
+# implement: refused when set to anything but their neutral values.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
+    "min_tokens": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "guided_json": (None,),
+    "guided_regex": (None,), "guided_choice": (None,), "prompt_logprobs": (None,),
+}  # fmt: skip
+
+
+def error_param(loc: Sequence[Any], message: str) -> str | None:
+    """The request field an error is about: its location, or for a rule across fields (a
+    model-level check, no location) the ``field:`` its message starts with."""
+    names = [str(p) for p in loc if p not in ("body", "query", "header")]
+    if names:
+        return ".".join(names)
+    head, sep, _ = message.removeprefix("Value error, ").partition(": ")
+    return head if sep and head.isidentifier() else None
 
 
 class StreamOptions(BaseModel):
@@ -41,12 +80,35 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    logprobs: Any = None
+    # accepted only at their neutral values (see NEUTRAL)
+    best_of: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    logit_bias: Any = None
+    suffix: Any = None
+    min_tokens: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    prompt_logprobs: Any = None
+
+    @field_validator(*NEUTRAL, mode="before")
+    @classmethod
+    def _unimplemented(cls, v: Any, info: Any) -> Any:
+        if not any(v == neutral for neutral in NEUTRAL[info.field_name]):
+            raise ValueError("not supported by this server")
+        return v
 
     @field_validator("temperature")
     @classmethod
@@ -65,51 +127,70 @@ class _Sampling(BaseModel):
             raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
-        return v
-
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+Prompt = str | list[int]
+
+
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt per request")
-        text = v if isinstance(v, str) else v[0]
-        if not text:
-            raise ValueError("prompt is empty")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(
-                f"prompt has {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}"
-            )
+    def _prompts(cls, v: Any) -> Any:
+        prompts = _split_prompts(v)
+        if not prompts:
+            raise ValueError("no prompt: give a string, token ids, or a list of either")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request")
+        chars = 0
+        for p in prompts:
+            if not p:
+                raise ValueError("a prompt is empty")
+            if isinstance(p, list) and any(t < 0 for t in p):
+                raise ValueError("token ids are never negative")
+            chars += len(p)
+        if chars > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompts have {chars:,} characters or tokens; the limit is "
+                             f"{MAX_PROMPT_CHARS:,}")  # fmt: skip
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported by this server")
-        return v
+    @model_validator(mode="after")
+    def _echo_rules(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is allowed only with echo")
+        if self.echo and self.stream:
+            raise ValueError("echo: not supported with stream")
+        return self
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[Prompt]:
+        """The prompts, each a string or a list of token ids."""
+        return _split_prompts(self.prompt)
 
     def limit(self) -> int:
-        return self.max_tokens or 16
+        return 16 if self.max_tokens is None else self.max_tokens
+
+    def top_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+def _split_prompts(v: Any) -> list[Prompt]:
+    if isinstance(v, str):
+        return [v]
+    if not v:
+        return []
+    if all(isinstance(x, int) for x in v):
+        return [list(v)]
+    return [x if isinstance(x, str) else list(x) for x in v]
 
 
 class ChatMessage(BaseModel):
@@ -124,6 +205,8 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("messages")
     @classmethod
@@ -138,8 +221,19 @@ class ChatCompletionRequest(_Sampling):
             )
         return messages
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: Any) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
     def limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
+
+    def top_logprobs_n(self) -> int | None:
+        """How many top tokens each position reports (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
@@ -156,8 +250,8 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
     )
 
 
-def _ids(kind: str) -> tuple[str, int]:
-    return f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
+def new_id(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -168,70 +262,129 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _response(kind: str, obj: str, model: str, choice: dict[str, Any], prompt_tokens: int,
-              completion_tokens: int) -> dict[str, Any]:  # fmt: skip
-    rid, created = _ids(kind)
-    return {"id": rid, "object": obj, "created": created, "model": model,
-            "choices": [{"index": 0, **choice, "logprobs": None}],
+# -- log-probabilities on the wire ---------------------------------------------------------
+def completion_logprobs(
+    entries: Sequence[TokenLogprob | None], text: TokenText, *, start: int = 0,
+    tokens: Sequence[int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The completions form: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the most
+    likely tokens and the chosen one), ``text_offset`` (from ``start``). A ``None`` entry (the
+    first prompt token under ``echo``) has ``null`` log-probabilities; ``tokens`` names the
+    token at each position (needed for ``None`` entries)."""
+    ids = list(tokens) if tokens is not None else [e.token for e in entries if e is not None]
+    out: dict[str, Any] = {"tokens": [text.text_of(t) for t in ids], "token_logprobs": [],
+                           "top_logprobs": [], "text_offset": text.offsets(ids, start)}  # fmt: skip
+    for e in entries:
+        if e is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(e.logprob)
+        top = {text.text_of(t): lp for t, lp in e.top}
+        top.setdefault(text.text_of(e.token), e.logprob)
+        out["top_logprobs"].append(top)
+    return out
+
+
+def merge_completion_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two completions-form pieces, one after the other (echo: the prompt's, then the text's)."""
+    return {k: list(a[k]) + list(b[k]) for k in a}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], text: TokenText) -> dict[str, Any]:
+    """The chat form: ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}``."""
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        t, raw = text.of(token)
+        return {"token": t, "logprob": logprob, "bytes": list(raw)}
+
+    content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+               for e in entries]  # fmt: skip
+    return {"content": content, "refusal": None}
+
+
+# -- responses ------------------------------------------------------------------------------
+def completion_choice(index: int, text: str, finish_reason: str | None,
+                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs, "finish_reason": finish_reason}  # fmt: skip
+
+
+def response(
+    *, chat: bool, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+    completion_tokens: int, fingerprint: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A ``text_completion`` or ``chat.completion`` object; ``model`` is the exact version."""
+    kind, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+    return {"id": new_id(kind), "object": obj, "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint, "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens)}  # fmt: skip
 
 
 def completion_response(
     model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
-    """A ``text_completion`` object; ``model`` is the exact adapter version used."""
-    choice = {"text": text, "finish_reason": finish_reason}
-    return _response("cmpl", "text_completion", model, choice, prompt_tokens, completion_tokens)
+    """A one-choice ``text_completion`` object."""
+    return response(chat=False, model=model, choices=[completion_choice(0, text, finish_reason)],
+                    prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)  # fmt: skip
 
 
 def chat_response(
     model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
-    """A ``chat.completion`` object."""
-    choice = {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-    return _response("chatcmpl", "chat.completion", model, choice, prompt_tokens,
-                     completion_tokens)  # fmt: skip
+    """A one-choice ``chat.completion`` object."""
+    return response(chat=True, model=model, choices=[chat_choice(0, text, finish_reason)],
+                    prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)  # fmt: skip
 
 
 class StreamFormatter:
-    """Server-sent-event chunks for one streamed answer (completion or chat)."""
+    """Server-sent-event chunks for one streamed answer (completion or chat), any choices."""
 
-    def __init__(self, model: str, *, chat: bool) -> None:
-        self.model, self.chat = model, chat
-        self.id, self.created = _ids("chatcmpl" if chat else "cmpl")
-        self._first = True
+    def __init__(self, model: str, *, chat: bool, fingerprint: str | None = None) -> None:
+        self.model, self.chat, self.fingerprint = model, chat, fingerprint
+        self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+        self._started: set[int] = set()
 
-    def _chunk(self, text: str | None, finish_reason: str | None) -> str:
+    def _body(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint, "choices": choices, **extra}  # fmt: skip
+        return f"data: {json.dumps(body)}\n\n"
+
+    def _choice(self, index: int, text: str | None, finish_reason: str | None,
+                logprobs: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
         if self.chat:
             delta: dict[str, Any] = {}
-            if self._first:
+            if index not in self._started:
                 delta["role"] = "assistant"
             if text:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            obj = "chat.completion.chunk"
+            choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                      "finish_reason": finish_reason}  # fmt: skip
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason,
-                      "logprobs": None}  # fmt: skip
-            obj = "text_completion"
-        self._first = False
-        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice]}  # fmt: skip
-        return f"data: {json.dumps(body)}\n\n"
+            choice = {"index": index, "text": text or "", "logprobs": logprobs,
+                      "finish_reason": finish_reason}  # fmt: skip
+        self._started.add(index)
+        return choice
 
-    def delta(self, text: str) -> str:
-        return self._chunk(text, None)
+    def delta(self, text: str, index: int = 0, logprobs: dict[str, Any] | None = None) -> str:
+        return self._body([self._choice(index, text, None, logprobs)])
 
-    def finish(self, finish_reason: str | None, usage_counts: dict[str, int] | None = None) -> str:
-        """The last chunk; with ``usage_counts`` (``stream_options.include_usage``) one more
+    def finish(self, finish_reason: str | None, usage_counts: dict[str, int] | None = None,
+               *, reasons: dict[int, str | None] | None = None) -> str:  # fmt: skip
+        """The last chunk of every choice (``reasons``: per choice; else choice 0 ends with
+        ``finish_reason``); with ``usage_counts`` (``stream_options.include_usage``) one more
         chunk carrying ``usage`` and no choices, as OpenAI sends it."""
-        tail = ""
+        ends = reasons if reasons is not None else {0: finish_reason}
+        out = "".join(self._body([self._choice(i, None, r, None)]) for i, r in ends.items())
         if usage_counts is not None:
-            obj = "chat.completion.chunk" if self.chat else "text_completion"
-            body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                    "choices": [], "usage": usage_counts}  # fmt: skip
-            tail = f"data: {json.dumps(body)}\n\n"
-        return self._chunk(None, finish_reason) + tail + "data: [DONE]\n\n"
+            out += self._body([], usage=usage_counts)
+        return out + "data: [DONE]\n\n"
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

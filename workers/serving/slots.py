@@ -2,9 +2,12 @@
 
 A replica has a fixed number of slots (rank-padded tensors in every ``MultiLoraLinear``).
 ``acquire(key, load)`` returns the slot holding ``key``, loading it on a miss into a free slot
-or the least-recently-used unpinned one. A slot is pinned while a batch uses it, so an
+or the least-recently-used unpinned one. A slot is pinned while a row uses it, so an
 adapter is never evicted under a running forward pass. Concurrent misses for one key share a
 single load; loads of different keys run in parallel (the lock is not held while loading).
+A key evicted while pinned (its version unloaded or deleted under running requests) leaves
+its slot to the rows that hold it, and the slot is free again when the last of them releases
+it — never lost.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class AdapterSlots:
         self._loading: dict[str, threading.Event] = {}
         self._errors: dict[str, BaseException] = {}
         self._free = list(range(n - 1, -1, -1))
+        self._orphans: set[int] = set()  # evicted while pinned: free at the last release
         self.stats = SlotStats()
 
     def _victim(self) -> int:
@@ -106,18 +110,35 @@ class AdapterSlots:
         return slot
 
     def release(self, slot: int) -> None:
-        """Unpin a slot acquired for a batch."""
+        """Unpin a slot acquired for a row."""
         with self._lock:
             self._pins[slot] -= 1
+            if self._pins[slot] <= 0 and slot in self._orphans:
+                self._orphans.discard(slot)
+                self._free.append(slot)
 
     def resident(self) -> dict[str, int]:
         with self._lock:
             return dict(self._slot_of)
 
+    def loading(self) -> set[str]:
+        """Keys whose load is in flight (they occupy a slot already)."""
+        with self._lock:
+            return set(self._loading)
+
+    def free(self) -> int:
+        """Slots holding nothing (an orphan counts once its last row released it)."""
+        with self._lock:
+            return len(self._free)
+
     def evict(self, key: str) -> int | None:
-        """Drop ``key`` (e.g. its bytes turned out corrupt); its slot becomes free if unpinned."""
+        """Drop ``key`` (deleted, unloaded, or its bytes turned out corrupt); its slot is free
+        now if unpinned, else when the last row holding it releases it."""
         with self._lock:
             slot = self._slot_of.pop(key, None)
-            if slot is not None and not self._pins.get(slot):
-                self._free.append(slot)
+            if slot is not None:
+                if self._pins.get(slot):
+                    self._orphans.add(slot)
+                else:
+                    self._free.append(slot)
             return slot

@@ -1,53 +1,73 @@
-"""From the decode loop's thread to an asyncio stream of items, one stream per request.
+"""From the decode loop's thread to an asyncio stream of items, one stream per API request.
 
 The replica's Ray Serve handler yields these items back to the ingress: first
 ``{"ready": True}`` once the request is queued — or ``{"error": message, "kind": kind}`` if it
 was refused at once (a full queue, a prompt too long), so the ingress can still answer with a
-status code — then ``{"delta": text}`` as text is decoded, then one ``{"result": {...}}`` (a
-``GenResult`` as a dict; its ``error`` and ``kind`` are set when the request failed). If the
-consumer goes away (the client disconnected), the request is cancelled so its row leaves the
+status code — then, for a streamed request, ``{"deltas": [(choice, text, logprobs), …]}``, and
+finally ``{"results": [GenResult, …]}`` (one per choice, their ``error`` and ``kind`` set when
+the request failed). Everything decoded since the last item travels in one item: each item is
+one remote object, so a busy replica sends one per decode step, not one per token. If the
+consumer goes away (the client disconnected), the request is cancelled so its rows leave the
 batch at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from storage.catalog.domain import AdapterVersion
 from workers.serving.engine import GenRequest, GenResult, ServingEngine
+from workers.serving.logprobs import TokenLogprob
 
 
 async def stream(
-    engine: ServingEngine, request: GenRequest, version: AdapterVersion | None = None
-) -> AsyncIterator[dict[str, Any]]:
-    """Submit ``request`` to ``engine``; yield its deltas as they come, then its result."""
+    engine: ServingEngine, requests: Sequence[GenRequest], version: AdapterVersion | None = None,
+    *, deltas: bool = True,
+) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    """Submit ``requests`` (one API request's prompts) to ``engine``; yield what is decoded
+    (``deltas``: text as it comes, else only the results), then the results."""
     loop = asyncio.get_running_loop()
-    items: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-    def on_delta(text: str) -> None:
-        loop.call_soon_threadsafe(items.put_nowait, {"delta": text})
+    def on_delta(choice: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        loop.call_soon_threadsafe(items.put_nowait, ("delta", (choice, text, logprobs)))
 
-    def on_done(result: GenResult) -> None:
-        loop.call_soon_threadsafe(items.put_nowait, {"result": dataclasses.asdict(result)})
+    def on_done(results: list[GenResult]) -> None:
+        loop.call_soon_threadsafe(items.put_nowait, ("results", results))
 
     # submitting may read a host adapter from disk: not on the event loop
-    ticket = await asyncio.to_thread(engine.submit, request, on_done, on_delta, version=version)
-    if ticket is None:  # refused at once: on_done has put the result in the queue
-        result = (await items.get())["result"]
-        yield {"error": result["error"], "kind": result["kind"]}
+    tickets = await asyncio.to_thread(engine.submit, list(requests), on_done,
+                                      on_delta if deltas else None, version=version)  # fmt: skip
+    if tickets is None:  # refused at once: on_done has put the result in the queue
+        first = (await items.get())[1][0]
+        yield {"error": first.error, "kind": first.kind}
         return
     yield {"ready": True}
     finished = False
     try:
         while True:
-            item = await items.get()
+            batch: list[tuple[int, str, list[TokenLogprob]]] = []
+            results = None
+            kind, value = await items.get()
+            while True:
+                if kind == "delta":
+                    batch.append(value)
+                else:
+                    results = value
+                if results is not None or items.empty():
+                    break
+                kind, value = items.get_nowait()
+            item: dict[str, Any] = {}
+            if batch:
+                item["deltas"] = batch
+            if results is not None:
+                item["results"] = results
             yield item
-            if "result" in item:
+            if results is not None:
                 finished = True
                 return
     finally:
-        if not finished and ticket is not None:
-            engine.cancel(ticket)
+        if not finished:
+            engine.cancel(tickets)
