@@ -38,10 +38,10 @@ def serve(
         512.0, min=1, help="KV-cache budget per replica (MiB); admission waits when it is full."
     ),
     max_queue: int = typer.Option(
-        256, min=1, help="Prompts waiting per replica; beyond it the API answers 429."
+        1024, min=1, help="Prompts waiting per replica; beyond it the API answers 429."
     ),
     max_queue_per_namespace: int = typer.Option(
-        64, min=1, help="Prompts one namespace may have waiting; beyond, 429 for it alone."
+        256, min=1, help="Prompts one namespace may have waiting; beyond, 429 for it alone."
     ),
     max_rows_per_namespace: int | None = typer.Option(
         None,

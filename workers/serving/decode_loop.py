@@ -117,7 +117,7 @@ class DecodeLoop:
         decoder: StepDecoder,
         slots: AdapterSlots | None = None,
         *,
-        max_queue: int = 256,
+        max_queue: int = 1024,
         tenants: TenantLimits | None = None,
         slot_wait_s: float = 30.0,
         name: str = "lorafleet-decode",

@@ -204,7 +204,7 @@ class ServingEngine:
         max_rows: int = 32,
         kv_cache_mb: float = 512.0,
         prefill_chunk: int = 256,
-        max_queue: int = 256,
+        max_queue: int = 1024,
         tenants: TenantLimits | None = None,
         kv_share_per_namespace: float | None = None,
         prefix_cache: bool = True,

@@ -82,8 +82,6 @@ def _app() -> FastAPI:
     def _error(request: Request, status: int, message: str, param: str | None) -> JSONResponse:
         rid = _request_id(request)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
-        if rid:
-            headers[REQUEST_ID] = rid
         body = error_body(public_message(status, message, rid), status, param)
         return JSONResponse(body, status, headers=headers)
 
@@ -115,7 +113,10 @@ def _app() -> FastAPI:
 
     @app.middleware("http")
     async def _request_guard(request: Request, call_next: Any) -> Any:
-        rid = uuid.uuid4().hex[:16]
+        # Ray Serve's proxy gives every request an id (the client's X-Request-Id, or its own)
+        # and returns it in the response; outside Serve the app makes one
+        given = request.headers.get(REQUEST_ID)
+        rid = given or uuid.uuid4().hex[:16]
         request.state.request_id = rid
         # a body is parsed before any field check: refuse an oversized one before reading it
         if request.method == "POST":
@@ -126,7 +127,8 @@ def _app() -> FastAPI:
                 message = f"the body is {int(declared):,} bytes (limit {MAX_BODY_BYTES:,})"
                 return _error(request, 413, message, None)
         response = await call_next(request)
-        response.headers[REQUEST_ID] = rid
+        if given is None:
+            response.headers[REQUEST_ID] = rid
         return response
 
     return app

@@ -25,9 +25,9 @@ class ServeOptions(BaseModel):
     max_batch_size: int = Field(default=32, ge=1, le=4096)  # rows decoded together
     kv_cache_mb: float = Field(default=512.0, gt=0)  # KV budget per replica
     prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens prefilled per step
-    max_queue: int = Field(default=256, ge=1)  # waiting prompts per replica; then 429
+    max_queue: int = Field(default=1024, ge=1)  # waiting prompts per replica; then 429
     # per namespace (None: no cap below the replica's own); fairness holds whatever the caps
-    max_queue_per_namespace: int | None = Field(default=64, ge=1)
+    max_queue_per_namespace: int | None = Field(default=256, ge=1)
     max_rows_per_namespace: int | None = Field(default=None, ge=1)
     slots_per_namespace: int | None = Field(default=None, ge=1)
     kv_share_per_namespace: float | None = Field(default=None, gt=0, le=1)

@@ -81,7 +81,9 @@ class Live:
 
     @property
     def decoding(self) -> bool:
-        return not self.done and self.pending is not None and self.index >= 0
+        """Has a token to feed, its context all in its row (a resumed row prefills first)."""
+        return (not self.done and self.pending is not None and self.index >= 0
+                and self.filled >= len(self.context))  # fmt: skip
 
 
 @dataclass
@@ -92,6 +94,7 @@ class StepReport:
     finished: list[Live] = field(default_factory=list)
     forwards: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, rows, slots)
     sampled: list[Live] = field(default_factory=list)  # rows that got a new token
+    prefill_tokens: int = 0  # context tokens this step put into the KV by a forward pass
 
 
 class StepDecoder:
@@ -318,6 +321,7 @@ class StepDecoder:
         if chunks:
             seqs = [s for s, _ in chunks]
             tokens = [s.context[s.filled : s.filled + n] for s, n in chunks]
+            report.prefill_tokens = sum(n for _, n in chunks)
             starts = [s.filled for s in seqs]
             self._forward("prefill", seqs, tokens, [n for _, n in chunks], report, starts)
             for s, n in chunks:
