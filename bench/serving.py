@@ -1,6 +1,6 @@
 """Serving: continuous batching under traffic, and many adapters in one batch.
 
-Traffic (``--only traffic``; the engine's decode loop, ``ContinuousScheduler``):
+Traffic (``--only traffic``; the engine's decode loop, ``DecodeLoop``):
 - open-loop Poisson arrivals, output lengths drawn from 8 to 256 tokens, 16 adapters + base,
   at rising rates: the previous static batcher (``bench/static_baseline.py``: a batch runs
   until its longest row ends) and the continuous one, interleaved at each rate; then paired
@@ -149,7 +149,7 @@ def _serve_traffic(model: Any, tok: Any, layers: Any, arrivals: list[tuple[float
     import threading
 
     from bench.static_baseline import StaticServer
-    from workers.serving.scheduler import ContinuousScheduler, Ticket
+    from workers.serving.decode_loop import DecodeLoop, Ticket
     from workers.serving.stepper import StepDecoder
 
     times: list[list[float]] = [[] for _ in arrivals]
@@ -172,8 +172,14 @@ def _serve_traffic(model: Any, tok: Any, layers: Any, arrivals: list[tuple[float
         submit = lambda i, row: server.submit(row, *callbacks(i))  # noqa: E731
     else:
         decoder = StepDecoder(model, tok, layers, max_rows=TRAFFIC_ROWS, kv_tokens=1 << 20)
-        server = ContinuousScheduler(decoder, max_queue=10_000)  # type: ignore[assignment]
-        submit = lambda i, row: server.submit(Ticket(row, *callbacks(i)))  # type: ignore[attr-defined]  # noqa: E731
+        server = DecodeLoop(decoder, max_queue=10_000)  # type: ignore[assignment]
+
+        def submit(i: int, row: Any) -> None:
+            on_delta, on_done = callbacks(i)
+            ticket = Ticket([row], lambda _c, text, _lp: on_delta(text),
+                            lambda outs, err: on_done(outs[0], err))  # fmt: skip
+            server.submit([ticket])  # type: ignore[call-arg,list-item]
+
     t0 = time.perf_counter()
     sent = []
     for i, (offset, row) in enumerate(arrivals):

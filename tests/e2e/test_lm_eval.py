@@ -70,7 +70,9 @@ def _results(out: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text())["results"])
 
 
-def test_lm_eval_scores_a_served_adapter_as_it_scores_peft(smollm_dir: Path, tmp_path: Path) -> None:
+def test_lm_eval_scores_a_served_adapter_as_it_scores_peft(
+    smollm_dir: Path, tmp_path: Path
+) -> None:
     from storage.registry import Registry
     from storage.settings import load_settings
 
