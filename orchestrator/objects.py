@@ -136,6 +136,9 @@ def replica_object(r: usage.ReplicaSnapshot, namespace: str | None = None) -> di
                      "host_hits": host.get("hits"), "host_misses": host.get("misses"),
                      "disk_downloads": s.get("disk", {}).get("downloads")},
         "queue": s.get("queue", {}),
+        "prefix_cache": {k: v for k, v in s.get("prefix_cache", {}).items()
+                         if k in ("enabled", "tokens", "hits", "misses", "hit_tokens",
+                                  "miss_tokens", "evicted_blocks")},
     }  # fmt: skip
 
 

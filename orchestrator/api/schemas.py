@@ -372,6 +372,7 @@ class Replica(_Out):
     load_ms: dict[str, Any]
     counters: dict[str, Any]
     queue: dict[str, Any]
+    prefix_cache: dict[str, Any]  # hits and misses (requests and tokens), tokens held
 
 
 class Serving(_Out):

@@ -66,12 +66,12 @@ def test_real_chat_model_trains_and_serves_equal_to_peft(smollm_dir: Path, tmp_p
     for i, req in enumerate(requests):
         first_text = threading.Event()
 
-        def done(result: Any, i: int = i, started: threading.Event = first_text) -> None:
-            served[i] = result
+        def done(results: Any, i: int = i, started: threading.Event = first_text) -> None:
+            served[i] = results[0]
             started.set()
             finished.release()
 
-        engine.submit(req, done, lambda _, e=first_text: e.set())
+        engine.submit(req, done, lambda *_, e=first_text: e.set())
         assert first_text.wait(60)  # this one is decoding (or done); the next joins its batch
     for _ in requests:
         assert finished.acquire(timeout=120)

@@ -8,6 +8,7 @@ for the whole module; the replica-kill test runs last.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,6 +214,16 @@ def test_bad_inputs_fail_alone_and_good_batch_mates_answer_as_alone(app: App) ->
         ({"stop": ["s" * 1_000_000]}, None),  # over the body limit: refused unread (413)
         ({"prompt": "spell 1 =" * 200_000}, None),  # 1.8 MB of prompt: over the limit
         ({"max_tokens": 4096, "prompt": "spell 1 2 3 4 5 6 7 8 9 =" * 40}, "max_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"n": 17}, "n"),
+        ({"prompt": [5, 10**6]}, "prompt"),  # a token id outside the vocabulary
+        ({"prompt": [[5, 6], [7, 99_999_999]]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["spell 1 ="] * 65}, "prompt"),
+        ({"echo": True, "stream": True}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),  # 0 only with echo
+        ({"best_of": 3}, "best_of"),
+        ({"logit_bias": {"5": 100}}, "logit_bias"),
     ]
 
     async def burst() -> tuple[list[httpx.Response], list[httpx.Response]]:
@@ -236,6 +247,116 @@ def test_bad_inputs_fail_alone_and_good_batch_mates_answer_as_alone(app: App) ->
             assert r.json()["error"]["param"] == field, r.text[:300]
     assert [r.status_code for r in good_out] == [200] * len(good)
     assert [r.json()["choices"][0]["text"] for r in good_out] == solo
+
+
+def _peft_logprobs(base_dir: Path, adapter_dir: Path, ids: list[int]) -> torch.Tensor:
+    base, _ = load_base(base_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_logprobs_echo_and_token_prompts_through_the_openai_client(
+    app: App, tiny_base_dir: Path
+) -> None:
+    """What evaluation harnesses send: token-id prompts in a list, echo, max_tokens 0 or 1,
+    logprobs — answered in OpenAI's shapes, with PEFT's values."""
+    _, tok = load_base(tiny_base_dir)
+    client = app.client()
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    r = client.completions.create(model="team/peft", prompt=prompts, max_tokens=1, echo=True,
+                                  logprobs=1, temperature=0)  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1]
+    for c, ids in zip(r.choices, prompts, strict=True):
+        lp = c.logprobs
+        assert lp is not None and len(lp.token_logprobs) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert c.text.startswith(tok.decode(ids))
+        full = _peft_logprobs(tiny_base_dir, app.dirs["team/peft"], ids)
+        for p in range(1, len(ids)):
+            assert abs(lp.token_logprobs[p] - float(full[p - 1, ids[p]])) < 2e-3
+        last = lp.token_logprobs[-1]  # the one generated token: greedy, so the top one
+        assert abs(last - max(lp.top_logprobs[-1].values())) < 1e-6
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    zero = client.completions.create(model="team/peft", prompt=PROMPTS[0], max_tokens=0,
+                                     echo=True, logprobs=0)  # fmt: skip
+    assert zero.choices[0].text == PROMPTS[0] and zero.usage.completion_tokens == 0
+    five = client.completions.create(model="team/trained", prompt=PROMPTS[0], max_tokens=4,
+                                     logprobs=5, temperature=0)  # fmt: skip
+    lp5 = five.choices[0].logprobs
+    assert len(lp5.tokens) == len(lp5.token_logprobs) == len(lp5.top_logprobs) == 4
+    assert five.usage.completion_tokens == 4 and five.choices[0].finish_reason == "length"
+    assert all(5 <= len(top) <= 6 for top in lp5.top_logprobs)  # top 5 and the chosen one
+    # the trained adapter starts its answer with a word: the first token is the text's start
+    assert lp5.tokens[0].strip() and five.choices[0].text.startswith(lp5.tokens[0])
+
+
+def test_n_choices_and_prompt_lists_are_prompt_major_and_seeded(
+    app: App, tiny_base_dir: Path
+) -> None:
+    _, tok = load_base(tiny_base_dir)
+    client = app.client()
+    r = client.completions.create(model="team/ours", prompt=PROMPTS, n=3, max_tokens=6,
+                                  temperature=0)  # fmt: skip
+    assert [c.index for c in r.choices] == list(range(6))
+    for i, p in enumerate(PROMPTS):  # greedy: every choice of a prompt is its solo answer
+        assert {c.text for c in r.choices[3 * i : 3 * i + 3]} == {_complete(client, "team/ours",
+                                                                            p, 6)[0]}  # fmt: skip
+    # each prompt counted once, every choice's tokens
+    assert r.usage is not None and r.usage.prompt_tokens == sum(len(tok(p)["input_ids"])
+                                                                for p in PROMPTS)  # fmt: skip
+    sampled = [client.completions.create(model="tiny", prompt="hello", n=4, max_tokens=8,
+                                         temperature=1.0, seed=3) for _ in range(2)]  # fmt: skip
+    texts = [[c.text for c in s.choices] for s in sampled]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1  # reproducible, and not one answer
+    chat = client.chat.completions.create(model="team/ours", n=2, temperature=1.0, seed=5,
+                                          messages=[{"role": "user", "content": "spell 2 ="}],
+                                          max_tokens=6, logprobs=True, top_logprobs=3)  # fmt: skip
+    assert [c.index for c in chat.choices] == [0, 1]
+    for c in chat.choices:
+        content = c.logprobs.content
+        assert all(len(e.top_logprobs) == 3 for e in content)
+        # the tokens' bytes make the message (a random adapter may end mid-character)
+        raw = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+        assert raw.replace("\ufffd", "") == (c.message.content or "").replace("\ufffd", "")
+    streamed = list(client.completions.create(model="team/ours", prompt=PROMPTS[0], n=2,
+                                              max_tokens=6, temperature=0, stream=True,
+                                              logprobs=2))  # fmt: skip
+    by_index: dict[int, str] = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            by_index[c.index] = by_index.get(c.index, "") + c.text
+    solo = _complete(client, "team/ours", PROMPTS[0], 6)[0]
+    assert by_index == {0: solo, 1: solo}
+    assert any(c.logprobs and c.logprobs.token_logprobs for ch in streamed for c in ch.choices)
+
+
+def test_every_answer_names_the_bytes_that_made_it(app: App, tiny_base_dir: Path) -> None:
+    import hashlib
+
+    from workers.serving.provenance import system_fingerprint
+
+    base_sha = hashlib.sha256((tiny_base_dir / "model.safetensors").read_bytes()).hexdigest()
+    adapter_sha = hashlib.sha256(
+        (app.dirs["team/ours"] / "adapter_model.safetensors").read_bytes()
+    ).hexdigest()
+    hdr = {"Authorization": f"Bearer {app.team_token}"}
+    body = {"model": "team/ours", "prompt": PROMPTS[0], "max_tokens": 3}
+    r = httpx.post(f"{app.url}/v1/completions", json=body, headers=hdr, timeout=60)
+    assert r.headers["X-Lorafleet-Adapter-Sha256"] == adapter_sha
+    assert r.headers["X-Lorafleet-Base-Sha256"] == base_sha
+    assert r.json()["system_fingerprint"] == system_fingerprint(base_sha, adapter_sha)
+    with httpx.stream("POST", f"{app.url}/v1/chat/completions", headers=hdr, timeout=60,
+                      json={"model": "team/ours", "stream": True, "max_tokens": 3,
+                            "messages": [{"role": "user", "content": "hi"}]}) as s:  # fmt: skip
+        assert s.headers["X-Lorafleet-Adapter-Sha256"] == adapter_sha
+        chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                  if line.startswith("data: {")]  # fmt: skip
+    assert {c["system_fingerprint"] for c in chunks} == {system_fingerprint(base_sha, adapter_sha)}
+    plain = httpx.post(f"{app.url}/v1/completions", headers=hdr, timeout=60,
+                       json={**body, "model": "tiny"})  # fmt: skip
+    assert "X-Lorafleet-Adapter-Sha256" not in plain.headers
+    assert plain.headers["X-Lorafleet-Base-Sha256"] == base_sha
 
 
 def test_200_requests_across_20_adapters_through_4_slots(app: App, tiny_base_dir: Path) -> None:

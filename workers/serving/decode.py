@@ -35,6 +35,7 @@ class DecodeRow:
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks)
     logprobs: int | None = None  # sampled tokens' log-probabilities with this many top ones
     prompt_logprobs: int | None = None  # the prompt's too (echo); None: not computed
+    deltas: bool = True  # text as it is decoded (streaming); False: decoded once at the end
 
 
 @dataclass

@@ -431,7 +431,8 @@ class ServingEngine:
                 prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
                 rows = [DecodeRow(ids, BASE_SLOT, req.max_tokens, req.temperature, req.top_p,
                                   choice_seed(req.seed, req.prompt_index, j), tuple(req.stop),
-                                  logprobs=req.logprobs, prompt_logprobs=prompt_lp)
+                                  logprobs=req.logprobs, prompt_logprobs=prompt_lp,
+                                  deltas=on_delta is not None)
                         for j in range(req.n)]  # fmt: skip
                 base_index = req.prompt_index * req.n
 

@@ -34,6 +34,7 @@ def generate_mixed(
             slot=s,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
+            deltas=False,  # nothing reads the text before the end
         )
         for p, s in zip(prompts, slots, strict=True)
     ]

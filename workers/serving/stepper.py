@@ -425,9 +425,8 @@ class StepDecoder:
         """``(rows, positions, vocab)``: the last position only, or (``all_positions``) every
         position of the padded chunk."""
         width = max(counts)
-        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        for i, toks in enumerate(tokens):
-            ids[i, width - len(toks) :] = torch.tensor(toks, dtype=torch.long)
+        ids = torch.tensor([[self.pad] * (width - len(t)) + list(t) for t in tokens],
+                           dtype=torch.long)  # fmt: skip
         positions, mask = self.kv.begin(
             [s.index for s in seqs], [s.cached for s in seqs], counts,
             additive=self._additive, dtype=self._dtype,
@@ -445,14 +444,15 @@ class StepDecoder:
     def _choose(self, seqs: list[Live], logits: torch.Tensor, report: StepReport) -> None:
         wants = [i for i, s in enumerate(seqs) if s.row.logprobs is not None]
         raw = logits[wants].clone() if wants else None  # before any change for sampling
-        for i, s in enumerate(seqs):
-            if len(s.out.token_ids) < s.row.min_new_tokens and self.eos is not None:
-                logits[i, self.eos] = float("-inf")
+        young = [i for i, s in enumerate(seqs) if len(s.out.token_ids) < s.row.min_new_tokens]
+        if young and self.eos is not None:
+            logits[young, self.eos] = float("-inf")
         rows = [s.row for s in seqs]
-        chosen, failed = choose_tokens(logits, rows, [s.gen for s in seqs],
-                                       [s.done for s in seqs])  # fmt: skip
+        chosen_t, failed = choose_tokens(logits, rows, [s.gen for s in seqs],
+                                         [s.done for s in seqs])  # fmt: skip
+        chosen = chosen_t.tolist()
         if raw is not None:
-            picked = [int(chosen[i]) for i in wants]
+            picked = [chosen[i] for i in wants]
             top = [seqs[i].row.logprobs or 0 for i in wants]
             for i, lp in zip(wants, token_logprobs(raw, picked, top), strict=True):
                 if not seqs[i].done and i not in failed:
@@ -463,7 +463,7 @@ class StepDecoder:
             if i in failed:
                 self._fail(s, failed[i], report)
                 continue
-            tok, o = int(chosen[i]), s.out
+            tok, o = chosen[i], s.out
             report.sampled.append(s)
             if tok == self.eos:
                 o.finish_reason, s.done = "stop", True
@@ -472,6 +472,10 @@ class StepDecoder:
                 s.pending = tok
                 if len(o.token_ids) >= s.row.max_new_tokens:
                     o.finish_reason, s.done = "length", True
+            if not (s.row.deltas or s.tracker.stop):
+                if s.done:  # nobody reads text before the end: decode it once
+                    o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+                continue
             delta = s.tracker.update(o.token_ids, final=s.done)
             if s.tracker.stopped:
                 o.finish_reason, s.done = "stop", True
