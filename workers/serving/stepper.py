@@ -35,6 +35,7 @@ this is safe); a row that still fails ends with ``finish_reason="error"`` and th
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,6 +136,9 @@ class StepDecoder:
         self.kv = RowKVCache(int(config.num_hidden_layers), device=self.device,
                              layout=kv_layout(config, self._dtype))  # fmt: skip
         self._additive = getattr(config, "_attn_implementation", "sdpa") == "eager"
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x: use what it takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else tokenizer.eos_token_id
         self.eos = tokenizer.eos_token_id
@@ -435,8 +439,9 @@ class StepDecoder:
         set_batch_slots(self.layers, slots)
         try:
             out = self.model(input_ids=ids.to(self.device), attention_mask=mask,
-                             position_ids=positions, cache=self.kv, use_cache=True,
-                             logits_to_keep=0 if all_positions else 1)  # fmt: skip
+                             position_ids=positions, use_cache=True,
+                             logits_to_keep=0 if all_positions else 1,
+                             **{self._cache_kwarg: self.kv})  # fmt: skip
         finally:
             set_batch_slots(self.layers, None)
         return out.logits
