@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter  # noqa: E402
-from workers.serving.decode import DecodeRow, choice_seed  # noqa: E402
-from workers.serving.multi_lora import to_multi_lora  # noqa: E402
-from workers.serving.prefix_cache import PrefixCache, prefix_root  # noqa: E402
-from workers.serving.stepper import StepDecoder  # noqa: E402
-from workers.tiny_base import train_tokenizer  # noqa: E402
+from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
+from workers.serving.decode import DecodeRow, choice_seed
+from workers.serving.multi_lora import to_multi_lora
+from workers.serving.prefix_cache import PrefixCache, prefix_root
+from workers.serving.stepper import StepDecoder
+from workers.tiny_base import train_tokenizer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUNDS = 5
@@ -197,7 +197,7 @@ def speed(device: str, dims: dict[str, int], tok: Any, work: Path, sizes: dict[s
         return torch.randint(5, 500, (n,), generator=g).tolist()
 
     # -- 64 rows over 16 adapters vs PEFT --------------------------------------------------
-    peft_model = _peft(model, dirs)
+    held = {"peft": _peft(model, dirs)}  # dropped after its part: one PEFT copy at a time
     batch, new = sizes["batch"], sizes["new"]
     prompts = [rand(24) for _ in range(batch)]
 
@@ -219,7 +219,7 @@ def speed(device: str, dims: dict[str, int], tok: Any, work: Path, sizes: dict[s
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+            held["peft"].generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 adapter_names=names, max_new_tokens=new, min_new_tokens=new,
                                 do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
         _sync(device)
@@ -234,7 +234,7 @@ def speed(device: str, dims: dict[str, int], tok: Any, work: Path, sizes: dict[s
     out["mixed_64x16"] = {"ours_tokens_per_s": tokens / _median(a),
                           "peft_tokens_per_s": tokens / _median(b),
                           "ours_vs_peft": _ratio(b, a)}  # fmt: skip
-    del peft_model
+    held.clear()
 
     # -- prefix cache: TTFT warm / cold ----------------------------------------------------
     shared = rand(sizes["prefix"])
