@@ -102,11 +102,7 @@ class RowKVCache:
         keep_rows, keep_len = min(rows, self.rows), min(length, self.length)
         for store in (self.k, self.v):
             for i, old in enumerate(store):
-                if old is None:
-                    if self.layout is not None:
-                        heads, dim, dtype = self.layout
-                        store[i] = torch.zeros((rows, heads, length + 1, dim), dtype=dtype,
-                                               device=self.device)  # fmt: skip
+                if old is None:  # allocated when first written (admission resizes often)
                     continue
                 new = old.new_zeros((rows, old.shape[1], length + 1, old.shape[3]))
                 new[:keep_rows, :, :keep_len] = old[:keep_rows, :, :keep_len]
@@ -144,10 +140,21 @@ class RowKVCache:
         return torch.stack([torch.stack((k[row, :, start:end], v[row, :, start:end]))  # type: ignore[index]
                             for k, v in zip(self.k, self.v, strict=True)])  # fmt: skip
 
+    def _allocate(self) -> None:
+        """Allocate the buffers of the current size (before anything wrote to them)."""
+        if self.layout is None:
+            raise RuntimeError("the buffers are not allocated: give the cache a layout")
+        heads, dim, dtype = self.layout
+        shape = (self.rows, heads, self.length + 1, dim)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                if t is None:
+                    store[i] = torch.zeros(shape, dtype=dtype, device=self.device)
+
     def write(self, row: int, start: int, kv: torch.Tensor) -> None:
         """Put ``kv`` (as ``read`` returns it) at positions ``start:`` of ``row``."""
         if any(t is None for t in self.k):
-            raise RuntimeError("the buffers are not allocated: give the cache a layout")
+            self._allocate()
         end = start + kv.shape[3]
         for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
             k[row, :, start:end] = kv[i, 0]  # type: ignore[index]
