@@ -345,6 +345,10 @@ class Registry:
     def resolve(self, ref: str) -> AdapterVersion:
         return repo.resolve_adapter(self.catalog, ref=parse_ref(ref))
 
+    def ready(self, refs: Iterable[str]) -> set[str]:
+        """The exact versions of ``refs`` the catalog holds ready (one query)."""
+        return repo.ready_versions(self.catalog, refs=[parse_ref(r) for r in refs])
+
     def fetch(self, ref: str | AdapterVersion) -> tuple[AdapterVersion, Path]:
         """Bring a version into the node cache (verified); returns its directory.
 

@@ -407,6 +407,23 @@ def resolve_adapter(db: Catalog, *, ref: AdapterRef) -> AdapterVersion:
         return _version(s, _resolve_row(s, ref))
 
 
+def ready_versions(db: Catalog, *, refs: Iterable[AdapterRef]) -> set[str]:
+    """Which of these exact versions (``ns/name:N``) the catalog holds ready, in one query
+    (a serving replica checks its resident versions this way)."""
+    wanted = {(r.namespace, r.name, r.version) for r in refs if r.version is not None}
+    if not wanted:
+        return set()
+    with db.session() as s:
+        rows = s.execute(
+            select(NamespaceRow.name, AdapterRepoRow.name, AdapterVersionRow.version)
+            .join(AdapterRepoRow, AdapterRepoRow.namespace_id == NamespaceRow.id)
+            .join(AdapterVersionRow, AdapterVersionRow.repo_id == AdapterRepoRow.id)
+            .where(AdapterVersionRow.state == READY,
+                   AdapterRepoRow.name.in_({name for _, name, _ in wanted}))
+        ).all()  # fmt: skip
+    return {f"{ns}/{name}:{v}" for ns, name, v in rows if (ns, name, v) in wanted}
+
+
 def resolve_version_number(db: Catalog, *, ref: AdapterRef) -> int:
     """Only the version number a reference resolves to (one indexed query; serving's hot path)."""
     with db.session() as s:

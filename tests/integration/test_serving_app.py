@@ -1,8 +1,10 @@
 """The Ray Serve app end to end: the official ``openai`` client, exactness against PEFT, load
 across 20 adapters through 4 slots, alias promotion, faults, namespaces, replica recovery.
 
-One app (1 replica, 4 slots, alias TTL 0.5 s) is deployed on the session's 2-node Ray cluster
-for the whole module; the replica-kill test runs last.
+One app (the routing ingress in front of 1 model replica, 4 slots, alias TTL 0.5 s) is
+deployed on the session's 2-node Ray cluster for the whole module; the replica-kill test runs
+last. ``lorafleet serve``'s one-replica shape (the replica answers HTTP itself) is driven by
+tests/e2e (test_serve_cli.py, test_lm_eval.py).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def app(ray_cluster: object, tiny_base_dir: Path, tmp_path_factory: pytest.TempP
     opts = ServeOptions(
         base_name="tiny", settings_json=settings_for_nodes(settings),
         slots=4, max_rank=16, alias_ttl_s=0.5, num_cpus=0.5, max_batch_size=64,
-        usage_flush_s=0.5,
+        usage_flush_s=0.5, ingress="separate",  # the routing ingress; "direct": tests/e2e
     )  # fmt: skip
     url = start(opts, port=free_port())
     try:

@@ -1,6 +1,7 @@
-"""The Ray Serve app: an OpenAI-compatible ingress in front of ``LoraModelServer`` replicas.
+"""The Ray Serve app: an OpenAI-compatible ingress, alone or in front of model replicas.
 
-A thin shell around ``ServingEngine``:
+A thin shell around ``ServingEngine`` (held by ``host.EngineHost``). With one replica (the
+default), the ingress holds the engine itself. With several:
 
 - the ingress (FastAPI) authenticates, resolves ``model`` to an exact adapter version (TTL
   cache, so an alias promotion moves traffic without a redeploy) and calls a replica with
@@ -22,7 +23,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 from workers.serving.options import ServeOptions
 
@@ -49,136 +50,27 @@ class _Staged:
             drop()
 
 
-class _ReplicaMetrics:
-    """Prometheus metrics of one replica (Ray's metrics agent exports them), from engine stats."""
-
-    COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {  # metric -> path in engine.stats()
-        "lorafleet_slot_hits": ("slots", "hits"),
-        "lorafleet_slot_loads": ("slots", "loads"),
-        "lorafleet_slot_evictions": ("slots", "evictions"),
-        "lorafleet_host_hits": ("host", "hits"),
-        "lorafleet_host_misses": ("host", "misses"),
-        "lorafleet_disk_downloads": ("disk", "downloads"),
-        "lorafleet_batched_rows": ("batches", "rows"),
-        "lorafleet_forward_passes": ("batches", "count"),
-        "lorafleet_decode_steps": ("batches", "steps"),
-        "lorafleet_requests_rejected": ("queue", "rejected"),
-        "lorafleet_requests_preempted": ("queue", "preempted"),
-        "lorafleet_prefix_cache_hits": ("prefix_cache", "hits"),
-        "lorafleet_prefix_cache_misses": ("prefix_cache", "misses"),
-        "lorafleet_prefix_cache_hit_tokens": ("prefix_cache", "hit_tokens"),
-        "lorafleet_prefix_cache_miss_tokens": ("prefix_cache", "miss_tokens"),
-    }
-
-    def __init__(self) -> None:
-        from ray.serve import metrics
-
-        self._counters = {n: metrics.Counter(n, description=f"{a}.{b} of the serving engine")
-                          for n, (a, b) in self.COUNTERS.items()}  # fmt: skip
-        self._load_ms = metrics.Histogram(
-            "lorafleet_adapter_load_ms", description="adapter load into host memory (ms)",
-            boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000],
-        )  # fmt: skip
-        self._last: dict[str, int] = dict.fromkeys(self.COUNTERS, 0)
-        self._loads_seen = 0
-
-    def update(self, engine: Any) -> None:
-        stats = engine.stats()
-        for name, (a, b) in self.COUNTERS.items():
-            value = int(stats[a][b])
-            if value > self._last[name]:
-                self._counters[name].inc(value - self._last[name])
-                self._last[name] = value
-        loads = engine.tier_stats.load_ms
-        for ms in loads[self._loads_seen :]:
-            self._load_ms.observe(ms)
-        self._loads_seen = len(loads)
-
-
-def replica_snapshot(engine: Any) -> dict[str, Any]:
-    """What a replica writes to the catalog: the engine's stats and its load latencies."""
-    stats = dict(engine.stats())
-    loads = sorted(engine.tier_stats.load_ms)
-
-    def quantile(q: float) -> float | None:  # nearest rank
-        return loads[min(len(loads) - 1, int(q * len(loads)))] if loads else None
-
-    stats["load_ms"] = {"count": len(loads), "p50": quantile(0.5), "p95": quantile(0.95),
-                        "max": quantile(1.0)}  # fmt: skip
-    return stats
-
-
-def _replica_id() -> str:
-    from ray import serve
-
-    rid = serve.get_replica_context().replica_id
-    return str(getattr(rid, "unique_id", rid))
-
-
-def ray_node_id() -> str | None:
-    import ray
-
-    try:
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:  # outside Ray: no node to name
-        return None
-
-
 def _server_class(opts: ServeOptions) -> Any:
+    """The model server deployment (its multiplexing LRU size is a decoration-time setting)."""
     from ray import serve
 
-    from storage.catalog import usage as usage_store
-    from storage.registry import Registry
-    from storage.settings import settings_on_node
-    from workers.serving.decode_loop import TenantLimits
-    from workers.serving.engine import GenRequest, ServingEngine, error_kind
-    from workers.serving.metering import Periodic
-    from workers.serving.streams import stream
+    from workers.serving.engine import error_kind
+    from workers.serving.host import EngineHost
 
     @serve.deployment(max_ongoing_requests=512, health_check_period_s=2)
     class LoraModelServer:
-        """One replica: the base once, adapter slots, batched decoding."""
+        """One replica behind the ingress: the base once, adapter slots, batched decoding."""
 
         def __init__(self, options_json: str) -> None:
             self.opts = ServeOptions.model_validate_json(options_json)
-            settings = settings_on_node(self.opts.settings_json)
-            registry = Registry.from_settings(settings)
-            base_dir = registry.base_dir(self.opts.base_name)  # this node's verified copy
-            o = self.opts
-            self.engine = ServingEngine(
-                base_dir, registry, slots=o.slots, max_rank=o.max_rank,
-                alias_ttl_s=o.alias_ttl_s, host_adapters=None,  # Serve's LRU decides
-                merged=o.merged, max_rows=o.max_batch_size, kv_cache_mb=o.kv_cache_mb,
-                prefill_chunk=o.prefill_chunk, max_queue=o.max_queue,
-                prefix_cache=o.prefix_cache, kv_share_per_namespace=o.kv_share_per_namespace,
-                tenants=TenantLimits(max_queue=o.max_queue_per_namespace,
-                                     max_rows=o.max_rows_per_namespace,
-                                     max_slots=o.slots_per_namespace),
-            )  # fmt: skip
-            self.metrics = _ReplicaMetrics()
+            self.host = EngineHost(self.opts, host_adapters=None)  # Serve's LRU decides
+            self.engine = self.host.engine
             self._versions: dict[str, Any] = {}  # exact ref -> the version the ingress sent
-            # the replica tells the catalog what it holds, so the API and the console see
-            # serving without a network path to the replicas
-            self.catalog = registry.catalog
-            self.replica_id = _replica_id()
-            self.node = ray_node_id()
-            self.snapshots = Periodic(self._snapshot, self.opts.usage_flush_s,
-                                      "lorafleet-replica-snapshot").start()  # fmt: skip
 
         def __del__(self) -> None:
-            snapshots = getattr(self, "snapshots", None)
-            if snapshots is not None:
-                snapshots.stop(final=False)
-                try:
-                    usage_store.forget_replica(self.catalog, replica_id=self.replica_id)
-                except Exception as exc:  # the snapshot ages out of the console instead
-                    log.warning("could not remove replica %s from the catalog: %s",
-                                self.replica_id, exc)  # fmt: skip
-
-        def _snapshot(self) -> None:
-            usage_store.record_replica(self.catalog, replica_id=self.replica_id,
-                                       base=self.opts.base_name, node=self.node,
-                                       stats=replica_snapshot(self.engine))  # fmt: skip
+            host = getattr(self, "host", None)
+            if host is not None:
+                host.close()
 
         @serve.multiplexed(max_num_models_per_replica=opts.host_adapters)
         async def _adapter(self, ref: str) -> _Staged:
@@ -206,14 +98,7 @@ def _server_class(opts: ServeOptions) -> Any:
         async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             """Stream ``{"ready"}``, then ``{"deltas"}`` (streamed requests), then
             ``{"results"}`` (or one ``{"error"}``): see ``streams.py``."""
-            payload = dict(payload)
-            version = payload.pop("version", None)
-            prompts = payload.pop("prompts")
-            deltas = bool(payload.pop("stream", False))
-            payload["stop"] = tuple(payload.get("stop") or ())
-            reqs = [GenRequest(prompt=ids, prompt_index=i, **payload)
-                    for i, ids in enumerate(prompts)]  # fmt: skip
-            adapter = payload.get("adapter")
+            version, adapter = payload.get("version"), payload.get("adapter")
             if version is not None:
                 self._versions[version.ref] = version
             if adapter is not None and self.engine.merged is None:
@@ -222,9 +107,7 @@ def _server_class(opts: ServeOptions) -> Any:
                 except Exception as exc:  # reported to this request only
                     yield {"error": str(exc), "kind": error_kind(exc)}
                     return
-            async for item in stream(self.engine, reqs, version, deltas=deltas):
-                if "results" in item:
-                    self.metrics.update(self.engine)
+            async for item in self.host.stream(payload):
                 yield item
 
         async def load(self) -> dict[str, Any]:
@@ -245,10 +128,51 @@ def _server_class(opts: ServeOptions) -> Any:
     return LoraModelServer
 
 
-def build_app(opts: ServeOptions) -> Any:
-    """The bound Ray Serve application (ingress + model servers)."""
-    from workers.serving.ingress import OpenAIIngress
+IngressMode = Literal["direct", "combined", "separate"]
 
+
+def ingress_mode(opts: ServeOptions, *, direct_ok: bool) -> IngressMode:
+    """How the app takes HTTP (``ServeOptions.ingress``; "auto" picks):
+
+    - "separate": Ray Serve's proxy, an ingress that routes each request to the model replica
+      holding its adapter (Serve's multiplexing), ``LoraModelServer`` replicas — for several
+      replicas or autoscaling;
+    - "combined": Ray Serve's proxy and one replica that is the ingress and holds the engine —
+      one replica behind Serve's proxy (a RayService);
+    - "direct": one replica that holds the engine and answers HTTP itself — ``lorafleet
+      serve``'s default (``direct_ok``: the caller starts Serve without a proxy).
+    """
+    single = opts.replicas == 1 and (opts.max_replicas is None or opts.max_replicas <= 1)
+    if opts.ingress != "auto":
+        if opts.ingress == "direct" and not (direct_ok and single):
+            raise ValueError("ingress 'direct' needs one replica started by lorafleet serve")
+        return opts.ingress
+    if not single:
+        return "separate"
+    return "direct" if direct_ok else "combined"
+
+
+def build_app(opts: ServeOptions, *, host: str | None = None, port: int | None = None) -> Any:
+    """The bound Ray Serve application (``ingress_mode`` says which shape; ``host`` and
+    ``port`` for a direct one).
+
+    With one replica the engine sits in the process that parses HTTP: no second process, and
+    no remote call per request or streamed chunk.
+    """
+    from workers.serving.ingress import DirectServer, OpenAIIngress
+
+    mode = ingress_mode(opts, direct_ok=host is not None and port is not None)
+    quiet = {"enable_access_log": False}  # a log line per request costs the hot path
+    cpus = {"num_cpus": opts.num_cpus}
+    if mode == "direct":
+        direct: Any = DirectServer
+        return direct.options(ray_actor_options=cpus, logging_config=quiet).bind(
+            opts.model_dump_json(), host, port
+        )
+    deployment: Any = OpenAIIngress  # a Serve deployment (the decorator made it one)
+    if mode == "combined":
+        alone = deployment.options(ray_actor_options=cpus, logging_config=quiet)
+        return alone.bind(None, opts.model_dump_json())
     server = _server_class(opts)
     scaling: dict[str, Any]
     if opts.max_replicas is not None and opts.max_replicas > opts.replicas:
@@ -257,30 +181,54 @@ def build_app(opts: ServeOptions) -> Any:
             "target_ongoing_requests": max(4, opts.max_batch_size // 2)}}  # fmt: skip
     else:
         scaling = {"num_replicas": opts.replicas}
-    bound = server.options(ray_actor_options={"num_cpus": opts.num_cpus}, **scaling).bind(
-        opts.model_dump_json()
-    )
-    deployment: Any = OpenAIIngress  # a Serve deployment (the decorator made it one)
-    ingress = deployment.options(ray_actor_options={"num_cpus": 0})  # I/O only
+    bound = server.options(ray_actor_options=cpus, logging_config=quiet,
+                           **scaling).bind(opts.model_dump_json())  # fmt: skip
+    ingress = deployment.options(ray_actor_options={"num_cpus": 0},  # I/O only
+                                 logging_config=quiet)  # fmt: skip
     return ingress.bind(bound, opts.model_dump_json())
 
 
 def start(
-    opts: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False
-) -> str:
+    opts: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
+    timeout_s: float = 300.0,
+) -> str:  # fmt: skip
     """Deploy the app on the connected Ray cluster (``ray.init`` first); returns its URL.
 
-    Returns once every replica is up (``GET /health`` answers). ``quiet`` keeps Serve's own
-    INFO lines off the console (a CLI that reports progress itself).
+    Returns once it answers ``GET /health``. ``quiet`` keeps Serve's own INFO lines off the
+    console (a CLI that reports progress itself).
     """
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port})
+    direct = ingress_mode(opts, direct_ok=True) == "direct"
+    if direct:  # the replica binds the address itself: no Serve proxy
+        serve.start(http_options={"location": "NoServer"})
+    else:
+        serve.start(http_options={"host": host, "port": port})
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
+    app = build_app(opts, host=host, port=port) if direct else build_app(opts)
+    serve.run(app, name=APP_NAME, route_prefix=None if direct else "/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{shown}:{port}"
+    url = f"http://{shown}:{port}"
+    _wait_healthy(url, timeout_s)
+    return url
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the serving app at {url} did not answer in {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def stop() -> None:

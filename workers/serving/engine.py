@@ -393,6 +393,16 @@ class ServingEngine:
             self.forget(version.ref if version else None)
             raise
 
+    def submits_quickly(self, adapter: str | None, version: AdapterVersion | None) -> bool:
+        """Whether ``submit`` for ``adapter`` needs no storage (the base, or a version already
+        in host memory): an event loop may then call it directly."""
+        if adapter is None or self.merged is not None:
+            return True
+        if version is None:
+            return False
+        with self._host_lock:
+            return version.ref in self._host
+
     def submit(
         self,
         requests: GenRequest | Sequence[GenRequest],
@@ -521,15 +531,16 @@ class ServingEngine:
         with self._host_lock:
             resident = set(self._host)
         resident |= set(self.slots.resident())
-        gone = []
-        for ref in sorted(resident):
-            try:
-                self.registry.resolve(ref)
-            except NotFound:
-                self.forget(ref)
-                gone.append(ref)
-            except StorageError:  # the catalog is away: keep serving, look again later
-                log.warning("could not check %s against the catalog", ref)
+        if not resident:
+            return []
+        try:
+            ready = self.registry.ready(resident)  # one query for them all
+        except StorageError:  # the catalog is away: keep serving, look again later
+            log.warning("could not check resident versions against the catalog")
+            return []
+        gone = sorted(resident - ready)
+        for ref in gone:
+            self.forget(ref)
         if gone:
             log.info("dropped deleted versions from this replica: %s", gone)
         return gone

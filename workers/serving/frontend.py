@@ -61,6 +61,7 @@ GENERIC_5XX = {
     503: "the server cannot take this request now; retry shortly",
 }
 AUTH_TTL_S = 1.0  # how long a token's check is trusted (a revoked token stops within it)
+QUICK_CHARS = 2_000  # prompts this short are tokenized on the event loop
 
 
 def status_of(kind: str | None) -> int:
@@ -138,6 +139,24 @@ class Frontend:
         self._auth_lock = threading.Lock()
 
     # -- who and what ----------------------------------------------------------------------
+    def who_cached(self, authorization: str | None) -> Principal | None:
+        """The caller, if checked within ``AUTH_TTL_S`` (no catalog access)."""
+        hit = self._auth.get(authorization or "")
+        if hit is not None and time.monotonic() - hit[0] < AUTH_TTL_S:
+            return hit[1]
+        return None
+
+    def prepares_quickly(self, body: CompletionRequest | ChatCompletionRequest) -> bool:
+        """Whether ``prepare`` needs neither the catalog nor much tokenizing (the ingress then
+        runs it on its event loop rather than in a thread)."""
+        if body.model != self.opts.base_name and self.resolve.fresh(body.model) is None:
+            return False
+        if self.opts.merged is not None and self.resolve.fresh(self.opts.merged) is None:
+            return False
+        if isinstance(body, ChatCompletionRequest):
+            return sum(len(m.content) for m in body.messages) <= QUICK_CHARS
+        return sum(len(p) for p in body.prompts()) <= QUICK_CHARS
+
     def who(self, authorization: str | None) -> Principal:
         """The caller (checked against the catalog at most every ``AUTH_TTL_S``)."""
         key = authorization or ""
@@ -287,6 +306,7 @@ class Frontend:
                 message = public_message(status, str(item["error"]), request_id)
                 yield f"data: {json.dumps(error_body(message, status))}\n\n"
                 return
+            chunks = []  # one write per item, whatever it holds
             for choice, text, entries in item.get("deltas", ()):
                 lp = None
                 if p.logprobs is not None and entries:
@@ -299,21 +319,23 @@ class Frontend:
                         offsets[choice] = lp["text_offset"][-1] + len(
                             self.text.text_of(entries[-1].token)
                         )
-                yield fmt.delta(text, choice, lp)
+                chunks.append(fmt.delta(text, choice, lp))
             if "results" in item:
                 results = item["results"]
                 failed = next((r for r in results if r.error), None)
                 if failed is not None:  # the stream is open: end it, say why
                     status = status_of(failed.kind)
                     message = public_message(status, str(failed.error), request_id)
-                    yield f"data: {json.dumps(error_body(message, status))}\n\n"
+                    yield "".join(chunks) + f"data: {json.dumps(error_body(message, status))}\n\n"
                     return
                 prompt_tokens, completion_tokens = self.counts(p, results)
                 self.count(p, who, prompt_tokens, completion_tokens)
                 reasons = {r.index: r.finish_reason for r in sorted(results, key=lambda r: r.index)}
                 counts = usage(prompt_tokens, completion_tokens) if p.include_usage else None
-                yield fmt.finish(None, counts, reasons=reasons)
+                yield "".join(chunks) + fmt.finish(None, counts, reasons=reasons)
                 return
+            if chunks:
+                yield "".join(chunks)
 
     # -- metering and listing --------------------------------------------------------------
     def count(self, p: Prepared, who: Principal, prompt_tokens: int,

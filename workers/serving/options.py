@@ -3,6 +3,8 @@ both read it, and neither imports the other's module for it)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_SLOTS = 8  # adapter slots per replica: the one default (CLI, app args, engine)
@@ -32,5 +34,9 @@ class ServeOptions(BaseModel):
     slots_per_namespace: int | None = Field(default=None, ge=1)
     kv_share_per_namespace: float | None = Field(default=None, gt=0, le=1)
     prefix_cache: bool = True  # keep prompt prefixes' KV (inside kv_cache_mb)
+    # how the app takes HTTP (deployments.ingress_mode): "direct" (one replica answers HTTP
+    # itself), "combined" (Serve's proxy, one replica that is the ingress), "separate" (Serve's
+    # proxy, an ingress routing to model replicas); "auto" picks by the replica count
+    ingress: Literal["auto", "direct", "combined", "separate"] = "auto"
     num_cpus: float = Field(default=1.0, ge=0)
     usage_flush_s: float = Field(default=5.0, gt=0)  # metering and replica snapshots

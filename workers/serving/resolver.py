@@ -16,24 +16,38 @@ from storage.catalog.domain import AdapterVersion
 
 
 class RefResolver:
-    """A TTL cache in front of ``resolve(ref) -> AdapterVersion``."""
+    """A TTL cache in front of ``resolve(ref) -> AdapterVersion``; concurrent misses of one
+    reference share one catalog query (a burst at expiry asks once, not once per request)."""
 
     def __init__(self, resolve: Callable[[str], AdapterVersion], *, ttl_s: float = 2.0) -> None:
         self._resolve = resolve
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, AdapterVersion]] = {}
         self._lock = threading.Lock()
+        self._flights: dict[str, threading.Lock] = {}
+
+    def fresh(self, ref: str) -> AdapterVersion | None:
+        """The cached resolution of ``ref`` if within the TTL (no catalog access)."""
+        hit = self._cache.get(ref)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        return None
 
     def __call__(self, ref: str) -> AdapterVersion:
-        now = time.monotonic()
+        hit = self.fresh(ref)
+        if hit is not None:
+            return hit
         with self._lock:
-            cached = self._cache.get(ref)
-        if cached is not None and now - cached[0] < self.ttl_s:
-            return cached[1]
-        version = self._resolve(ref)
-        with self._lock:
-            self._cache[ref] = (now, version)
-        return version
+            flight = self._flights.setdefault(ref, threading.Lock())
+        with flight:
+            hit = self.fresh(ref)  # another caller may have resolved it meanwhile
+            if hit is not None:
+                return hit
+            now = time.monotonic()
+            version = self._resolve(ref)
+            with self._lock:
+                self._cache[ref] = (now, version)
+            return version
 
     def cached(self, ref: str) -> AdapterVersion | None:
         """The last resolution of ``ref``, if any (no catalog access)."""

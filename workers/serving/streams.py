@@ -5,8 +5,10 @@ The replica's Ray Serve handler yields these items back to the ingress: first
 was refused at once (a full queue, a prompt too long), so the ingress can still answer with a
 status code — then, for a streamed request, ``{"deltas": [(choice, text, logprobs), …]}``, and
 finally ``{"results": [GenResult, …]}`` (one per choice, their ``error`` and ``kind`` set when
-the request failed). Everything decoded since the last item travels in one item: each item is
-one remote object, so a busy replica sends one per decode step, not one per token. If the
+the request failed). Everything decoded since the last item travels in one item, and a stream
+sends at most one item every ``STREAM_INTERVAL_S``: each item is a remote object and an HTTP
+chunk, so under load a stream costs one per interval, not one per token (a reader sees text
+arrive in pieces a few tokens long, at least every interval). If the
 consumer goes away (the client disconnected), the request is cancelled so its rows leave the
 batch at the next step.
 """
@@ -20,6 +22,8 @@ from typing import Any
 from storage.catalog.domain import AdapterVersion
 from workers.serving.engine import GenRequest, GenResult, ServingEngine
 from workers.serving.logprobs import TokenLogprob
+
+STREAM_INTERVAL_S = 0.05
 
 
 async def stream(
@@ -37,20 +41,27 @@ async def stream(
     def on_done(results: list[GenResult]) -> None:
         loop.call_soon_threadsafe(items.put_nowait, ("results", results))
 
-    # submitting may read a host adapter from disk: not on the event loop
-    tickets = await asyncio.to_thread(engine.submit, list(requests), on_done,
-                                      on_delta if deltas else None, version=version)  # fmt: skip
+    # submitting may read an adapter into host memory: then not on the event loop
+    args = (list(requests), on_done, on_delta if deltas else None)
+    if engine.submits_quickly(requests[0].adapter, version):
+        tickets = engine.submit(*args, version=version)
+    else:
+        tickets = await asyncio.to_thread(engine.submit, *args, version=version)
     if tickets is None:  # refused at once: on_done has put the result in the queue
         first = (await items.get())[1][0]
         yield {"error": first.error, "kind": first.kind}
         return
     yield {"ready": True}
     finished = False
+    last = 0.0
     try:
         while True:
             batch: list[tuple[int, str, list[TokenLogprob]]] = []
             results = None
             kind, value = await items.get()
+            wait = STREAM_INTERVAL_S - (loop.time() - last)
+            if kind == "delta" and wait > 0:
+                await asyncio.sleep(wait)  # more deltas (or the end) arrive meanwhile
             while True:
                 if kind == "delta":
                     batch.append(value)
@@ -65,6 +76,7 @@ async def stream(
             if results is not None:
                 item["results"] = results
             yield item
+            last = loop.time()
             if results is not None:
                 finished = True
                 return
