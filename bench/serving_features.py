@@ -137,9 +137,11 @@ def bench_prefix(base_dir: Path, work: Path) -> dict[str, Any]:
     out = {"system_prompt_tokens": len(tok(_words(1000, tok, 1000))["input_ids"]),
            "cold_p50_s": median(cold_t), "warm_p50_s": median(warm_t),
            "warm_vs_cold": _ratios(warm_t, cold_t), "cache": stats}  # fmt: skip
-    print(f"prefix cache: TTFT warm/cold {out['warm_vs_cold']['median']:.3f}× "
-          f"({out['warm_vs_cold']['min']:.3f}–{out['warm_vs_cold']['max']:.3f}); "
-          f"cold {out['cold_p50_s'] * 1000:.0f} ms, warm {out['warm_p50_s'] * 1000:.0f} ms")
+    print(
+        f"prefix cache: TTFT warm/cold {out['warm_vs_cold']['median']:.3f}× "
+        f"({out['warm_vs_cold']['min']:.3f}–{out['warm_vs_cold']['max']:.3f}); "
+        f"cold {out['cold_p50_s'] * 1000:.0f} ms, warm {out['warm_p50_s'] * 1000:.0f} ms"
+    )
     return out
 
 
@@ -149,30 +151,37 @@ def bench_n(base_dir: Path, work: Path) -> dict[str, Any]:
     engine = _engine(base_dir, work, prefix_cache=True)
     tok = engine.tokenizer
     one_t, sep_t = [], []
+
+    def one(prompt: str, seed: int) -> float:
+        t = _Timer(engine, GenRequest(prompt + " A", max_tokens=64, temperature=1.0, seed=seed,
+                                      n=8)).wait()  # fmt: skip
+        return t.tokens / (t.end - t.t0)
+
+    def separate(prompt: str, seed: int) -> float:
+        timers = [_Timer(engine, GenRequest(prompt + " B", max_tokens=64, temperature=1.0,
+                                            seed=100 * seed + j)) for j in range(8)]  # fmt: skip
+        for t in timers:
+            t.wait()
+        return sum(t.tokens for t in timers) / (max(t.end for t in timers) - timers[0].t0)
+
     for r in range(ROUNDS + 1):
         prompt = _words(384, tok, 700 + r)  # a new prompt each time: no cache to help either
-
-        def one() -> float:
-            t = _Timer(engine, GenRequest(prompt + " A", max_tokens=64, temperature=1.0,
-                                          seed=r, n=8)).wait()  # fmt: skip
-            return t.tokens / (t.end - t.t0)
-
-        def separate() -> float:
-            timers = [_Timer(engine, GenRequest(prompt + " B", max_tokens=64, temperature=1.0,
-                                                seed=100 * r + j)) for j in range(8)]  # fmt: skip
-            for t in timers:
-                t.wait()
-            return sum(t.tokens for t in timers) / (max(t.end for t in timers) - timers[0].t0)
-
-        a, b = one(), separate()
+        a, b = one(prompt, r), separate(prompt, r)
         if r > 0:
             one_t.append(a)
             sep_t.append(b)
     engine.close()
-    out = {"prompt_tokens": 384, "new_tokens": 64, "tokens_per_s_n8": median(one_t),
-           "tokens_per_s_separate": median(sep_t), "n8_vs_separate": _ratios(one_t, sep_t)}
-    print(f"n=8 vs 8 requests: tokens/s {out['n8_vs_separate']['median']:.2f}× "
-          f"({out['n8_vs_separate']['min']:.2f}–{out['n8_vs_separate']['max']:.2f})")
+    out = {
+        "prompt_tokens": 384,
+        "new_tokens": 64,
+        "tokens_per_s_n8": median(one_t),
+        "tokens_per_s_separate": median(sep_t),
+        "n8_vs_separate": _ratios(one_t, sep_t),
+    }
+    print(
+        f"n=8 vs 8 requests: tokens/s {out['n8_vs_separate']['median']:.2f}× "
+        f"({out['n8_vs_separate']['min']:.2f}–{out['n8_vs_separate']['max']:.2f})"
+    )
     return out
 
 
@@ -197,10 +206,17 @@ def bench_logprobs(base_dir: Path, work: Path) -> dict[str, Any]:
         on_t.append(run(5))
         off_t.append(run(None))
     engine.close()
-    out = {"requests": 16, "new_tokens": 64, "tokens_per_s_on": median(on_t),
-           "tokens_per_s_off": median(off_t), "on_vs_off": _ratios(on_t, off_t)}
-    print(f"logprobs 5 on/off: tokens/s {out['on_vs_off']['median']:.3f}× "
-          f"({out['on_vs_off']['min']:.3f}–{out['on_vs_off']['max']:.3f})")
+    out = {
+        "requests": 16,
+        "new_tokens": 64,
+        "tokens_per_s_on": median(on_t),
+        "tokens_per_s_off": median(off_t),
+        "on_vs_off": _ratios(on_t, off_t),
+    }
+    print(
+        f"logprobs 5 on/off: tokens/s {out['on_vs_off']['median']:.3f}× "
+        f"({out['on_vs_off']['min']:.3f}–{out['on_vs_off']['max']:.3f})"
+    )
     return out
 
 
@@ -235,8 +251,10 @@ def bench_fairness(work: Path) -> dict[str, Any]:
     out = {"flood_requests": 48, "rows": 32, "y_p99_ttft_alone_s": median(alone),
            "y_p99_ttft_flooded_s": median(flooded), "flooded_vs_alone": _ratios(flooded, alone),
            "preempted": stats["preempted"]}  # fmt: skip
-    print(f"fairness: y's p99 TTFT flooded/alone {out['flooded_vs_alone']['median']:.2f}× "
-          f"({out['flooded_vs_alone']['min']:.2f}–{out['flooded_vs_alone']['max']:.2f})")
+    print(
+        f"fairness: y's p99 TTFT flooded/alone {out['flooded_vs_alone']['median']:.2f}× "
+        f"({out['flooded_vs_alone']['min']:.2f}–{out['flooded_vs_alone']['max']:.2f})"
+    )
     return out
 
 
