@@ -9,7 +9,8 @@ min–max:
   system prompt already cached (warm) vs one never seen (cold); p50 over the requests of a
   round;
 - **n = 8**: one request with ``n = 8`` (one prefill, the KV shared) vs 8 requests sent at
-  once, 384-token prompt, 64 new tokens, sampled: tokens/s;
+  once, 384-token prompt, 64 new tokens, sampled: tokens/s, without the prefix cache and with
+  it (then the 8 requests reuse the first one's prompt KV as soon as it is in);
 - **logprobs**: 16 requests × 64 tokens with ``logprobs: 5`` vs without: tokens/s;
 - **fairness** (the bench base): namespace y sends a short request every 0.2 s; p99 time to
   first token while namespace x floods the replica with 48 long requests vs y alone.
@@ -146,9 +147,24 @@ def bench_prefix(base_dir: Path, work: Path) -> dict[str, Any]:
 
 
 def bench_n(base_dir: Path, work: Path) -> dict[str, Any]:
+    """n = 8 vs 8 requests sent together, with the prefix cache (the default: the 8 requests
+    reuse the first one's prompt KV once it is in) and without it."""
+    out: dict[str, Any] = {"prompt_tokens": 384, "new_tokens": 64}
+    for cache in (False, True):
+        out["prefix_cache_on" if cache else "prefix_cache_off"] = _n_rounds(base_dir, work, cache)
+    off, on = out["prefix_cache_off"]["n8_vs_separate"], out["prefix_cache_on"]["n8_vs_separate"]
+    print(
+        f"n=8 vs 8 requests: tokens/s {off['median']:.2f}× ({off['min']:.2f}–{off['max']:.2f})"
+        f" without the prefix cache, {on['median']:.2f}× ({on['min']:.2f}–{on['max']:.2f}) "
+        "with it"
+    )
+    return out
+
+
+def _n_rounds(base_dir: Path, work: Path, cache: bool) -> dict[str, Any]:
     from workers.serving.engine import GenRequest
 
-    engine = _engine(base_dir, work, prefix_cache=True)
+    engine = _engine(base_dir, work, prefix_cache=cache)
     tok = engine.tokenizer
     one_t, sep_t = [], []
 
@@ -165,24 +181,17 @@ def bench_n(base_dir: Path, work: Path) -> dict[str, Any]:
         return sum(t.tokens for t in timers) / (max(t.end for t in timers) - timers[0].t0)
 
     for r in range(ROUNDS + 1):
-        prompt = _words(384, tok, 700 + r)  # a new prompt each time: no cache to help either
+        prompt = _words(384, tok, 700 + r)  # a new prompt each round
         a, b = one(prompt, r), separate(prompt, r)
         if r > 0:
             one_t.append(a)
             sep_t.append(b)
     engine.close()
-    out = {
-        "prompt_tokens": 384,
-        "new_tokens": 64,
+    return {
         "tokens_per_s_n8": median(one_t),
         "tokens_per_s_separate": median(sep_t),
         "n8_vs_separate": _ratios(one_t, sep_t),
     }
-    print(
-        f"n=8 vs 8 requests: tokens/s {out['n8_vs_separate']['median']:.2f}× "
-        f"({out['n8_vs_separate']['min']:.2f}–{out['n8_vs_separate']['max']:.2f})"
-    )
-    return out
 
 
 def bench_logprobs(base_dir: Path, work: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from workers.serving.logprobs import TokenLogprob
 from workers.serving.multi_lora import BASE_SLOT
 from workers.serving.planner import Budget, EngineState, Plan, SlotState, Waiting, schedule
 from workers.serving.slots import AdapterSlots, NoFreeSlot
-from workers.serving.stepper import Live, StepDecoder
+from workers.serving.stepper import Live, StepDecoder, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class DecodeLoop:
             prefill = [(by_rid[rid], n) for rid, n in plan.prefill if rid in by_rid]
             decode = [by_rid[rid] for rid in plan.decode if rid in by_rid]
             try:
-                report = self.decoder.step(prefill, decode)
+                report = self.decoder.step(prefill, decode, self._early)
             except Exception:  # never let the loop die: fail what was running, go on
                 log.exception("decode step failed")
                 for seq in self.decoder.reset():
@@ -398,6 +398,12 @@ class DecodeLoop:
                 ticket.on_delta(ticket.first_choice + ticket.seqs.index(s), delta, new)
             except Exception:
                 log.exception("delivering a delta failed")
+
+    def _early(self, report: StepReport) -> None:
+        """Deliver what a step's prefill pass produced (newcomers' first tokens) before its
+        decode pass runs."""
+        self._deliver_deltas(report.deltas, report.sampled)
+        report.deltas, report.sampled = [], []
 
     def _account(self, forwards: list[tuple[str, int, int]]) -> None:
         s = self.stats

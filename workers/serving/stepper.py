@@ -302,9 +302,15 @@ class StepDecoder:
     def step(
         self, prefill: Sequence[tuple[Live, int]] | None = None,
         decode: Sequence[Live] | None = None,
+        on_prefilled: Callable[[StepReport], None] | None = None,
     ) -> StepReport:  # fmt: skip
-        """One decode pass over ``decode`` rows and one prefill pass over ``prefill`` chunks
-        (None: every decoding row, and chunks chosen by ``planner.choose_prefill``)."""
+        """One prefill pass over ``prefill`` chunks, then one decode pass over ``decode`` rows
+        (None: chunks chosen by ``planner.choose_prefill``, and every decoding row).
+
+        The prefill pass goes first so that a newcomer's first token does not wait for the
+        running rows' pass: ``on_prefilled(report)`` may deliver what it produced (it takes
+        the deltas and sampled rows it delivers out of the report) before the decode pass.
+        """
         report = StepReport(finished=self._ended)
         self._ended = []
         if decode is None:
@@ -314,13 +320,7 @@ class StepDecoder:
             chosen = choose_prefill([r for r in self.running() if r.to_prefill > 0],
                                     self.prefill_chunk)  # fmt: skip
             prefill = [(by_rid[rid], n) for rid, n in chosen]
-        decoding = [s for s in decode if s.decoding]
-        if decoding:
-            tokens = [[s.pending or 0] for s in decoding]
-            self._forward("decode", decoding, tokens, [1] * len(decoding), report)
-            for s in decoding:
-                if not s.done:
-                    s.cached += 1
+        decoding = [s for s in decode if s.decoding]  # before the prefill makes new ones
         chunks = [(s, n) for s, n in prefill if not s.done and s.index >= 0 and n > 0]
         if chunks:
             seqs = [s for s, _ in chunks]
@@ -335,6 +335,14 @@ class StepDecoder:
                 s.cached += n
                 if s.filled == len(s.context):
                     self._prompt_in(s)
+            if on_prefilled is not None and decoding:
+                on_prefilled(report)
+        if decoding:
+            tokens = [[s.pending or 0] for s in decoding]
+            self._forward("decode", decoding, tokens, [1] * len(decoding), report)
+            for s in decoding:
+                if not s.done:
+                    s.cached += 1
         self._retire(report)
         return report
 
