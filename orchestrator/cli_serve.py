@@ -58,6 +58,11 @@ def serve(
     prefix_cache: bool = typer.Option(
         True, help="Keep prompt prefixes' KV per adapter version (inside --kv-cache-mb)."
     ),
+    ingress: str = typer.Option(
+        "auto",
+        help="auto | direct (one replica answers HTTP itself) | combined (Serve's "
+        "proxy, one replica) | separate (Serve's proxy, routing to model replicas).",
+    ),
 ) -> None:
     """Serve the base and every adapter of it in the catalog (Ctrl-C stops)."""
     import ray
@@ -81,6 +86,8 @@ def serve(
         raise WorkerError(f"--base {base!r} is neither a registered base nor a directory") from None
     if merged is not None:
         registry.resolve(merged)  # unknown reference: a clear error before Ray starts
+    if ingress not in ("auto", "direct", "combined", "separate"):
+        raise WorkerError(f"--ingress {ingress!r}: one of auto, direct, combined, separate")
     opts = ServeOptions(
         base_name=base_name, settings_json=settings_for_nodes(settings),
         slots=slots, max_rank=max_rank, host_adapters=host_adapters, replicas=replicas,
@@ -89,6 +96,7 @@ def serve(
         max_queue=max_queue, max_queue_per_namespace=max_queue_per_namespace,
         max_rows_per_namespace=max_rows_per_namespace, slots_per_namespace=slots_per_namespace,
         kv_share_per_namespace=kv_share_per_namespace, prefix_cache=prefix_cache,
+        ingress=ingress,
     )  # fmt: skip
     if settings.api_token is None:
         err_console.print("warning: LORAFLEET_API_TOKEN is not set: only namespace tokens work")

@@ -538,7 +538,9 @@ def test_the_api_app_serves_the_console_under_its_route_prefix(app: App) -> None
         assert httpx.get(f"{app.url}/api/v1/me", headers=auth).json()["namespace"] is None
         served = httpx.get(f"{app.url}/api/v1/usage", headers=auth).json()["data"]
         assert any(u["model"] == "meter/peft:1" for u in served)
-        assert len(httpx.get(f"{app.url}/api/v1/serving", headers=auth).json()["replicas"]) == 1
+        replicas = httpx.get(f"{app.url}/api/v1/serving", headers=auth).json()["replicas"]
+        assert len(replicas) == 1 and replicas[0]["prefix_cache"]["enabled"] is True
+        assert replicas[0]["prefix_cache"]["misses"] >= 1  # requests have come through
         assert _complete(app.client(), "team/peft", PROMPTS[0])[1] == "team/peft:1"  # unharmed
     finally:
         serve.delete("lorafleet-api")

@@ -15,7 +15,7 @@ the object store into its node's verified cache.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -56,6 +56,7 @@ class AppArgs(BaseModel):
     slots_per_namespace: int | None = Field(default=None, ge=1)
     kv_share_per_namespace: float | None = Field(default=None, gt=0, le=1)
     prefix_cache: bool = True
+    ingress: Literal["auto", "combined", "separate"] = "auto"  # behind Serve's proxy here
 
 
 def options_from(args: AppArgs) -> Any:
@@ -76,6 +77,7 @@ def options_from(args: AppArgs) -> Any:
         max_rows_per_namespace=args.max_rows_per_namespace,
         slots_per_namespace=args.slots_per_namespace,
         kv_share_per_namespace=args.kv_share_per_namespace, prefix_cache=args.prefix_cache,
+        ingress=args.ingress,
     )  # fmt: skip
 
 
