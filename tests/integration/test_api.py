@@ -312,10 +312,10 @@ def test_usage_serving_idle_and_me_are_scoped_by_namespace(api):
     usage.add_usage(registry.catalog, [
         usage.UsageCount(now, "a", "a/x:1", 3, 30, 9), usage.UsageCount(now, "b", "b/y:2", 1, 5, 5),
         usage.UsageCount(now - timedelta(days=2), "a", "a/x:1", 1, 1, 1)])  # fmt: skip
+    cached = {"enabled": True, "hits": 5, "misses": 2, "hit_tokens": 640, "miss_tokens": 90,
+              "tokens": 512, "block_tokens": 16}  # fmt: skip
     stats = {"slots": {"n": 4, "resident": ["a/x:1", "b/y:2"]}, "host": {"resident": ["b/y:2"]},
-             "load_ms": {"count": 1}, "prefix_cache": {"enabled": True, "hits": 5, "misses": 2,
-                                                       "hit_tokens": 640, "miss_tokens": 90,
-                                                       "tokens": 512, "block_tokens": 16}}  # fmt: skip
+             "load_ms": {"count": 1}, "prefix_cache": cached}  # fmt: skip
     usage.record_replica(registry.catalog, replica_id="r1", base="tiny", node="n", stats=stats)
     mine = client.get("/v1/usage", params={"since": "1d"}, headers=_h(tokens["a"])).json()["data"]
     assert [(u["model"], u["requests"], u["total_tokens"]) for u in mine] == [("a/x:1", 3, 39)]
