@@ -25,9 +25,14 @@ def build(args: dict[str, Any]) -> Any:
 
     def make_app() -> Any:  # built in the replica: catalog connections do not travel
         from orchestrator.api import create_app
+        from storage.auth import admin_token_problem
         from storage.settings import load_settings, settings_on_node
 
         settings = settings_on_node(settings_json) if settings_json else load_settings()
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        problem = admin_token_problem(token)
+        if problem is not None:  # the replica refuses to start; Serve reports why
+            raise ValueError(problem)
         return create_app(settings)
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})

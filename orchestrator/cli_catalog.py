@@ -312,9 +312,13 @@ def adapters_compress(
 
 @adapters_app.command("delete")
 @user_errors
-def adapters_delete(ref: str = typer.Argument(..., help="ns/name:VERSION")) -> None:
-    """Mark a version deleted (its bytes go at the next `lorafleet gc`)."""
-    v = _registry().delete(ref)
+def adapters_delete(
+    ref: str = typer.Argument(..., help="ns/name:VERSION"),
+    force: bool = typer.Option(False, help="Delete it even if an alias points at it (recorded)."),
+) -> None:
+    """Mark a version deleted (its bytes go at the next `lorafleet gc`); refused while an
+    alias points at it."""
+    v = _registry().delete(ref, force=force, actor="cli")
     console.print(f"deleted {v.ref}")
 
 

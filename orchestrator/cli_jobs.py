@@ -260,8 +260,14 @@ def server(
     import uvicorn
 
     from orchestrator.api import create_app
+    from storage.auth import admin_token_problem
+    from workers.errors import WorkerError
 
     settings = _settings()
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    problem = admin_token_problem(token)
+    if problem is not None:
+        raise WorkerError(problem)
     if settings.api_token is None:
         err_console.print("warning: LORAFLEET_API_TOKEN is not set: only namespace tokens work")
     console.print(f"lorafleet API on http://{host}:{port}")

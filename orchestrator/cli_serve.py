@@ -69,6 +69,7 @@ def serve(
 
     from orchestrator.cli_common import upload_progress
     from orchestrator.uploads import local_base
+    from storage.auth import admin_token_problem
     from storage.errors import InvalidName, NotFound
     from storage.registry import Registry
     from storage.settings import load_settings, settings_for_nodes
@@ -76,6 +77,10 @@ def serve(
     from workers.serving.deployments import ServeOptions, start, stop
 
     settings = load_settings()
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    problem = admin_token_problem(token)
+    if problem is not None:
+        raise WorkerError(problem)
     registry = Registry.from_settings(settings)
     with upload_progress() as progress:
         stored = local_base(registry, base, progress=progress)

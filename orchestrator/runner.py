@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
+from orchestrator.job_errors import DETAIL_EVENT, public_failure
 from orchestrator.service import job_spec
 from orchestrator.spec import JobSpec
 from orchestrator.spectra import spectrum_metrics, spectrum_of_dir
@@ -120,12 +121,12 @@ def run_job(job_id: str, settings: Settings) -> str:
                         f"{checkpoint_root(job_id)}")  # fmt: skip
         result = train_distributed(dspec)
     except (WorkerError, StorageError, ValueError) as exc:
-        return fail_job(db, job_id, str(exc))
+        return fail_job(db, job_id, str(exc), exc)
     except Exception as exc:  # anything else fails the job too, with its reason: a runner
         # that died instead would be retried by the scheduler, and a bad spec retried fails
         # the same way again
         log.exception("job %s: unexpected error", job_id)
-        return fail_job(db, job_id, f"{type(exc).__name__}: {exc}")
+        return fail_job(db, job_id, f"{type(exc).__name__}: {exc}", exc)
     return finish_job(registry, job, dspec, result)
 
 
@@ -171,7 +172,7 @@ def finish_job(
         )
     except Exception as exc:
         # the trained adapter stays staged in the object store (staging/<run>/)
-        return fail_job(db, job_id, f"publish failed: {exc}")
+        return fail_job(db, job_id, f"publish failed: {exc}", exc)
     finally:
         shutil.rmtree(result.adapter_dir, ignore_errors=True)
     remove_staged(registry.store, dspec.staging_prefix)  # published: the copy can go
@@ -194,13 +195,20 @@ def _through_outage(fn: Callable[[], T], what: str) -> T:
     return with_retries(fn, retry_on=(CatalogUnavailable,), deadline_s=CATALOG_OUTAGE_S, what=what)
 
 
-def fail_job(db: Any, job_id: str, message: str) -> str:
-    """End an active job as failed with ``message`` (a cancel that came first stands)."""
+def fail_job(db: Any, job_id: str, message: str, exc: BaseException | None = None) -> str:
+    """End an active job as failed (a cancel that came first stands). Its ``error`` is
+    ``message`` made public (``job_errors``: no store URIs, hosts or paths); the full text
+    goes to the log and, when they differ, to an admin-only event."""
     log.warning("job %s failed: %s", job_id, message)
+    public = public_failure(message, exc)
+    if public != message:
+        _through_outage(lambda: jobs.add_event(db, job_id=job_id, kind=DETAIL_EVENT,
+                                               data={"detail": message}),
+                        "recording the failure's detail")  # fmt: skip
     with contextlib.suppress(jobs.JobStateConflict):  # cancelled meanwhile: that stands
         _through_outage(lambda: jobs.transition_job(
             db, job_id=job_id, allowed_from={"starting", "running", "retrying"}, to="failed",
-            error=message,
+            error=public,
         ), "failing the job")  # fmt: skip
     return _through_outage(lambda: jobs.get_job(db, job_id=job_id), "reading the job").state
 

@@ -19,9 +19,11 @@ from storage.registry import Registry
 
 def spectrum_of_dir(adapter_dir: str | Path) -> dict[str, Any]:
     """The spectrum summary of a PEFT adapter directory (``Spectrum.summary``)."""
+    from storage.adapter_files import inspect_adapter_dir
     from workers.lora.io import read_adapter_config, read_adapter_weights
     from workers.lora.spectrum import adapter_spectrum
 
+    inspect_adapter_dir(adapter_dir)  # refuses a bad adapter (NaN weights too) before the math
     config = read_adapter_config(adapter_dir)
     return adapter_spectrum(read_adapter_weights(adapter_dir), config).summary()
 

@@ -19,7 +19,7 @@ from storage.catalog.domain import BaseModel, DataFile
 from storage.errors import NotFound
 from storage.names import NAME_RE
 from storage.registry import Registry
-from workers.datasets import count_valid_rows
+from workers.datasets import MAX_LINE_BYTES, count_valid_rows
 from workers.errors import DatasetError
 
 DATA_FIELDS = ("training_data", "validation_data")
@@ -45,6 +45,7 @@ def upload_dataset(
     namespace: str,
     filename: str,
     max_bytes: int,
+    max_line: int = MAX_LINE_BYTES,
     progress: Progress | None = None,
 ) -> tuple[DataFile, bool]:
     """Validate a JSONL file row by row, then store and record it in ``namespace``.
@@ -60,7 +61,7 @@ def upload_dataset(
         UploadTooLarge, DatasetError (naming ``filename:line``).
     """
     check_size(path.stat().st_size, max_bytes, filename=filename)
-    rows = count_valid_rows(path, name=filename)
+    rows = count_valid_rows(path, name=filename, max_line=max_line)
     return registry.store_file(path, namespace=namespace, filename=filename, rows=rows,
                                progress=progress)  # fmt: skip
 

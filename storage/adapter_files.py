@@ -107,7 +107,7 @@ def inspect_adapter_dir(directory: str | Path) -> AdapterManifest:
     if not config.get("target_modules"):
         raise AdapterRejected(f"{root / CONFIG}: target_modules is missing")
     try:
-        header, _ = read_safetensors_header(root / WEIGHTS)
+        header, start = read_safetensors_header(root / WEIGHTS)
     except FingerprintError as exc:
         raise AdapterRejected(str(exc)) from None
     shapes: dict[str, tuple[int, ...]] = {}
@@ -125,6 +125,10 @@ def inspect_adapter_dir(directory: str | Path) -> AdapterManifest:
         shapes,
         tuple(root / n for n in (CONFIG, WEIGHTS, *OPTIONAL) if (root / n).is_file()),
     )
+    bad = nonfinite_tensor(root / WEIGHTS, header, start)
+    if bad is not None:
+        raise AdapterRejected(f"{root / WEIGHTS}: tensor {bad!r} holds NaN or infinite values; "
+                              "nothing was published")  # fmt: skip
     for path, pair in manifest.modules().items():
         if not {"A", "B"} <= set(pair):
             raise AdapterRejected(f"{root / WEIGHTS}: module {path!r} lacks lora_A or lora_B")
@@ -139,6 +143,31 @@ def inspect_adapter_dir(directory: str | Path) -> AdapterManifest:
                 "in adapter_config.json, and only with it"
             )
     return manifest
+
+
+_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def nonfinite_tensor(path: Path, header: dict[str, Any], start: int) -> str | None:
+    """The first tensor of a safetensors file holding NaN or ±inf (None: all finite).
+
+    Read tensor by tensor from the raw bytes (bfloat16 widened to float32 exactly), so a
+    check needs no framework and no more memory than the largest tensor.
+    """
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        for name, meta in sorted(header.items(), key=lambda kv: str(kv[0])):
+            if name == "__metadata__" or meta.get("dtype") not in _FLOATS:
+                continue
+            b, e = meta["data_offsets"]
+            fh.seek(start + b)
+            raw = np.frombuffer(fh.read(e - b), dtype=_FLOATS[meta["dtype"]])
+            values = (raw.astype(np.uint32) << 16).view(np.float32) if meta["dtype"] == "BF16" \
+                else raw  # fmt: skip
+            if not bool(np.isfinite(values).all()):
+                return str(name)
+    return None
 
 
 def check_against_base(manifest: AdapterManifest, base_tensors: dict[str, TensorInfo]) -> None:

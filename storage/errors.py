@@ -58,6 +58,11 @@ class BaseModelNotFound(NotFound):
     """No such registered base model."""
 
 
+class InUse(StorageError):
+    """Something still depends on it (an alias points at the version, a job trains on the
+    file): refused, naming what."""
+
+
 class AdapterExists(StorageError):
     """An adapter version with that identity already exists."""
 

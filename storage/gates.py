@@ -6,8 +6,9 @@ Two forms, typed as on the command line (``lorafleet adapters gate NS/NAME ALIAS
   as ``adapters list --metric``);
 - relative, ``eval_loss<=current+2%`` (lower is better) or ``accuracy>=current-1%`` (higher
   is better): the version's metric against the metric of the version the alias points at now,
-  with a tolerance in percent of that value. With nothing to replace yet (a first promotion) a
-  relative rule passes, and says so.
+  with a tolerance in percent of that value. With nothing in place, a relative rule fails —
+  except at the alias's first promotion ever, where it passes, says so, and the promotion is
+  recorded as such (so deleting the version in place cannot open the gate).
 
 A metric the version lacks, or that is not a finite number, fails its rule: a gate that could
 not be checked must not let a version through. Everything here is pure; the catalog stores
@@ -146,8 +147,11 @@ def judge(
     rule: GateRule,
     candidate: tuple[str, dict[str, Any]],
     current: tuple[str, dict[str, Any]] | None,
+    *,
+    first: bool = False,
 ) -> RuleResult:
-    """One rule against a candidate ``(ref, metrics)`` and the alias's current version."""
+    """One rule against a candidate ``(ref, metrics)`` and the alias's current version
+    (``first``: the alias has never pointed at any version)."""
     ref, metrics = candidate
     value = _number(metrics, rule.metric)
     if value is None:
@@ -155,13 +159,17 @@ def judge(
         return RuleResult(rule.text, False, None, None, msg)
     if rule.relative:
         if current is None:
-            msg = f"{rule.text}: nothing to compare with yet (first promotion)"
-            return RuleResult(rule.text, True, value, None, msg)
+            if first:
+                msg = f"{rule.text}: nothing to compare with (the alias's first promotion ever)"
+                return RuleResult(rule.text, True, value, None, msg)
+            msg = (f"{rule.text}: the alias points at no version to compare with (it did "
+                   "before: promote through an absolute rule, or force as an admin)")  # fmt: skip
+            return RuleResult(rule.text, False, value, None, msg)
         cur_ref, cur_metrics = current
         cur = _number(cur_metrics, rule.metric)
-        if cur is None:  # the version in place was never measured: only a number can judge
-            msg = f"{rule.text}: {cur_ref} has no {rule.metric} to compare with"
-            return RuleResult(rule.text, True, value, None, msg)
+        if cur is None:  # a gate that cannot compare must not let a version through
+            msg = f"{rule.text}: {cur_ref}, in place, has no {rule.metric} to compare with"
+            return RuleResult(rule.text, False, value, None, msg)
         bound = rule.threshold(cur)
         assert bound is not None
         ok = OPS[rule.op](value, bound)
@@ -180,9 +188,12 @@ def evaluate(
     rules: list[str],
     candidate: tuple[str, dict[str, Any]],
     current: tuple[str, dict[str, Any]] | None,
+    *,
+    first: bool = False,
 ) -> GateVerdict:
-    """Judge a candidate against every stored rule of ``alias`` (no rules: it passes)."""
-    results = tuple(judge(parse_rule(r), candidate, current) for r in rules)
+    """Judge a candidate against every stored rule of ``alias`` (no rules: it passes);
+    ``first``: the alias has never pointed at any version."""
+    results = tuple(judge(parse_rule(r), candidate, current, first=first) for r in rules)
     return GateVerdict(alias, candidate[0], current[0] if current else None, results)
 
 

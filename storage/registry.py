@@ -236,14 +236,12 @@ class Registry:
         )  # fmt: skip
 
     def delete_file(self, file_id: str, *, namespace: str | None = None) -> DataFile:
-        """Delete a file's record, and its bytes once no file of any namespace has them.
+        """Delete a file's record (refused while an unfinished job uses it); its bytes go at
+        the next ``gc`` if no file, base or upload names them then.
 
-        Jobs that named it keep their lineage (id and digest); they cannot be re-run.
+        Finished jobs that named it keep their lineage (id and digest); they cannot be re-run.
         """
-        deleted, left = file_repo.delete_file(self.catalog, file_id=file_id, namespace=namespace)
-        if left == 0:
-            self.store.delete(blob_key(deleted.sha256))
-        return deleted
+        return file_repo.delete_file(self.catalog, file_id=file_id, namespace=namespace)
 
     def file_path(self, data: str | DataFile, *, namespace: str | None = None) -> Path:
         """An uploaded file as a verified local path in this node's cache."""
@@ -375,8 +373,10 @@ class Registry:
                                        force=force, actor=actor)  # fmt: skip
         return version
 
-    def delete(self, ref: str) -> AdapterVersion:
-        version = repo.delete_adapter_version(self.catalog, ref=parse_ref(ref))
+    def delete(self, ref: str, *, force: bool = False, actor: str | None = None) -> AdapterVersion:
+        """Mark a version deleted (refused while an alias points at it, unless ``force``)."""
+        version = repo.delete_adapter_version(self.catalog, ref=parse_ref(ref), force=force,
+                                              actor=actor)  # fmt: skip
         self.cache.remove(version)
         return version
 

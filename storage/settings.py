@@ -13,6 +13,8 @@ a SQLite catalog, a local-directory object store and the node cache.
 | api_token        | LORAFLEET_API_TOKEN        | api_token       |
 | cache_max_bytes  | LORAFLEET_CACHE_MAX_BYTES  | cache_max_bytes |
 | max_upload_bytes | LORAFLEET_MAX_UPLOAD_BYTES | max_upload_bytes |
+| max_line_bytes   | LORAFLEET_MAX_LINE_BYTES   | max_line_bytes  |
+| max_uploads_per_namespace | LORAFLEET_MAX_UPLOADS_PER_NAMESPACE | max_uploads_per_namespace |
 
 The toml file is ``LORAFLEET_CONFIG`` if set, else ``./lorafleet.toml``, else
 ``$LORAFLEET_HOME/lorafleet.toml``.
@@ -45,6 +47,8 @@ ENV_KEYS = {
     "api_token": "LORAFLEET_API_TOKEN",
     "cache_max_bytes": "LORAFLEET_CACHE_MAX_BYTES",
     "max_upload_bytes": "LORAFLEET_MAX_UPLOAD_BYTES",
+    "max_line_bytes": "LORAFLEET_MAX_LINE_BYTES",
+    "max_uploads_per_namespace": "LORAFLEET_MAX_UPLOADS_PER_NAMESPACE",
 }
 
 
@@ -65,6 +69,8 @@ class Settings(BaseModel):
     api_token: SecretStr | None = None
     cache_max_bytes: int = Field(default=10 * 1024**3, gt=0)
     max_upload_bytes: int = Field(default=512 * 1024**2, gt=0)
+    max_line_bytes: int = Field(default=8 * 1024**2, gt=0)  # one JSONL row of an upload
+    max_uploads_per_namespace: int = Field(default=4, gt=0)  # at once; then 429
 
     @property
     def cache_dir(self) -> Path:

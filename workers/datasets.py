@@ -76,14 +76,33 @@ def _validate_row(row: Any, where: str) -> dict[str, Any]:
     return row
 
 
-def _rows(path: str | Path, name: str | None) -> Iterator[dict[str, Any]]:
+MAX_LINE_BYTES = 8 * 1024**2  # one row at most: what reading a row holds in memory (≈ 3×)
+
+
+class LineTooLong(DatasetError):
+    """A row is longer than the per-line cap (``LORAFLEET_MAX_LINE_BYTES``)."""
+
+
+def _lines(fh: Any, max_line: int, shown: str) -> Iterator[bytes]:
+    """A binary file's lines, none read past ``max_line`` bytes (memory stays bounded)."""
+    lineno = 0
+    while raw := fh.readline(max_line + 1):
+        lineno += 1
+        if len(raw) > max_line and not raw.endswith(b"\n"):
+            raise LineTooLong(f"{shown}:{lineno}: the line is longer than {max_line:,} bytes "
+                              "(LORAFLEET_MAX_LINE_BYTES)")  # fmt: skip
+        yield raw
+
+
+def _rows(path: str | Path, name: str | None,
+          max_line: int = MAX_LINE_BYTES) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Validated rows of a JSONL file, one at a time; errors say ``name:line``."""
     p = Path(path)
     shown = name or str(p)
     if not p.is_file():
         raise DatasetError(f"dataset {shown} does not exist")
     with p.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in enumerate(_lines(fh, max_line, shown), start=1):
             where = f"{shown}:{lineno}"
             try:
                 line = raw.decode("utf-8").strip()
@@ -113,9 +132,15 @@ def read_jsonl(path: str | Path, *, name: str | None = None) -> list[dict[str, A
     return rows
 
 
-def count_valid_rows(path: str | Path, *, name: str | None = None) -> int:
-    """Validate every row (as ``read_jsonl``) without keeping them; returns the row count."""
-    n = sum(1 for _ in _rows(path, name))
+def count_valid_rows(
+    path: str | Path, *, name: str | None = None, max_line: int = MAX_LINE_BYTES
+) -> int:
+    """Validate every row (as ``read_jsonl``) without keeping them; returns the row count.
+
+    Raises:
+        DatasetError (``LineTooLong`` for a row over ``max_line`` bytes).
+    """
+    n = sum(1 for _ in _rows(path, name, max_line))
     if not n:
         raise DatasetError(f"dataset {name or path} has no rows")
     return n

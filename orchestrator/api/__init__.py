@@ -57,8 +57,16 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         """Who this token is: its namespace (null: the admin token) and scope."""
         return {"object": "principal", "namespace": who.namespace, "scope": who.scope}
 
-    app.include_router(jobs_router(reg.catalog, principal))
-    app.include_router(files_router(reg, settings.max_upload_bytes, principal))
+    app.include_router(jobs_router(reg.catalog, principal, admin))
+    app.include_router(
+        files_router(
+            reg,
+            settings.max_upload_bytes,
+            principal,
+            max_line=settings.max_line_bytes,
+            max_uploads=settings.max_uploads_per_namespace,
+        )
+    )
     app.include_router(adapters_router(reg, principal))
     app.include_router(tokens_router(reg.catalog, principal))
     app.include_router(usage_router(reg.catalog, principal))

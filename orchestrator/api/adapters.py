@@ -197,8 +197,13 @@ def adapters_router(reg: Registry, principal: PrincipalDep) -> APIRouter:
             raise ApiError(422, str(exc), "alias") from None
 
     @router.delete("/{namespace}/{ref}", response_model=schemas.Adapter)
-    def delete_adapter(namespace: str, ref: str, who: Principal = Depends(principal)) -> dict:
+    def delete_adapter(namespace: str, ref: str, force: bool = False,
+                       who: Principal = Depends(principal)) -> dict:  # fmt: skip
+        """Delete a version; 409 naming the aliases that point at it (``force``, an admin's:
+        delete anyway, recorded as an event)."""
         v = resolve_visible(namespace, ref, who)
-        return adapter_object(reg.delete(v.ref))
+        if force:
+            admin_only(who, "deleting a version an alias points at")
+        return adapter_object(reg.delete(v.ref, force=force, actor=actor(who)))
 
     return router

@@ -18,6 +18,7 @@ from storage.catalog.db import Catalog
 from storage.errors import (
     CatalogUnavailable,
     IntegrityError,
+    InUse,
     NotFound,
     ObjectNotFound,
     ObjectStoreUnavailable,
@@ -58,6 +59,8 @@ def storage_status(exc: StorageError) -> tuple[int, str]:
         return 503, "storage is unavailable; try again shortly"
     if isinstance(exc, NotFound):
         return 404, str(exc)
+    if isinstance(exc, InUse):
+        return 409, str(exc)
     return 400, str(exc)
 
 

@@ -30,6 +30,7 @@ from storage.catalog import files as file_repo
 from storage.catalog.domain import DataFile
 from storage.errors import InvalidName, NotFound
 from storage.registry import Registry
+from workers.datasets import MAX_LINE_BYTES, LineTooLong
 from workers.errors import DatasetError
 
 CHUNK = 1 << 20
@@ -88,21 +89,57 @@ def _target_namespace(who: Principal, namespace: str | None) -> str:
     return namespace
 
 
-async def _spool(upload: UploadFile, dest: Path, limit: int) -> int:
-    """Copy an upload to ``dest``, stopping with ``UploadTooLarge`` past ``limit`` bytes."""
-    size = 0
+async def _spool(upload: UploadFile, dest: Path, limit: int, max_line: int) -> int:
+    """Copy an upload to ``dest``, stopping with ``UploadTooLarge`` past ``limit`` bytes and
+    with ``LineTooLong`` as soon as a line passes ``max_line`` bytes (checked as the bytes
+    arrive, so an over-long line is refused before the rest is read)."""
+    size, line, lineno = 0, 0, 1  # bytes of the open line, its number
+    name = Path(upload.filename or "upload").name
     with open(dest, "wb") as out:
         while chunk := await upload.read(CHUNK):
             size += len(chunk)
-            check_size(size, limit, filename=upload.filename or "upload")
+            check_size(size, limit, filename=name)
+            lengths = [len(part) for part in chunk.split(b"\n")]
+            lengths[0] += line
+            over = next((i for i, n in enumerate(lengths) if n > max_line), None)
+            if over is not None:
+                raise LineTooLong(f"{name}:{lineno + over}: the line is longer than "
+                                  f"{max_line:,} bytes (LORAFLEET_MAX_LINE_BYTES)")  # fmt: skip
+            lineno += len(lengths) - 1
+            line = lengths[-1]
             out.write(chunk)
     return size
 
 
-def files_router(registry: Registry, max_bytes: int, principal: PrincipalDep) -> APIRouter:
-    """The ``/v1/files`` routes over ``registry``; ``principal`` is the auth dependency."""
+class UploadSlots:
+    """Uploads in progress per namespace, capped: one namespace cannot hold every worker
+    thread and the server's temporary disk with uploads (the others' go on)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._busy: dict[str, int] = {}
+
+    def take(self, namespace: str) -> bool:
+        if self._busy.get(namespace, 0) >= self.limit:
+            return False
+        self._busy[namespace] = self._busy.get(namespace, 0) + 1
+        return True
+
+    def give(self, namespace: str) -> None:
+        self._busy[namespace] = self._busy.get(namespace, 1) - 1
+        if self._busy[namespace] <= 0:
+            del self._busy[namespace]
+
+
+def files_router(
+    registry: Registry, max_bytes: int, principal: PrincipalDep, *,
+    max_line: int = MAX_LINE_BYTES, max_uploads: int = 4,
+) -> APIRouter:  # fmt: skip
+    """The ``/v1/files`` routes over ``registry``; ``principal`` is the auth dependency;
+    ``max_line``: bytes per JSONL row; ``max_uploads``: uploads at once per namespace."""
     router = APIRouter(prefix="/v1/files", tags=["files"], responses=schemas.ERRORS)
     db = registry.catalog
+    slots = UploadSlots(max_uploads)
 
     def visible(file_id: str, who: Principal) -> DataFile:
         try:
@@ -123,24 +160,28 @@ def files_router(registry: Registry, max_bytes: int, principal: PrincipalDep) ->
                            "purpose")  # fmt: skip
         target = _target_namespace(who, namespace)
         filename = Path(file.filename or "upload.jsonl").name  # a name, never a path
+        if not slots.take(target):
+            raise ApiError(429, f"namespace {target} has {slots.limit} uploads in progress; "
+                           "try again when one ends")  # fmt: skip
         tmp = Path(tempfile.mkdtemp(prefix="lorafleet-upload-"))
         try:
             try:
                 # the declared body (file + form fields + boundaries) tells early
                 declared = int(request.headers.get("content-length") or 0)
                 check_size(max(0, declared - FORM_OVERHEAD), max_bytes, filename=filename)
-                await _spool(file, tmp / "data", max_bytes)
+                await _spool(file, tmp / "data", max_bytes, max_line)
                 record, _ = await asyncio.to_thread(
                     upload_dataset, registry, tmp / "data", namespace=target,
-                    filename=filename, max_bytes=max_bytes,
+                    filename=filename, max_bytes=max_bytes, max_line=max_line,
                 )  # fmt: skip
-            except UploadTooLarge as exc:
+            except (UploadTooLarge, LineTooLong) as exc:
                 raise ApiError(413, str(exc), "file") from None
             except DatasetError as exc:
                 raise ApiError(422, str(exc), "file") from None
             except InvalidName as exc:
                 raise ApiError(422, str(exc), "namespace") from None
         finally:
+            slots.give(target)
             shutil.rmtree(tmp, ignore_errors=True)
         return file_object(record)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,16 +15,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from orchestrator.api import schemas
 from orchestrator.api.deps import PrincipalDep
 from orchestrator.http_errors import ApiError
+from orchestrator.job_errors import DETAIL_EVENT
 from orchestrator.lifecycle import TERMINAL, IllegalTransition
 from orchestrator.objects import event_object, job_object
 from orchestrator.service import cancel_job, submit_job
 from orchestrator.spec import JobSpec
-from storage.auth import Principal
+from storage.auth import Principal, Unauthorized, authenticate
 from storage.catalog import jobs
 from storage.catalog.db import Catalog
 from storage.errors import NotFound
 
 MAX_ID = 2**63 - 1  # event ids are 64-bit columns
+STREAM_RECHECK_S = 5.0  # an open event stream checks its token again this often
+MAX_STREAMS_PER_TOKEN = 8
 STREAMED: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {}},
@@ -40,9 +44,40 @@ def page_body(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
             "last_id": data[-1]["id"] if data else None}  # fmt: skip
 
 
-def jobs_router(db: Catalog, principal: PrincipalDep) -> APIRouter:
-    """The job routes over ``db``; ``principal`` is the auth dependency."""
+class StreamCount:
+    """Open event streams per bearer token, capped (a client that opens streams and never
+    reads them holds server tasks and catalog polls)."""
+
+    def __init__(self, limit: int = MAX_STREAMS_PER_TOKEN) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, key: str) -> bool:
+        if self._open.get(key, 0) >= self.limit:
+            return False
+        self._open[key] = self._open.get(key, 0) + 1
+        return True
+
+    def close(self, key: str) -> None:
+        left = self._open.get(key, 1) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+
+
+def jobs_router(db: Catalog, principal: PrincipalDep, admin: str | None = None) -> APIRouter:
+    """The job routes over ``db``; ``principal`` is the auth dependency, ``admin`` the admin
+    token (event streams check their token again as they run)."""
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["jobs"], responses=schemas.ERRORS)
+    streams = StreamCount()
+
+    def still_valid(authorization: str) -> bool:
+        try:
+            authenticate(db, admin, authorization)
+        except Unauthorized:
+            return False
+        return True
 
     def visible_job(job_id: str, who: Principal) -> jobs.Job:
         try:
@@ -120,23 +155,42 @@ def jobs_router(db: Catalog, principal: PrincipalDep) -> APIRouter:
     ) -> Any:
         job = visible_job(job_id, who)
         if stream or "text/event-stream" in request.headers.get("accept", ""):
-            return StreamingResponse(sse(job.id, after), media_type="text/event-stream")
+            key = request.headers.get("authorization", "")
+            if not streams.open(key):
+                raise ApiError(429, f"this token has {streams.limit} event streams open; "
+                               "close one first")  # fmt: skip
+            return StreamingResponse(sse(job.id, after, who, key), media_type="text/event-stream")
         found = jobs.list_events(db, job_id=job.id, after_id=after, limit=limit + 1)
-        data = [event_object(e) for e in found[:limit]]
+        data = [event_object(e) for e in found[:limit] if shown(e, who)]
         return {"object": "list", "data": data, "has_more": len(found) > limit}
 
-    async def sse(job_id: str, after: int) -> AsyncIterator[str]:
-        last = after
-        while True:
-            batch = await asyncio.to_thread(jobs.list_events, db, job_id=job_id, after_id=last)
-            for e in batch:
-                last = e.id
-                yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(event_object(e))}\n\n"
-            state = (await asyncio.to_thread(jobs.get_job, db, job_id=job_id)).state
-            if state in TERMINAL and not batch:
-                yield f"event: end\ndata: {json.dumps({'status': state})}\n\n"
-                return
-            await asyncio.sleep(0.25)
+    def shown(e: jobs.JobEvent, who: Principal) -> bool:
+        """A failure's detail (server paths, store URIs) is for admin tokens only."""
+        return e.kind != DETAIL_EVENT or who.scope == "admin"
+
+    async def sse(job_id: str, after: int, who: Principal, key: str) -> AsyncIterator[str]:
+        last, checked = after, time.monotonic()
+        try:
+            while True:
+                batch = await asyncio.to_thread(jobs.list_events, db, job_id=job_id,
+                                                after_id=last)  # fmt: skip
+                for e in batch:
+                    last = e.id
+                    if shown(e, who):
+                        body = json.dumps(event_object(e))
+                        yield f"id: {e.id}\nevent: {e.kind}\ndata: {body}\n\n"
+                state = (await asyncio.to_thread(jobs.get_job, db, job_id=job_id)).state
+                if state in TERMINAL and not batch:
+                    yield f"event: end\ndata: {json.dumps({'status': state})}\n\n"
+                    return
+                if time.monotonic() - checked >= STREAM_RECHECK_S:  # revoked or expired: end
+                    checked = time.monotonic()
+                    if not await asyncio.to_thread(still_valid, key):
+                        yield f"event: end\ndata: {json.dumps({'status': 'unauthorized'})}\n\n"
+                        return
+                await asyncio.sleep(0.25)
+        finally:
+            streams.close(key)
 
     @router.get("/{job_id}/checkpoints", response_model=schemas.CheckpointList)
     def checkpoints(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:

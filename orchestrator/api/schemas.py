@@ -11,6 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.names import NAME_RE
+
+NAME_PATTERN = NAME_RE.pattern  # a namespace, adapter, alias or token name
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -21,10 +25,11 @@ class TokenBody(BaseModel):
     """A token to create: its namespace, a name, a scope and an optional lifetime."""
 
     model_config = ConfigDict(extra="forbid")
-    namespace: str = Field(max_length=64)
+    namespace: str = Field(max_length=64, pattern=NAME_PATTERN)
     name: str = Field(max_length=64)
     scope: Literal["read", "write", "admin"] = "write"
-    expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)
+    # at least a minute: shorter tokens would expire before anyone used them
+    expires_in_s: float | None = Field(None, ge=60, le=10 * 365 * 86400, allow_inf_nan=False)
 
 
 class PromoteBody(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -10,12 +11,40 @@ from orchestrator.api import schemas
 from orchestrator.api.deps import PrincipalDep
 from orchestrator.http_errors import ApiError
 from orchestrator.objects import token_object
-from storage.auth import Principal
+from storage.auth import Principal, scope_rank
 from storage.catalog import repository as repo
 from storage.catalog.db import Catalog
+from storage.catalog.repository import MIN_TOKEN_LIFETIME_S
 from storage.errors import InvalidName, NotFound
 
 MAX_ID = 2**63 - 1  # token ids are 64-bit columns
+
+
+def child_lifetime(parent: Principal, scope: str, expires_in_s: float | None) -> float | None:
+    """The lifetime a token made by ``parent`` gets: never past the parent's own expiry (an
+    expiring namespace admin mints expiring tokens), and never a wider scope.
+
+    Raises:
+        ApiError: 403 for a wider scope, 422 for a lifetime past the parent's.
+    """
+    if parent.namespace is None:  # the admin token: no bounds
+        return expires_in_s
+    if scope_rank(scope) > scope_rank(parent.scope):
+        raise ApiError(403, f"a {parent.scope} token may not make a {scope} token", "scope")
+    if parent.expires_at is None:
+        return expires_in_s
+    end = parent.expires_at if parent.expires_at.tzinfo else parent.expires_at.replace(
+        tzinfo=UTC)  # fmt: skip
+    left = (end - datetime.now(UTC)).total_seconds()
+    if expires_in_s is None:
+        expires_in_s = left
+    if expires_in_s > left:
+        raise ApiError(422, f"expires_in_s: past this token's own expiry (it has {left:.0f} s "
+                       "left)", "expires_in_s")  # fmt: skip
+    if expires_in_s < MIN_TOKEN_LIFETIME_S:
+        raise ApiError(422, "expires_in_s: this token expires too soon to make others",
+                       "expires_in_s")  # fmt: skip
+    return expires_in_s
 
 
 def tokens_router(db: Catalog, principal: PrincipalDep) -> APIRouter:
@@ -26,10 +55,11 @@ def tokens_router(db: Catalog, principal: PrincipalDep) -> APIRouter:
     def create_token(body: schemas.TokenBody, who: Principal = Depends(principal)) -> dict:
         if not who.can_manage_tokens(body.namespace):
             raise ApiError(403, f"this token may not manage namespace {body.namespace}'s tokens")
+        lifetime = child_lifetime(who, body.scope, body.expires_in_s)
         try:
             secret = repo.create_token(
                 db, namespace=body.namespace, name=body.name, scope=body.scope,
-                expires_in_s=body.expires_in_s,
+                expires_in_s=lifetime, not_after=who.expires_at,
             )  # fmt: skip
         except InvalidName as exc:
             field = "scope" if "scope" in str(exc) else "name"

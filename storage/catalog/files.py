@@ -12,13 +12,13 @@ import uuid
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import select, tuple_
 
 from storage.catalog.db import Catalog
 from storage.catalog.domain import DataFile
-from storage.catalog.models import FileRow, NamespaceRow
+from storage.catalog.models import FileRow, JobRow, NamespaceRow
 from storage.catalog.repository import _namespace_row
-from storage.errors import NotFound
+from storage.errors import InUse, NotFound
 from storage.names import validate_name
 
 FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24}$")
@@ -139,17 +139,35 @@ def page_files(
         return [_file(r, n) for r, n in rows[:limit]], len(rows) > limit
 
 
-def delete_file(db: Catalog, *, file_id: str, namespace: str | None = None) -> tuple[DataFile, int]:
-    """Delete a file's record.
+UNFINISHED = ("queued", "starting", "running", "retrying")  # states a job may still train in
 
-    Returns:
-        (the deleted file, how many records still reference its content).
+
+def delete_file(db: Catalog, *, file_id: str, namespace: str | None = None) -> DataFile:
+    """Delete a file's record (its bytes stay until ``gc``: an upload of the same content may
+    have counted on them).
+
+    Raises:
+        InUse: a queued, running or retrying job trains on it (naming the jobs; nothing
+            changed).
     """
     f = get_file(db, file_id=file_id, namespace=namespace)
     with db.session() as s:
+        ns_id = s.scalar(select(NamespaceRow.id).where(NamespaceRow.name == f.namespace))
+        users = [
+            job_id
+            for job_id, spec in s.execute(
+                select(JobRow.id, JobRow.spec).where(
+                    JobRow.namespace_id == ns_id, JobRow.state.in_(UNFINISHED)
+                )
+            )
+            if f.id in ((spec or {}).get("training_data"), (spec or {}).get("validation_data"))
+        ]
+        if users:
+            shown = ", ".join(sorted(users)[:5]) + (" …" if len(users) > 5 else "")
+            raise InUse(f"file {f.id} is used by {len(users)} unfinished job(s): {shown}; "
+                        "cancel them or wait until they end")  # fmt: skip
         row = s.get(FileRow, f.id)
         if row is not None:
             s.delete(row)
         s.flush()
-        left = s.scalar(select(func.count()).select_from(FileRow).where(FileRow.sha256 == f.sha256))
-    return f, int(left or 0)
+    return f

@@ -78,12 +78,23 @@ def _current(s: Session, repo_id: int, alias: str) -> AdapterVersionRow | None:
     )
 
 
+def _ever_moved(s: Session, repo_id: int, alias: str) -> bool:
+    """Whether ``alias`` has ever pointed at a version (a promotion event exists)."""
+    return s.scalar(
+        select(CatalogEventRow.id).where(
+            CatalogEventRow.repo_id == repo_id, CatalogEventRow.alias == alias,
+            CatalogEventRow.kind.in_((PROMOTED, FORCED))).limit(1)
+    ) is not None  # fmt: skip
+
+
 def _verdict(s: Session, row: AdapterVersionRow, alias: str, ns: str) -> GateVerdict:
     current = _current(s, row.repo_id, alias)
     ref = f"{ns}/{row.repo.name}:{row.version}"
     now = (f"{ns}/{row.repo.name}:{current.version}", dict(current.metrics or {})) if (
         current is not None and current.id != row.id) else None  # fmt: skip
-    return evaluate(alias, _rules(s, row.repo_id, alias), (ref, dict(row.metrics or {})), now)
+    first = current is None and not _ever_moved(s, row.repo_id, alias)
+    return evaluate(alias, _rules(s, row.repo_id, alias), (ref, dict(row.metrics or {})), now,
+                    first=first)  # fmt: skip
 
 
 def _point(s: Session, row: AdapterVersionRow, alias: str) -> None:
@@ -136,12 +147,13 @@ def promote(
         if not verdict.passed and not force:
             raise refusal(verdict)
         before = _current(s, row.repo_id, alias)
+        first = before is None and not _ever_moved(s, row.repo_id, alias)
         _point(s, row, alias)
         kind = PROMOTED if verdict.passed else FORCED
         s.add(CatalogEventRow(
             repo_id=row.repo_id, kind=kind, alias=alias, version=row.version, actor=actor,
             data={"from_version": before.version if before is not None else None,
-                  "gate": verdict.as_dict()}))  # fmt: skip
+                  "first_promotion": first, "gate": verdict.as_dict()}))  # fmt: skip
         s.flush()
         return _version(s, row), verdict
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, select, update
@@ -34,6 +34,7 @@ from storage.catalog.models import (
     AliasRow,
     ApiTokenRow,
     BaseModelRow,
+    CatalogEventRow,
     NamespaceRow,
     PublishLeaseRow,
     utcnow,
@@ -42,12 +43,14 @@ from storage.errors import (
     AdapterExists,
     AdapterNotFound,
     BaseModelNotFound,
+    InUse,
     InvalidName,
     NotFound,
 )
 from storage.names import AdapterRef, validate_name
 
 READY, PENDING, DELETED = "ready", "pending", "deleted"
+MIN_TOKEN_LIFETIME_S = 60  # shorter ones expire before a client could use them
 DEFAULT_MAX_PRIORITY = 0  # every tenant equal until an admin raises a namespace's maximum
 
 
@@ -107,6 +110,7 @@ def _namespace_row(session: Session, name: str, *, create: bool) -> NamespaceRow
         return row
     if not create:
         raise NotFound(f"namespace {name!r} does not exist")
+    validate_name(name, kind="namespace")  # the one gate every new namespace passes
     try:
         with session.begin_nested():
             row = NamespaceRow(name=name)
@@ -148,16 +152,22 @@ def create_token(
     name: str,
     scope: str = "write",
     expires_in_s: float | None = None,
+    not_after: datetime | None = None,
 ) -> str:
     """Create a bearer token for ``namespace``; returns the only copy of the plaintext (the
     catalog keeps its SHA-256). ``scope``: read (list and download), write (also submit,
-    cancel, upload, promote, delete), admin (also manage the namespace's tokens)."""
+    cancel, upload, promote, delete), admin (also manage the namespace's tokens).
+    ``not_after``: the latest the token may expire (its maker's own expiry)."""
     validate_name(name, kind="token name")
+    validate_name(namespace, kind="namespace")
     if scope not in TOKEN_SCOPES:
         raise InvalidName(f"invalid scope {scope!r}: use one of {', '.join(TOKEN_SCOPES)}")
-    if expires_in_s is not None and expires_in_s <= 0:
-        raise InvalidName("a token's lifetime must be positive")
+    if expires_in_s is not None and not expires_in_s >= MIN_TOKEN_LIFETIME_S:
+        raise InvalidName(f"a token's lifetime must be at least {MIN_TOKEN_LIFETIME_S} s")
     expires = utcnow() + timedelta(seconds=expires_in_s) if expires_in_s is not None else None
+    if not_after is not None:  # a token made by an expiring one ends no later than it
+        cap = not_after if not_after.tzinfo else not_after.replace(tzinfo=UTC)
+        expires = cap if expires is None else min(expires, cap)
     token = "lf_" + secrets.token_urlsafe(32)
     with db.session() as s:
         ns = _namespace_row(s, namespace, create=True)
@@ -507,13 +517,38 @@ def page_adapter_versions(
         return [_version(s, r) for r in rows[:limit]], len(rows) > limit
 
 
-def delete_adapter_version(db: Catalog, *, ref: AdapterRef) -> AdapterVersion:
-    """Mark a version deleted and drop aliases pointing at it; ``gc`` removes its bytes."""
+DELETED_EVENT, DELETED_FORCED = "deleted", "deleted_forced"
+
+
+def delete_adapter_version(
+    db: Catalog, *, ref: AdapterRef, force: bool = False, actor: str | None = None
+) -> AdapterVersion:
+    """Mark a version deleted (``gc`` removes its bytes); every delete is a catalog event.
+
+    An alias pointing at the version protects it: its gate judged the version in place, and
+    deleting it would let any version through a relative rule. ``force`` (the caller checked
+    the actor is an admin) deletes it anyway, drops those aliases and records which.
+
+    Raises:
+        InUse: aliases point at the version and ``force`` is off (nothing changed).
+    """
     with db.session() as s:
         row = _resolve_row(s, ref)
-        for alias in s.scalars(select(AliasRow).where(AliasRow.version_id == row.id)):
+        aliases = list(s.scalars(select(AliasRow).where(AliasRow.version_id == row.id)))
+        names = sorted(a.alias for a in aliases)
+        label = f"{ref.namespace}/{ref.name}:{row.version}"
+        if names and not force:
+            raise InUse(
+                f"{label} is {', '.join('@' + n for n in names)}: promote another version to "
+                f"{'them' if len(names) > 1 else 'it'} first (an admin may delete it with "
+                "force; it is recorded)"
+            )
+        for alias in aliases:
             s.delete(alias)
         row.state = DELETED
+        s.add(CatalogEventRow(repo_id=row.repo_id, kind=DELETED_FORCED if names else DELETED,
+                              version=row.version, actor=actor,
+                              data={"aliases": names}))  # fmt: skip
         s.flush()
         return _version(s, row)
 

@@ -27,7 +27,7 @@ from storage.settings import load_settings
 from workers.base_model import load_base
 from workers.lora import LoraConfig, inject_lora, save_adapter
 
-ADMIN = "console-admin-token"
+ADMIN = "console-admin-token-0123456789"
 DATA = b'{"prompt": "spell 1 =", "completion": " one"}\n' * 4
 
 

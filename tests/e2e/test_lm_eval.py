@@ -24,7 +24,7 @@ import torch
 from infra.servers import free_port, wait_until
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
-ADMIN = "lm-eval-admin-token"
+ADMIN = "lm-eval-admin-token-0123456789"
 REF = "evals/smol-lora"
 
 

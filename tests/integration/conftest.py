@@ -16,7 +16,9 @@ from storage.catalog.db import open_catalog
 from storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 from storage.registry import Registry
 
-NODE_ADMIN_TOKEN = "admin-secret"  # the admin token in every Ray node's own environment
+NODE_ADMIN_TOKEN = (
+    "admin-secret-of-the-test-nodes"  # the admin token in every Ray node's own environment
+)
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "lorafleet-test", "AWS_SECRET_ACCESS_KEY": "lorafleet-test-secret",
             "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 

@@ -406,10 +406,22 @@ def test_files_upload_list_show_content_delete(api):
     assert client.delete(f"/v1/files/{FILES['b']}", headers=h).status_code == 404
     assert client.get("/v1/files/../../etc/hostname", headers=h).status_code == 404
     assert len(client.get("/v1/files", headers=_h(ADMIN)).json()["data"]) == 2
+    # a queued job trains on it: the delete is refused, naming the job
+    job = client.post("/v1/fine_tuning/jobs", json=_body(name="uses-a"), headers=h).json()["id"]
+    busy = client.delete(f"/v1/files/{FILES['a']}", headers=h)
+    assert busy.status_code == 409 and job in busy.json()["error"]["message"]
+    assert client.post(f"/v1/fine_tuning/jobs/{job}/cancel", headers=h).status_code == 200
     r = client.delete(f"/v1/files/{FILES['a']}", headers=h)
     assert r.json() == {"id": FILES["a"], "object": "file", "deleted": True}
     assert client.get(f"/v1/files/{FILES['a']}", headers=h).status_code == 404
-    assert not registry.store.list(f"blobs/sha256/{shown['sha256']}")  # bytes gone too
+    # the bytes stay until gc (an upload of the same content may count on them) …
+    assert registry.store.list(f"blobs/sha256/{shown['sha256']}")
+    again = client.post("/v1/files", headers=h, data={"purpose": "fine-tune"},
+                        files={"file": ("again.jsonl", DATA["a"])})  # fmt: skip
+    assert client.get(f"/v1/files/{again.json()['id']}/content", headers=h).content == DATA["a"]
+    client.delete(f"/v1/files/{again.json()['id']}", headers=h)
+    registry.gc(min_age_s=0)  # … and gc takes them once nothing names them
+    assert not registry.store.list(f"blobs/sha256/{shown['sha256']}")
 
 
 def test_bad_uploads_are_4xx_naming_the_line(api, tmp_path):
@@ -529,12 +541,54 @@ def test_tokens_scopes_expiry_and_revocation_route_by_route(api):
     assert {t["scope"] for t in listed} == {"write", "read"} and "token" not in listed[0]
     assert client.delete(f"/v1/tokens/{ro_id}", headers=admin).status_code == 200
     assert client.get("/v1/fine_tuning/jobs", headers=ro).status_code == 401  # revoked
-    short = repo.create_token(registry.catalog, namespace="a", name="short", expires_in_s=0.2)
+    short = repo.create_token(registry.catalog, namespace="a", name="short", expires_in_s=60)
     assert client.get("/v1/files", headers=_h(short)).status_code == 200
-    from infra.servers import wait_until
+    _expire(registry, short)
+    assert client.get("/v1/files", headers=_h(short)).status_code == 401  # expired
 
-    wait_until(lambda: client.get("/v1/files", headers=_h(short)).status_code == 401,
-               timeout_s=10, what="the short-lived token to expire")  # fmt: skip
+
+def _expire(registry, token: str) -> None:  # type: ignore[no-untyped-def]
+    """Move a token's expiry into the past (as if its lifetime had run out)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from storage.catalog.models import ApiTokenRow, utcnow
+
+    with registry.catalog.session() as s:
+        s.execute(update(ApiTokenRow).where(ApiTokenRow.token_sha256 == repo.token_digest(token))
+                  .values(expires_at=utcnow() - timedelta(seconds=1)))  # fmt: skip
+
+
+def test_a_token_made_by_a_namespace_admin_never_outlives_or_outranks_it(api):
+    """The review's findings: a child of an expiring namespace admin expired with it? It did
+    not, and could be admin. Now its expiry is the parent's at most, its scope no wider;
+    lifetimes under a minute are a 422 that stores nothing; a namespace is a name."""
+    client, registry, _ = api
+    parent = repo.create_token(registry.catalog, namespace="a", name="boss", scope="admin",
+                               expires_in_s=3600)  # fmt: skip
+    made = client.post("/v1/tokens", json={"namespace": "a", "name": "kid"}, headers=_h(parent))
+    assert made.status_code == 201, made.text
+    assert made.json()["expires_at"] is not None  # inherited: it ends with its parent
+    assert client.post("/v1/tokens", json={"namespace": "a", "name": "late",
+                                           "expires_in_s": 7200},
+                       headers=_h(parent)).status_code == 422  # fmt: skip
+    writer = repo.create_token(registry.catalog, namespace="a", name="w", scope="write")
+    wider = client.post("/v1/tokens", json={"namespace": "a", "name": "up", "scope": "admin"},
+                        headers=_h(writer))  # fmt: skip
+    assert wider.status_code == 403  # a write token manages no tokens at all
+    before = len(repo.list_tokens(registry.catalog, namespace="a"))
+    for body, field in (({"expires_in_s": 1e-9}, "expires_in_s"), ({"expires_in_s": 59},
+                        "expires_in_s"), ({"namespace": "../x"}, "namespace")):  # fmt: skip
+        r = client.post("/v1/tokens", json={"namespace": "a", "name": "bad", **body},
+                        headers=_h(ADMIN))  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+    assert len(repo.list_tokens(registry.catalog, namespace="a")) == before  # no row
+    ends = {t.name: t.expires_at for t in repo.list_tokens(registry.catalog, namespace="a")}
+    assert ends["kid"] is not None and ends["boss"] is not None
+    assert ends["kid"] <= ends["boss"]  # the child ends no later than its parent
+    assert [t.scope for t in repo.list_tokens(registry.catalog, namespace="a")
+            if t.name == "kid"] == ["write"]  # fmt: skip
 
 
 def test_job_lists_come_in_pages(api):
@@ -637,3 +691,63 @@ def test_the_schema_documents_every_response_body(api):
             for code in ("401", "422"):
                 ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
                 assert ref.endswith("/ErrorBody"), (method, path, code)
+
+
+def test_event_streams_end_when_their_token_does_and_are_capped(api, monkeypatch):
+    """A stream re-checks its token (every STREAM_RECHECK_S, 5 s in service; shortened here)
+    and ends with ``unauthorized`` once it is revoked; a token holds at most 8 streams; a
+    failure's detail event is shown to admin tokens only."""
+    import orchestrator.api.jobs as jobs_api
+    from orchestrator.job_errors import DETAIL_EVENT
+
+    monkeypatch.setattr(jobs_api, "STREAM_RECHECK_S", 0.2)
+    client, registry, _ = api
+    token = repo.create_token(registry.catalog, namespace="a", name="streamer")
+    job = client.post("/v1/fine_tuning/jobs", json=_body(name="s"), headers=_h(token)).json()
+    url = f"/v1/fine_tuning/jobs/{job['id']}/events?stream=true"
+    with client.stream("GET", url, headers=_h(token)) as stream:
+        assert stream.status_code == 200
+        owner = repo.token_owner(registry.catalog, token=token)
+        assert owner is not None
+        repo.revoke_token(registry.catalog, token_id=owner.id)
+        lines = [ln for ln in stream.iter_lines() if ln.startswith("data:")]
+    assert json.loads(lines[-1][5:]) == {"status": "unauthorized"}  # the stream ended itself
+    jobs.add_event(registry.catalog, job_id=job["id"], kind=DETAIL_EVENT,
+                   data={"detail": "s3://bucket/x"})  # fmt: skip
+    writer = repo.create_token(registry.catalog, namespace="a", name="w2")
+    seen = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=_h(writer)).json()
+    assert DETAIL_EVENT not in {e["type"] for e in seen["data"]}
+    admin_seen = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events",
+                            headers=_h(ADMIN)).json()["data"]  # fmt: skip
+    assert any("s3://bucket/x" in json.dumps(e) for e in admin_seen)
+    streams = jobs_api.StreamCount(limit=2)  # the cap, on its own
+    assert streams.open("t") and streams.open("t") and not streams.open("t")
+    streams.close("t")
+    assert streams.open("t") and not streams.open("t")
+
+
+def test_an_over_long_line_is_refused_while_it_streams_in(tmp_path, tiny_base_dir):
+    """A per-line cap (LORAFLEET_MAX_LINE_BYTES, 8 MiB by default; 1 KiB here): a longer row
+    is a 413 naming where it is, checked as the bytes arrive (memory stays bounded by the
+    cap); rows under it upload as usual. Uploads at once per namespace are capped too."""
+    from orchestrator.api.files import UploadSlots
+
+    s = load_settings({"LORAFLEET_HOME": str(tmp_path / "home"), "LORAFLEET_API_TOKEN": ADMIN,
+                       "LORAFLEET_MAX_LINE_BYTES": "1024"})  # fmt: skip
+    registry = Registry.from_settings(s)
+    client = TestClient(create_app(s, registry))
+    token = repo.create_token(registry.catalog, namespace="a", name="t")
+    row = b'{"prompt": "spell 1 =", "completion": " one"}\n'
+    long = b'{"prompt": "' + b"x" * 3000 + b'", "completion": " y"}\n'
+    for body, where in ((row * 5 + long + row, ":6"), (long, ":1"), (row + long[:-1], ":2")):
+        r = client.post("/v1/files", headers=_h(token), data={"purpose": "fine-tune"},
+                        files={"file": ("big.jsonl", body)})  # fmt: skip
+        assert r.status_code == 413 and r.json()["error"]["field"] == "file", r.text
+        assert f"big.jsonl{where}:" in r.text and "1,024 bytes" in r.text
+    ok = client.post("/v1/files", headers=_h(token), data={"purpose": "fine-tune"},
+                     files={"file": ("fine.jsonl", row * 50)})  # fmt: skip
+    assert ok.status_code == 201 and ok.json()["rows"] == 50
+    slots = UploadSlots(2)
+    assert slots.take("a") and slots.take("a") and not slots.take("a") and slots.take("b")
+    slots.give("a")
+    assert slots.take("a")

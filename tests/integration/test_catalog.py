@@ -15,7 +15,8 @@ from storage.catalog import repository as repo
 from storage.catalog.db import Catalog, open_catalog
 from storage.catalog.domain import FileDigest
 from storage.catalog.models import Base
-from storage.errors import AdapterNotFound, CatalogUnavailable, SchemaOutOfDate
+from storage.errors import AdapterNotFound, CatalogUnavailable, InUse, SchemaOutOfDate
+from storage.gates import GateRefused
 from storage.names import parse_ref
 
 
@@ -37,7 +38,7 @@ def _base(cat):  # type: ignore[no-untyped-def]
     )
 
 
-def _new_version(cat, base_id, name="adapter", ns="team", tags=()):  # type: ignore[no-untyped-def]
+def _new_version(cat, base_id, name="adapter", ns="team", tags=(), metrics=None):  # type: ignore[no-untyped-def]
     return repo.create_adapter_version(
         cat,
         namespace=ns,
@@ -50,7 +51,7 @@ def _new_version(cat, base_id, name="adapter", ns="team", tags=()):  # type: ign
         target_modules=["q_proj", "v_proj"],
         use_rslora=False,
         tags=tags,
-        metrics={"eval_loss": 0.1},
+        metrics=metrics or {"eval_loss": 0.1},
     )
 
 
@@ -87,11 +88,47 @@ def test_versions_resolve_and_aliases_move(catalog):
     promotion.promote(catalog, ref=parse_ref("team/adapter:2"), alias="production")
     prod = repo.resolve_adapter(catalog, ref=parse_ref("team/adapter@production"))
     assert prod.version == 2 and prod.aliases == ("production",)
-    repo.delete_adapter_version(catalog, ref=parse_ref("team/adapter:2"))
+    with pytest.raises(InUse, match="@production"):  # an alias protects its version
+        repo.delete_adapter_version(catalog, ref=parse_ref("team/adapter:2"))
+    assert repo.resolve_adapter(catalog, ref=parse_ref("team/adapter@production")).version == 2
+    repo.delete_adapter_version(catalog, ref=parse_ref("team/adapter:2"), force=True,
+                                actor="admin token")  # fmt: skip
     assert repo.resolve_adapter(catalog, ref=parse_ref("team/adapter")).version == 1
+    gone = promotion.events(catalog, namespace="team", name="adapter")[0]
+    assert (gone.kind, gone.version, gone.actor, gone.data) == (
+        "deleted_forced",
+        2,
+        "admin token",
+        {"aliases": ["production"]},
+    )
     for ref in ("team/adapter@production", "team/adapter:2", "team/other", "team/adapter:9"):
         with pytest.raises(AdapterNotFound):
             repo.resolve_adapter(catalog, ref=parse_ref(ref))
+
+
+def test_a_deleted_version_cannot_open_a_relative_gate(catalog):
+    """The walk-around of the review: delete @prod's version, then promote a worse one through
+    ``eval_loss<=current+2%``. The delete is refused (409 in the API); forced, the alias is gone
+    and the relative rule fails, since the alias was promoted before; every delete is an
+    event."""
+    base = _base(catalog)
+    for loss in (0.5, 0.9, 0.4):
+        _new_version(catalog, base.id, metrics={"eval_loss": loss})
+    promotion.set_gate(catalog, namespace="team", name="adapter", alias="prod",
+                       rules=["eval_loss<=current+2%"])  # fmt: skip
+    first = promotion.promote(catalog, ref=parse_ref("team/adapter:1"), alias="prod")[1]
+    assert first.passed and "first promotion ever" in first.results[0].message
+    with pytest.raises(InUse, match="@prod"):
+        repo.delete_adapter_version(catalog, ref=parse_ref("team/adapter:1"))
+    repo.delete_adapter_version(catalog, ref=parse_ref("team/adapter:1"), force=True)
+    with pytest.raises(GateRefused, match="points at no version"):
+        promotion.promote(catalog, ref=parse_ref("team/adapter:2"), alias="prod")
+    repo.delete_adapter_version(catalog, ref=parse_ref("team/adapter:2"))  # no alias: allowed
+    kinds = [e.kind for e in promotion.events(catalog, namespace="team", name="adapter")]
+    assert kinds[:2] == ["deleted", "deleted_forced"] and "promoted" in kinds
+    promoted = next(e for e in promotion.events(catalog, namespace="team", name="adapter")
+                    if e.kind == "promoted")  # fmt: skip
+    assert promoted.data["first_promotion"] is True
 
 
 def test_list_filters(catalog):

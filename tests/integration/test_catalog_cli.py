@@ -158,3 +158,38 @@ def test_gate_promote_force_rollback_usage_and_idle_commands(home, tiny_base_dir
     idle = json.loads(_ok("adapters", "list", "--idle", "1d", "-o", "json"))
     assert [(v["id"], v["last_used_at"]) for v in idle] == [("team/x:2", None)]
     assert "--idle" in _fails("adapters", "list", "--idle", "a while")
+
+
+def test_an_adapter_with_a_nan_weight_is_refused_naming_the_tensor(home, tiny_base_dir, tmp_path):
+    """``adapters import`` died with a traceback from the spectrum's SVD; now the import (and
+    every publish path, since they share the check) refuses it in one line naming the tensor,
+    and the catalog keeps nothing. bfloat16 files are checked as exactly as float32 ones."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from storage.adapter_files import inspect_adapter_dir
+    from storage.errors import AdapterRejected
+
+    model, _ = load_base(tiny_base_dir)
+    cfg = LoraConfig(r=4)
+    inject_lora(model, cfg)
+    bad = save_adapter(model, cfg, tmp_path / "bad")
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    name = sorted(k for k in weights if "lora_A" in k)[1]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    _ok("base", "register", "tiny", tiny_base_dir)
+    out = _fails("adapters", "import", bad, "--name", "team/bad", "--base", "tiny")
+    assert name in out and "NaN" in out
+    assert "0 version(s)" in _ok("adapters", "list")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()},
+              str(bad / "adapter_model.safetensors"))  # fmt: skip
+    with pytest.raises(AdapterRejected, match=name.replace(".", r"\.")):
+        inspect_adapter_dir(bad)
+    weights[name][0, 0] = float("-inf")
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterRejected, match="NaN or infinite"):
+        inspect_adapter_dir(bad)
+    weights[name][0, 0] = 1.0
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    inspect_adapter_dir(bad)  # finite again: accepted

@@ -49,8 +49,13 @@ def test_relative_rules_compare_with_the_version_in_place():
     acc = ("a/x:1", {"accuracy": 0.9})
     assert evaluate("p", higher, ("a/x:2", {"accuracy": 0.892}), acc).passed
     assert not evaluate("p", higher, ("a/x:2", {"accuracy": 0.89}), acc).passed
-    first = evaluate("p", rule, ("a/x:1", {"eval_loss": 9.0}), None)
-    assert first.passed and "first promotion" in first.results[0].message
+    first = evaluate("p", rule, ("a/x:1", {"eval_loss": 9.0}), None, first=True)
+    assert first.passed and "first promotion ever" in first.results[0].message
+    # an alias that pointed at a version before (it was deleted): nothing to compare is a no
+    emptied = evaluate("p", rule, ("a/x:3", {"eval_loss": 9.0}), None)
+    assert not emptied.passed and "points at no version" in emptied.failures()[0]
+    unmeasured = evaluate("p", rule, ("a/x:3", {"eval_loss": 0.1}), ("a/x:2", {}))
+    assert not unmeasured.passed and "has no eval_loss" in unmeasured.failures()[0]
 
 
 def test_the_meter_buckets_by_minute_and_loses_nothing_when_a_flush_fails():

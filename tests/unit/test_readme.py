@@ -167,6 +167,16 @@ def _merged() -> str:
     return f"{_x(m['ratio'])} ({m['ratio_min']:.3f}–{m['ratio_max']:.3f})"
 
 
+def _feature(*path: str, digits: int = 2) -> str:
+    r = _get("serving_features", *path)
+    return _spread({"ratio": r["median"], "min": r["min"], "max": r["max"]}, digits)
+
+
+def _http(kind: str) -> str:
+    r = _get("serving_http", f"{kind}_vs_engine")
+    return _spread({"ratio": r["median"], "min": r["min"], "max": r["max"]}, 2)
+
+
 TARGETS = ("q_proj,v_proj", "all-linear")
 FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("train vs PEFT", lambda: _train("ours_vs_peft")),
@@ -213,6 +223,13 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("QLoRA step time", lambda: _qlora("time")),
     ("QLoRA eval loss", lambda: _qlora("loss")),
     ("AdaLoRA vs LoRA", _adalora),
+    ("prefix cache TTFT", lambda: _feature("prefix_cache", "warm_vs_cold", digits=3)),
+    ("n=8 without the cache", lambda: _feature("n8", "prefix_cache_off", "n8_vs_separate")),
+    ("n=8 with the cache", lambda: _feature("n8", "prefix_cache_on", "n8_vs_separate")),
+    ("logprobs on/off", lambda: _feature("logprobs", "on_vs_off", digits=3)),
+    ("fairness", lambda: _feature("fairness", "flooded_vs_alone")),
+    ("HTTP vs engine", lambda: _http("http")),
+    ("HTTP streamed vs engine", lambda: _http("http_stream")),
     ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
                                           for m in ("adalora", "lora"))),
 ]  # fmt: skip

@@ -61,11 +61,16 @@ class AppArgs(BaseModel):
 
 def options_from(args: AppArgs) -> Any:
     """``ServeOptions`` for ``args`` under the environment's settings."""
+    from storage.auth import admin_token_problem
     from storage.registry import Registry
     from storage.settings import load_settings, settings_for_nodes
     from workers.serving.deployments import ServeOptions
 
     settings = load_settings()
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    problem = admin_token_problem(token)
+    if problem is not None:
+        raise ValueError(problem)
     base_name = Registry.from_settings(settings).base(args.base).name  # registered, or an error
     return ServeOptions(
         base_name=base_name, settings_json=settings_for_nodes(settings),

@@ -295,6 +295,11 @@ class ServingEngine:
             )
         _, directory = self.registry.fetch(version)  # verified download into the cache
         weights = read_adapter_weights(directory)
+        finite = {k: bool(torch.isfinite(t).all()) for k, t in weights.items()
+                  if t.is_floating_point()}  # fmt: skip
+        bad = next((k for k, ok in finite.items() if not ok), None)
+        if bad is not None:  # published before publishing checked: refused here too
+            raise AdapterMismatch(f"adapter {version.ref}: tensor {bad} holds NaN or inf")
         pairs = parse_adapter_keys(weights)
         config = read_adapter_config(directory)
         try:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,9 +52,6 @@ from workers.serving.planner import Running, choose_prefill, kv_positions
 from workers.serving.prefix_cache import PrefixCache
 
 LENGTH_QUANTUM = 64  # KV rows grow in steps of this many positions (fewer reallocations)
-# A streamed row without stop strings has its new text decoded at most this often (and at its
-# end): detokenizing every row at every step costs the decode loop as much as small forwards
-DELTA_INTERVAL_S = 0.02
 
 
 @dataclass(eq=False)
@@ -79,7 +75,6 @@ class Live:
     leader: Live | None = None  # the row whose prompt KV this one copies (n > 1)
     followers: list[Live] = field(default_factory=list)
     cache_key: tuple[str, bytes] | None = None  # (owner, root) in the prefix cache
-    text_at: float = 0.0  # when its text was last decoded (streamed rows)
 
     @property
     def to_prefill(self) -> int:
@@ -475,7 +470,6 @@ class StepDecoder:
             for i, lp in zip(wants, token_logprobs(raw, picked, top), strict=True):
                 if not seqs[i].done and i not in failed:
                     seqs[i].out.logprobs.append(lp)
-        now = time.monotonic()
         for i, s in enumerate(seqs):
             if s.done:
                 continue
@@ -495,9 +489,6 @@ class StepDecoder:
                 if s.done:  # nobody reads text before the end: decode it once
                     o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
                 continue
-            if not (s.done or s.tracker.stop) and now - s.text_at < DELTA_INTERVAL_S:
-                continue  # a streamed row's text is decoded a few tokens at a time
-            s.text_at = now
             delta = s.tracker.update(o.token_ids, final=s.done)
             if s.tracker.stopped:
                 o.finish_reason, s.done = "stop", True
