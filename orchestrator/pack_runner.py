@@ -13,10 +13,12 @@ just before the close still trains, and none can join after it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
 
+from orchestrator.job_errors import DETAIL_EVENT
 from orchestrator.runner import (
     ON_HEAD,
     RAY_NAMESPACE,
@@ -188,11 +190,29 @@ class PackRun:
         reason = f"{error[0]}" if error else "its pack's workers stopped before it finished"
         with self._lock:
             left, self.members = list(self.members), {}
-        for job_id in left:
-            fail_job(db, job_id, reason)
         waiting = packs.pack_jobs(db, pack_id=self.pack_id, states={"starting"})
-        for job in waiting:  # let in after the group failed: they never trained
-            fail_job(db, job.id, reason)
+        # The group failed as a whole (its restarts spent): which member caused it is not
+        # known, so each goes on alone from its own checkpoint — the culprit fails alone
+        # then, the others finish (the scheduler resumes a job that has no runner).
+        for job_id in [*left, *(j.id for j in waiting)]:
+            retry_alone(db, job_id, reason)
+
+
+def retry_alone(db: Any, job_id: str, reason: str) -> None:
+    """Take a job out of its failed pack and back to ``retrying``: the scheduler resumes it
+    alone from its checkpoint (a cancel that came first stands)."""
+    log.warning("job %s: its pack failed (%s); it is retried alone", job_id, reason)
+    packs.leave_pack(db, job_id=job_id)
+    with contextlib.suppress(jobs.JobStateConflict):
+        jobs.transition_job(
+            db,
+            job_id=job_id,
+            allowed_from={"starting", "running"},
+            to="retrying",
+            status_reason="its pack failed; retried alone",
+        )
+    jobs.add_event(db, job_id=job_id, kind="pack_failed", data={"retried": "alone"})
+    jobs.add_event(db, job_id=job_id, kind=DETAIL_EVENT, data={"detail": reason})
 
 
 def _pack_spec(pack_id: str, first: DistributedSpec, settings: Settings) -> PackSpec:

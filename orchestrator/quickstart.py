@@ -142,7 +142,7 @@ def run_quickstart(
     """Run every stage; returns the measurements (the caller decides what is a failure)."""
     import ray
 
-    from orchestrator.cli_jobs import follow
+    from orchestrator.cli.jobs import follow
     from orchestrator.scheduler import (
         SchedulerCore,
         SchedulerLoop,

@@ -105,6 +105,9 @@ def gang_of(job: Job) -> Gang:
     return Gang(r.nodes, r.workers_per_node, r.cpus_per_worker, r.gpus_per_worker)
 
 
+PACK_MAX_TOKENS_PER_JOB = 16_384  # batch_size × seq_len of one micro-step, to train packed
+
+
 def pack_key_of(job: Job, base_fingerprint: str) -> str | None:
     """The key of the packs a job may train in, or None when it trains alone.
 
@@ -112,17 +115,25 @@ def pack_key_of(job: Job, base_fingerprint: str) -> str | None:
     runs them all), ``grad_accum`` (micro-steps are shared) and ``max_failures`` (the group's
     restarts are shared). Rank, alpha, targets, lr, batch, seq_len and data may all differ.
     Only plain LoRA on an unquantized base packs: the packed layer has no DoRA magnitude and
-    shares one full-precision base, so a DoRA or QLoRA job trains alone.
+    shares one full-precision base, so a DoRA or QLoRA job trains alone. A pack holds one
+    namespace's jobs, and a job whose micro-step holds more than ``PACK_MAX_TOKENS_PER_JOB``
+    tokens trains alone: one member cannot take the memory of a pack it shares.
     """
     if job.spec.get("packing", True) is False:
         return None
     lora = job.spec.get("lora") or {}
     if lora.get("method", "lora") != "lora" or lora.get("base_quantization", "none") != "none":
         return None
+    training = job.spec.get("training") or {}
+    tokens = int(training.get("batch_size", 16)) * int(training.get("seq_len", 128))
+    if tokens > PACK_MAX_TOKENS_PER_JOB:  # it would take the pack's memory: alone
+        return None
     g = gang_of(job)
-    accum = (job.spec.get("training") or {}).get("grad_accum", 1)
+    accum = training.get("grad_accum", 1)
+    # a pack holds one namespace's jobs: a member's failure or load never reaches another team
     return (f"{base_fingerprint}|{g.nodes}x{g.workers_per_node}|cpu{g.cpus_per_worker:g}|"
-            f"gpu{g.gpus_per_worker:g}|accum{accum}|fail{job.max_failures}")  # fmt: skip
+            f"gpu{g.gpus_per_worker:g}|accum{accum}|fail{job.max_failures}|"
+            f"ns:{job.namespace}")  # fmt: skip
 
 
 def active_jobs(db: Catalog) -> list[Job]:

@@ -6,18 +6,17 @@ database outage surfaces as ``CatalogUnavailable`` and never as a raw driver tra
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -108,24 +107,33 @@ class Catalog:
             session.close()
 
     # -- schema ---------------------------------------------------------------------------
-    def _alembic_config(self) -> Config:
+    # Alembic (and the import of every migration script it makes) is needed to migrate only;
+    # checking a schema reads the scripts' revision lines and the database's version row, so
+    # every command that opens the catalog starts without it.
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["engine"] = self.engine
         return cfg
 
     def head_revision(self) -> str | None:
-        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+        return head_of(MIGRATIONS / "versions")
 
     def current_revision(self) -> str | None:
         try:
             with self.engine.connect() as conn:
-                return MigrationContext.configure(conn).get_current_revision()
+                if not sa_inspect(conn).has_table("alembic_version"):
+                    return None
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             raise _unavailable(exc, self.engine.url) from None
 
     def upgrade(self) -> str | None:
         """Apply every pending migration (``lorafleet db upgrade``); returns the new revision."""
+        from alembic import command
+
         try:
             command.upgrade(self._alembic_config(), "head")
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
@@ -143,6 +151,31 @@ class Catalog:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_REVISION = re.compile(r'^(down_revision|revision)\s*(?::[^=]*)?=\s*(None|["\']([^"\']+)["\'])',
+                       re.M)  # fmt: skip
+
+
+@functools.cache
+def head_of(versions: Path) -> str | None:
+    """The head revision of a folder of Alembic migration scripts: the one no other script
+    names as its ``down_revision`` (read from the scripts' text, nothing imported).
+
+    Raises:
+        SchemaOutOfDate: the scripts do not form one line of history.
+    """
+    revisions, parents = set(), set()
+    for script in versions.glob("*.py"):
+        found = {m.group(1): m.group(3) for m in _REVISION.finditer(script.read_text())}
+        if found.get("revision"):
+            revisions.add(found["revision"])
+            if found.get("down_revision"):
+                parents.add(found["down_revision"])
+    heads = revisions - parents
+    if len(heads) > 1:
+        raise SchemaOutOfDate(f"the migration scripts have several heads: {sorted(heads)}")
+    return next(iter(heads), None)
 
 
 def open_catalog(url: str, *, auto_upgrade: bool = False) -> Catalog:

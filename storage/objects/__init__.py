@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from storage.errors import InvalidName
@@ -15,7 +16,18 @@ from storage.objects.base import (
     validate_key,
 )
 from storage.objects.local import LocalObjectStore
-from storage.objects.s3 import S3ObjectStore
+
+if TYPE_CHECKING:
+    from storage.objects.s3 import S3ObjectStore
+
+
+def __getattr__(name: str) -> Any:
+    # boto3 takes a seventh of a second to import: only S3 users pay it
+    if name == "S3ObjectStore":
+        from storage.objects.s3 import S3ObjectStore
+
+        return S3ObjectStore
+    raise AttributeError(name)
 
 
 def open_store(uri: str, *, s3_endpoint: str | None = None) -> ObjectStore:
@@ -35,6 +47,8 @@ def open_store(uri: str, *, s3_endpoint: str | None = None) -> ObjectStore:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise InvalidName(f"object store URI {uri!r} names no bucket")
+        from storage.objects.s3 import S3ObjectStore
+
         return S3ObjectStore(parsed.netloc, parsed.path.strip("/"), endpoint_url=s3_endpoint)
     raise InvalidName(f"unsupported object store URI {uri!r}: use file://… or s3://bucket/prefix")
 

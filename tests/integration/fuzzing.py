@@ -46,10 +46,13 @@ def fuzz(
     examples: int,
     skip: Callable[[str, str], bool] = lambda method, path: False,
     timeout_s: float = 60.0,
+    cases: list[int] | None = None,
 ) -> list[str]:
     """Run every operation of ``schema`` (not skipped) with ``examples`` valid and as many
-    invalid requests; returns what ran, and raises with every failure at the end."""
+    invalid requests; returns what ran (``cases[0]`` counts the requests sent), and raises
+    with every failure at the end."""
     ran, failures = [], []
+    sent = cases if cases is not None else [0]
     for result in schema.get_all_operations():
         op = result.ok()
         if skip(op.method.upper(), op.path):
@@ -60,6 +63,7 @@ def fuzz(
             @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))  # fmt: skip
             def run(case: Any) -> None:
+                sent[0] += 1
                 case.call_and_validate(checks=checks, headers=headers, timeout=timeout_s)
 
             try:

@@ -124,3 +124,17 @@ def test_train_then_generate(tiny_base_dir, tmp_path):
         assert code == 0, output
         outs.append(output)
     assert outs[0] == outs[1]
+
+
+def test_the_cli_starts_without_torch_transformers_ray_or_boto3() -> None:
+    """Commands that only talk to the catalog or the API import none of the heavy libraries
+    (``--help`` took 11 s when ``import orchestrator.cli`` imported torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, orchestrator.cli, orchestrator.cli.catalog, orchestrator.cli.jobs; "
+            "heavy = [m for m in ('torch', 'transformers', 'ray', 'boto3', 'alembic') "
+            "if m in sys.modules]; assert not heavy, heavy")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -245,3 +245,22 @@ def test_token_lifetimes_parse_or_say_what_is_accepted():
     for bad in ("0d", "30", "1w", "-1d", "1.5h", "d"):
         with pytest.raises(ValueError, match="30d"):
             parse_duration(bad)
+
+
+def test_a_pack_holds_one_namespace_and_no_job_too_big_to_share_it() -> None:
+    from datetime import UTC, datetime
+
+    from orchestrator.service import PACK_MAX_TOKENS_PER_JOB, pack_key_of
+    from storage.catalog.jobs import Job
+
+    def job(ns: str, **training: int) -> Job:
+        spec = {"name": "j", "namespace": ns, "base_model": "tiny", "training": training}
+        return Job("j", ns, "j", spec, "queued", 0, 0, 0, None, None, None, None,
+                   datetime.now(UTC), None, None)  # fmt: skip
+
+    a, b = pack_key_of(job("team"), "fp"), pack_key_of(job("blue"), "fp")
+    assert a is not None and b is not None and a != b  # the same shape, two namespaces
+    assert a == pack_key_of(job("team", lr=1), "fp")
+    side = int(PACK_MAX_TOKENS_PER_JOB**0.5)
+    assert pack_key_of(job("team", batch_size=side, seq_len=side), "fp") is not None
+    assert pack_key_of(job("team", batch_size=side + 1, seq_len=side + 1), "fp") is None

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DEFAULT_SLOTS = 8  # adapter slots per replica: the one default (CLI, app args, engine)
+from workers.serving import DEFAULT_SLOTS
 
 
 class ServeOptions(BaseModel):

@@ -8,8 +8,8 @@ import threading
 
 import typer
 
-from orchestrator.cli_common import console, err_console, user_errors
-from workers.serving.options import DEFAULT_SLOTS
+from orchestrator.cli.common import console, err_console, user_errors
+from workers.serving import DEFAULT_SLOTS
 
 
 @user_errors
@@ -67,7 +67,7 @@ def serve(
     """Serve the base and every adapter of it in the catalog (Ctrl-C stops)."""
     import ray
 
-    from orchestrator.cli_common import upload_progress
+    from orchestrator.cli.common import upload_progress
     from orchestrator.uploads import local_base
     from storage.auth import admin_token_problem
     from storage.errors import InvalidName, NotFound

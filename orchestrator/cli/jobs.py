@@ -12,8 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from orchestrator.cli_common import OUTPUT, Format, console, emit, err_console, user_errors
-from orchestrator.objects import event_object, job_object, pack_object
+from orchestrator.cli.common import OUTPUT, Format, console, emit, err_console, user_errors
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
 
@@ -87,7 +86,7 @@ def submit(
     """
     import ray
 
-    from orchestrator.cli_common import upload_progress
+    from orchestrator.cli.common import upload_progress
     from orchestrator.scheduler import (
         SchedulerCore,
         SchedulerLoop,
@@ -145,6 +144,7 @@ def jobs_list(
     output: Format = OUTPUT,
 ) -> None:
     """List jobs, newest first (read from the catalog a page at a time)."""
+    from orchestrator.objects import job_object
     from storage.catalog import jobs
 
     catalog = _registry(_settings()).catalog
@@ -172,6 +172,7 @@ def jobs_list(
 
 def _packs_list(catalog: Any, *, state: str | None, limit: int, output: Format) -> None:
     """Packs, newest first: state, slots used/max, the jobs training in each now."""
+    from orchestrator.objects import pack_object
     from storage.catalog import jobs, packs
 
     if state is not None and state not in ("open", "closed"):
@@ -194,6 +195,7 @@ def _packs_list(catalog: Any, *, state: str | None, limit: int, output: Format) 
 @user_errors
 def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> None:
     """Show one job: state, why it waits, error, checkpoint, adapter."""
+    from orchestrator.objects import job_object
     from storage.catalog import jobs
 
     catalog = _registry(_settings()).catalog
@@ -232,6 +234,7 @@ def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> Non
 @user_errors
 def jobs_events(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> None:
     """Print a job's events (state changes, metrics, adapter)."""
+    from orchestrator.objects import event_object
     from storage.catalog import jobs
 
     events = list(jobs.iter_events(_registry(_settings()).catalog, job_id=job_id))

@@ -1,41 +1,16 @@
-"""The ``lorafleet`` command line: one clear line on bad input, rich progress for long work."""
+"""Commands that work on this machine's files: build a tiny base, LoRA arithmetic, train,
+generate, merge. Their heavy imports (torch, transformers, Ray) happen inside them."""
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from orchestrator.cli_catalog import adapters_app, db_app, gc, register_base
-from orchestrator.cli_common import console, fmt_bytes, train_progress, user_errors
-from orchestrator.cli_files import files_app
-from orchestrator.cli_jobs import jobs_app, server, submit
-from orchestrator.cli_namespaces import namespaces_app
-from orchestrator.cli_serve import serve
-from orchestrator.cli_tokens import tokens_app
-from orchestrator.cli_usage import usage
+from orchestrator.cli.common import console, fmt_bytes, quiet_hf, train_progress, user_errors
 from workers.errors import WorkerError
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-base_app = typer.Typer(no_args_is_help=True, help="Base models.")
-lora_app = typer.Typer(no_args_is_help=True, help="LoRA arithmetic.")
-app.add_typer(base_app, name="base")
-app.add_typer(lora_app, name="lora")
-app.add_typer(db_app, name="db")
-app.add_typer(adapters_app, name="adapters")
-app.command("gc")(user_errors(gc))
-app.add_typer(jobs_app, name="jobs")
-app.add_typer(files_app, name="files")
-app.add_typer(namespaces_app, name="namespaces")
-app.add_typer(tokens_app, name="tokens")
-app.command("submit")(submit)
-app.command("server")(server)
-app.command("serve")(serve)
-app.command("usage")(usage)
-base_app.command("register")(user_errors(register_base))
 
 
 def parse_targets(value: str) -> tuple[str, ...] | str:
@@ -52,7 +27,6 @@ def parse_targets(value: str) -> tuple[str, ...] | str:
 
 
 # -- base ---------------------------------------------------------------------------------
-@base_app.command("create-tiny")
 @user_errors
 def base_create_tiny(
     out_dir: Path = typer.Argument(..., help="Directory to write the model to."),
@@ -63,6 +37,7 @@ def base_create_tiny(
     seed: int = typer.Option(0, help="Weight seed."),
 ) -> None:
     """Build a small seeded Llama with a byte-level BPE tokenizer (Hugging Face format)."""
+    quiet_hf()
     from workers.tiny_base import TinySpec, create_tiny_base
 
     spec = TinySpec(layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed)
@@ -71,7 +46,6 @@ def base_create_tiny(
 
 
 # -- lora report -------------------------------------------------------------------------
-@lora_app.command("report")
 @user_errors
 def lora_report_cmd(
     base: Path | None = typer.Option(None, help="A local Hugging Face model directory."),
@@ -80,6 +54,7 @@ def lora_report_cmd(
     targets: str = typer.Option("q_proj,v_proj", help="Names, all-linear, or re:<regex>."),
 ) -> None:
     """Trainable parameters, adapter size and optimizer memory saved (no weights loaded)."""
+    quiet_hf()
     from workers.base_model import load_base_config, meta_model
     from workers.lora import LoraConfig, match_target_modules
     from workers.lora.report import lora_report
@@ -115,7 +90,6 @@ def lora_report_cmd(
 
 
 # -- train --------------------------------------------------------------------------------
-@app.command("train")
 @user_errors
 def train_cmd(
     base: Path = typer.Option(..., help="Base model directory."),
@@ -154,6 +128,7 @@ def train_cmd(
     One worker trains in this process; more run data-parallel on Ray Train (a local Ray
     instance, or the cluster at LORAFLEET_RAY_ADDRESS) with the base once per node.
     """
+    quiet_hf()
     from orchestrator.spec import check_lora_method
     from workers.lora import LoraConfig
     from workers.lora.config import AdaLoraSchedule
@@ -270,7 +245,6 @@ def _train_on_ray(
 
 
 # -- generate / merge -----------------------------------------------------------------------
-@app.command("generate")
 @user_errors
 def generate_cmd(
     base: str = typer.Option(..., help="A base model directory, or a registered base's name."),
@@ -285,6 +259,7 @@ def generate_cmd(
 
     A registered base or a catalog adapter comes through this machine's verified cache.
     """
+    quiet_hf()
     from workers.base_model import load_base
     from workers.generate import greedy_generate
     from workers.lora import load_adapter, merge_lora
@@ -319,7 +294,6 @@ def _local_or_registered(base: str, adapter: str | None) -> tuple[Path, Path | N
     return base_path, adapter_path
 
 
-@app.command("merge")
 @user_errors
 def merge_cmd(
     base: Path = typer.Option(..., help="Base model directory."),
@@ -327,25 +301,8 @@ def merge_cmd(
     out: Path = typer.Option(..., help="Output directory for the merged model."),
 ) -> None:
     """Write base + adapter as one plain Hugging Face model (zero inference overhead)."""
+    quiet_hf()
     from workers.merged_export import export_merged
 
     export_merged(base_dir=base, adapter_dir=adapter, out_dir=out)
     console.print(f"merged model written to [bold]{out}[/]")
-
-
-def main() -> None:
-    """Console-script entry point."""
-    logging.basicConfig(
-        level=os.environ.get("LORAFLEET_LOG_LEVEL", "WARNING"),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    app()
-
-
-if __name__ == "__main__":
-    main()

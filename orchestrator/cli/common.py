@@ -24,10 +24,8 @@ from rich.progress import (
 )
 
 from orchestrator.lifecycle import IllegalTransition
-from orchestrator.spec import SpecError
 from storage.errors import StorageError
 from workers.errors import WorkerError
-from workers.lora.errors import LoraError
 
 # Piped, rich would fit tables into 80 columns and cut identifiers ("acc/de…"): a console
 # that is not a terminal is as wide as the content needs.
@@ -58,17 +56,16 @@ def emit(data: Any, fmt: Format) -> bool:
     return True
 
 
-# Exceptions that mean "the user can fix this": printed as one line, exit code 1.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    WorkerError,
-    LoraError,
-    StorageError,
-    SpecError,
-    IllegalTransition,
-    KeyError,
-    FileNotFoundError,
-)
-# (UploadTooLarge is a DatasetError, hence a WorkerError: covered above.)
+def user_error_types() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "the user can fix this": one line, exit code 1. (Imported when
+    an error happens: importing the spec or the LoRA package at start would cost every
+    command, ``--help`` too, the start-up of torch and the catalog.)"""
+    from orchestrator.spec import SpecError
+    from workers.lora.errors import LoraError
+
+    # (UploadTooLarge is a DatasetError, hence a WorkerError: covered.)
+    return (WorkerError, LoraError, StorageError, SpecError, IllegalTransition, KeyError,
+            FileNotFoundError)  # fmt: skip
 
 
 def user_errors(fn: F) -> F:
@@ -78,12 +75,23 @@ def user_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except Exception as exc:
+            if not isinstance(exc, user_error_types()):
+                raise
             message = exc.args[0] if type(exc) is KeyError and exc.args else str(exc)
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_hf() -> None:
+    """transformers without its progress bars and warnings (the CLI shows its own progress);
+    called by the commands that load models, so that the others never import it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def fmt_bytes(n: float) -> str:

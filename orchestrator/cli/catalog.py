@@ -8,8 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import OUTPUT, Format, console, emit, fmt_bytes, user_errors
-from orchestrator.objects import adapter_object
+from orchestrator.cli.common import OUTPUT, Format, console, emit, fmt_bytes, user_errors
 
 db_app = typer.Typer(no_args_is_help=True, help="Catalog database schema.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter catalog.")
@@ -56,7 +55,7 @@ def register_base(
     Nodes download it from there into their own verified cache; the same bytes registered
     again upload nothing.
     """
-    from orchestrator.cli_common import upload_progress
+    from orchestrator.cli.common import upload_progress
 
     with upload_progress() as progress:
         base = _registry().register_base(name=name, path=path, progress=progress(name))
@@ -99,6 +98,7 @@ def adapters_list(
     output: Format = OUTPUT,
 ) -> None:
     """List adapter versions."""
+    from orchestrator.objects import adapter_object
     from storage.metric_filter import parse_metric_filter
 
     filters = [parse_metric_filter(m) for m in metric]
@@ -133,6 +133,7 @@ def adapters_list(
 
 def _idle_list(namespace: str | None, idle: str, output: Format) -> None:
     from orchestrator.durations import parse_duration
+    from orchestrator.objects import adapter_object
     from storage.catalog import usage
 
     try:
@@ -160,6 +161,8 @@ def adapters_show(
     output: Format = OUTPUT,
 ) -> None:
     """Show one version with its lineage."""
+    from orchestrator.objects import adapter_object
+
     v = _registry().resolve(ref)
     if emit(adapter_object(v), output):
         return

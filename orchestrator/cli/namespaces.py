@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import OUTPUT, Format, console, emit, user_errors
+from orchestrator.cli.common import OUTPUT, Format, console, emit, user_errors
 
 namespaces_app = typer.Typer(no_args_is_help=True, help="Teams (namespaces) and their limits.")
 

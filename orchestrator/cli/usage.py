@@ -7,9 +7,8 @@ from datetime import timedelta
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import OUTPUT, Format, console, emit, user_errors
+from orchestrator.cli.common import OUTPUT, Format, console, emit, user_errors
 from orchestrator.durations import parse_duration
-from orchestrator.objects import usage_object
 
 
 @user_errors
@@ -23,6 +22,7 @@ def usage(
     output: Format = OUTPUT,
 ) -> None:
     """Served requests and prompt/completion tokens (the ``usage`` the API returned)."""
+    from orchestrator.objects import usage_object
     from storage.catalog import usage as usage_store
     from storage.catalog.models import utcnow
     from storage.registry import Registry

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from orchestrator.cli_common import OUTPUT, Format, console, emit, fmt_bytes, user_errors
-from orchestrator.objects import file_object
+from orchestrator.cli.common import OUTPUT, Format, console, emit, fmt_bytes, user_errors
 
 files_app = typer.Typer(no_args_is_help=True, help="Uploaded data files (file-…).")
 
@@ -28,7 +27,7 @@ def files_upload(
     namespace: str = typer.Option(..., help="Team that owns the file."),
 ) -> None:
     """Validate every row, then store the file (identical content is stored once)."""
-    from orchestrator.cli_common import upload_progress
+    from orchestrator.cli.common import upload_progress
     from orchestrator.uploads import upload_dataset
 
     registry, settings = _registry()
@@ -51,6 +50,7 @@ def files_list(
     output: Format = OUTPUT,
 ) -> None:
     """List uploaded files, newest first."""
+    from orchestrator.objects import file_object
     from storage.catalog import files
 
     registry, _ = _registry()
@@ -69,6 +69,7 @@ def files_list(
 @user_errors
 def files_show(file_id: str = typer.Argument(...), output: Format = OUTPUT) -> None:
     """Show one file's record."""
+    from orchestrator.objects import file_object
     from storage.catalog import files
 
     registry, _ = _registry()
