@@ -6,10 +6,11 @@ that reads one reads the other.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from storage.catalog import jobs, packs, promotion, usage
-from storage.catalog.domain import AdapterVersion, ApiToken, DataFile
+if TYPE_CHECKING:  # annotations only: the CLI imports this module without the ORM
+    from storage.catalog import jobs, packs, promotion, usage
+    from storage.catalog.domain import AdapterVersion, ApiToken, DataFile
 
 
 def job_object(

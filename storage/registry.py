@@ -37,7 +37,6 @@ from storage.fingerprint import TensorInfo, fingerprint_model_dir
 from storage.names import parse_ref, validate_name
 from storage.objects import ObjectStore, open_store
 from storage.objects.base import file_sha256, validate_key
-from storage.objects.s3 import S3ObjectStore
 from storage.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -97,8 +96,9 @@ class Registry:
         s = settings or load_settings()
         catalog = open_catalog(s.catalog_url, auto_upgrade=s.embedded_catalog)
         store = open_store(s.object_store, s3_endpoint=s.s3_endpoint)
-        if isinstance(store, S3ObjectStore) and s.embedded_catalog:
-            store.ensure_bucket()
+        ensure = getattr(store, "ensure_bucket", None)  # S3 only (boto3 loads with it)
+        if ensure is not None and s.embedded_catalog:
+            ensure()
         return cls(catalog, store, AdapterCache(s.cache_dir, max_bytes=s.cache_max_bytes))
 
     # -- bases ----------------------------------------------------------------------------------

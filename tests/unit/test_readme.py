@@ -229,6 +229,9 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("logprobs on/off", lambda: _feature("logprobs", "on_vs_off", digits=3)),
     ("fairness", lambda: _feature("fairness", "flooded_vs_alone")),
     ("HTTP vs engine", lambda: _http("http")),
+    ("CLI start-up", lambda: " · ".join(
+        "{median:.2f} s ({min:.2f}–{max:.2f})".format(**_get("cli_startup", "seconds", k))
+        for k in ("help", "adapters_list", "jobs_list"))),
     ("HTTP streamed vs engine", lambda: _http("http_stream")),
     ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
                                           for m in ("adalora", "lora"))),
