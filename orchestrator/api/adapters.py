@@ -11,7 +11,7 @@ from orchestrator.api import schemas
 from orchestrator.api.deps import PrincipalDep
 from orchestrator.api.jobs import page_body
 from orchestrator.http_errors import ApiError
-from orchestrator.objects import adapter_object, catalog_event_object
+from orchestrator.objects import adapter_object, catalog_event_object, spectrum_object
 from storage.auth import Principal
 from storage.catalog import promotion, usage
 from storage.catalog import repository as repo
@@ -175,7 +175,7 @@ def adapters_router(reg: Registry, principal: PrincipalDep) -> APIRouter:
         from orchestrator.spectra import version_spectrum
 
         v = resolve_visible(namespace, ref, who)
-        return {"id": v.ref, "object": "adapter.spectrum", **version_spectrum(reg, v)}
+        return spectrum_object(v, version_spectrum(reg, v))
 
     @router.get("/{namespace}/{ref}", response_model=schemas.Adapter)
     def show_adapter(namespace: str, ref: str, who: Principal = Depends(principal)) -> dict:

@@ -23,7 +23,7 @@ from orchestrator.api import schemas
 from orchestrator.api.deps import PrincipalDep
 from orchestrator.api.jobs import page_body
 from orchestrator.http_errors import ApiError
-from orchestrator.objects import file_object
+from orchestrator.objects import file_deleted_object, file_object
 from orchestrator.uploads import UploadTooLarge, check_size, upload_dataset
 from storage.auth import Principal
 from storage.catalog import files as file_repo
@@ -214,6 +214,6 @@ def files_router(
     def delete(file_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         f = visible(file_id, who)
         registry.delete_file(f.id)
-        return {"id": f.id, "object": "file", "deleted": True}
+        return file_deleted_object(f.id)
 
     return router

@@ -17,7 +17,7 @@ from orchestrator.api.deps import PrincipalDep
 from orchestrator.http_errors import ApiError
 from orchestrator.job_errors import DETAIL_EVENT
 from orchestrator.lifecycle import TERMINAL, IllegalTransition
-from orchestrator.objects import event_object, job_object
+from orchestrator.objects import checkpoint_object, event_object, job_object
 from orchestrator.service import cancel_job, submit_job
 from orchestrator.spec import JobSpec
 from storage.auth import Principal, Unauthorized, authenticate
@@ -196,12 +196,8 @@ def jobs_router(db: Catalog, principal: PrincipalDep, admin: str | None = None) 
     def checkpoints(job_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         """The checkpoints the job's training recorded in the catalog, newest first."""
         job = visible_job(job_id, who)
-        found = [
-            {"object": "fine_tuning.job.checkpoint", "id": f"ckpt-{e.id}",
-             "fine_tuning_job_id": job.id, "step_number": e.data.get("step"),
-             "uri": e.data.get("uri"), "created_at": int(e.ts.timestamp())}
-            for e in jobs.iter_events(db, job_id=job.id, kinds=["checkpoint"])
-        ]  # fmt: skip
+        found = [checkpoint_object(job.id, e)
+                 for e in jobs.iter_events(db, job_id=job.id, kinds=["checkpoint"])]  # fmt: skip
         return {"object": "list", "data": found[::-1]}
 
     return router

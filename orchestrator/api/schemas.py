@@ -1,8 +1,8 @@
-"""The REST API's request and response bodies, as ``/v1/openapi.json`` documents them.
+"""The REST API's request bodies, errors and lists, as ``/v1/openapi.json`` documents them.
 
-The shapes are built by ``orchestrator.objects`` (shared with the CLI's ``-o json``); these
-models describe them for the schema and check them on the way out, so a change to one without
-the other fails the API tests instead of surprising a client.
+The objects inside the lists (jobs, adapters, files, tokens, events, usage, replicas) are owned
+by ``orchestrator.objects``, shared with the CLI's ``-o json``; they are re-exported here so the
+routes name every response model from one module.
 """
 
 from __future__ import annotations
@@ -11,6 +11,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.objects import (  # noqa: F401  (re-exported for the routes)
+    Adapter,
+    CatalogEvent,
+    Checkpoint,
+    DataFile,
+    Event,
+    FileDeleted,
+    Job,
+    NewToken,
+    Replica,
+    Spectrum,
+    Token,
+    Usage,
+)
 from storage.names import NAME_RE
 
 NAME_PATTERN = NAME_RE.pattern  # a namespace, adapter, alias or token name
@@ -93,38 +107,6 @@ class Me(_Out):
 
 
 # -- jobs ----------------------------------------------------------------------------------------
-class Hyperparameters(_Out):
-    lora: dict[str, Any] | None
-    training: dict[str, Any] | None
-
-
-class Job(_Out):
-    """A fine-tuning job (OpenAI's field names where they fit)."""
-
-    id: str
-    object: Literal["fine_tuning.job"]
-    namespace: str
-    name: str
-    status: str
-    status_reason: str | None
-    model: str | None
-    training_file: str | None
-    validation_file: str | None
-    hyperparameters: Hyperparameters
-    resources: dict[str, Any] | None
-    priority: int
-    attempts: int
-    error: str | None
-    fine_tuned_model: str | None
-    pack_id: str | None = Field(description="The pack it trains in now (null: alone).")
-    progress: dict[str, Any] | None = Field(
-        None, description="Step, max_steps and loss of its newest metrics (in lists and show)."
-    )
-    created_at: int
-    started_at: int | None
-    finished_at: int | None
-
-
 class Page(_Out):
     """One page of a list, newest first; ask for the next with ``after=last_id``."""
 
@@ -138,14 +120,6 @@ class JobPage(Page):
     data: list[Job]
 
 
-class Event(_Out):
-    id: int
-    object: Literal["fine_tuning.job.event"]
-    created_at: float
-    type: str
-    data: dict[str, Any]
-
-
 class EventPage(_Out):
     """Events in order; ask for the next with ``after`` = the last id."""
 
@@ -154,136 +128,24 @@ class EventPage(_Out):
     has_more: bool
 
 
-class Checkpoint(_Out):
-    id: str
-    object: Literal["fine_tuning.job.checkpoint"]
-    fine_tuning_job_id: str
-    step_number: int | None
-    uri: str | None
-    created_at: int
-
-
 class CheckpointList(_Out):
     object: Literal["list"]
     data: list[Checkpoint]
 
 
 # -- adapters ------------------------------------------------------------------------------------
-class BaseRef(_Out):
-    name: str
-    fingerprint: str
-
-
-class LoraShape(_Out):
-    r: int
-    alpha: float
-    target_modules: list[str] | str
-    use_rslora: bool
-    method: Literal["lora", "dora", "adalora"] = "lora"
-
-
-class Lineage(_Out):
-    job_id: str | None
-    dataset_sha256: str | None
-    hyperparameters: dict[str, Any] | None
-    created_by: str | None
-
-
-class StoredFile(_Out):
-    name: str
-    sha256: str
-    size: int
-
-
-class Adapter(_Out):
-    """An adapter version: ``id`` is its exact reference ``namespace/name:version``."""
-
-    id: str
-    object: Literal["adapter"]
-    namespace: str
-    name: str
-    version: int
-    state: str
-    aliases: list[str]
-    tags: list[str]
-    base_model: BaseRef
-    lora: LoraShape
-    lineage: Lineage
-    metrics: dict[str, Any] | None
-    files: list[StoredFile]
-    created_at: int | None
-
-
 class AdapterPage(Page):
     data: list[Adapter]
 
 
 # -- files ---------------------------------------------------------------------------------------
-class DataFile(_Out):
-    """An uploaded dataset (OpenAI's fields, plus namespace, rows and digest)."""
-
-    id: str
-    object: Literal["file"]
-    bytes: int
-    filename: str
-    purpose: str
-    status: Literal["processed"]
-    namespace: str
-    rows: int
-    sha256: str
-    created_at: int | None
-
-
 class DataFilePage(Page):
     data: list[DataFile]
-
-
-class FileDeleted(_Out):
-    id: str
-    object: Literal["file"]
-    deleted: bool
-
-
-# -- tokens --------------------------------------------------------------------------------------
-class Token(_Out):
-    """A token's record; its secret is never shown again after creation."""
-
-    id: int
-    object: Literal["token"]
-    namespace: str
-    name: str
-    scope: str
-    created_at: float | None
-    expires_at: float | None
-    revoked_at: float | None
-
-
-class NewToken(Token):
-    token: str = Field(description="The secret: shown once, stored only as its SHA-256.")
 
 
 class TokenList(_Out):
     object: Literal["list"]
     data: list[Token]
-
-
-class LayerSpectrum(_Out):
-    module: str
-    r: int
-    singular_values: list[float] = Field(description="Of scaling·B·A, largest first.")
-    rank_90: int = Field(description="The least rank keeping 90 % of the energy Σσ².")
-    rank_99: int
-
-
-class Spectrum(_Out):
-    """An adapter version's spectrum: per layer, and the adapter's ranks (max over layers)."""
-
-    id: str
-    object: Literal["adapter.spectrum"]
-    r: int
-    rank_90: int
-    rank_99: int
-    layers: list[LayerSpectrum]
 
 
 class IdleAdapter(_Out):
@@ -327,57 +189,16 @@ class GateVerdict(_Out):
     results: list[RuleResult]
 
 
-class CatalogEvent(_Out):
-    id: int
-    object: Literal["adapter.event"]
-    adapter: str
-    created_at: float
-    type: str
-    alias: str | None
-    version: int | None
-    actor: str | None
-    data: dict[str, Any]
-
-
 class CatalogEventList(_Out):
     object: Literal["list"]
     data: list[CatalogEvent]
 
 
 # -- usage and serving ---------------------------------------------------------------------------
-class Usage(_Out):
-    """Requests and tokens one model served in one namespace (summed, or in one minute)."""
-
-    object: Literal["usage"]
-    namespace: str
-    model: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    first_minute: int | None = None
-    minute: int | None = None
-
-
 class UsageList(_Out):
     object: Literal["list"]
     group: Literal["model", "minute"]
     data: list[Usage]
-
-
-class Replica(_Out):
-    """A serving replica's last snapshot: what sits in which tier, load latencies, queue."""
-
-    object: Literal["serving.replica"]
-    id: str
-    base: str
-    node: str | None
-    updated_at: float
-    tiers: dict[str, Any]
-    load_ms: dict[str, Any]
-    counters: dict[str, Any]
-    queue: dict[str, Any]
-    prefix_cache: dict[str, Any]  # hits and misses (requests and tokens), tokens held
 
 
 class Serving(_Out):

@@ -270,12 +270,13 @@ def adapters_inspect(
 ) -> None:
     """Per adapted layer: the singular values of scaling·B·A and the ranks that keep 90 % and
     99 % of its energy (most adapters use far fewer directions than their rank)."""
+    from orchestrator.objects import spectrum_object
     from orchestrator.spectra import version_spectrum
 
     registry = _registry()
     v = registry.resolve(ref)
     spectrum = version_spectrum(registry, v)
-    if emit({"id": v.ref, "object": "adapter.spectrum", **spectrum}, output):
+    if emit(spectrum_object(v, spectrum), output):
         return
     table = Table("layer", "r", "singular values (largest first)", "rank 90 %", "rank 99 %",
                   title=f"spectrum of {v.ref}")  # fmt: skip
