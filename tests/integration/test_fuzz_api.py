@@ -61,7 +61,7 @@ def test_rest_api_survives_fuzzing_from_its_schema(tmp_path: Path, tiny_base_dir
               rejected_requests_store_nothing]  # fmt: skip
     # the event stream of a job that never ends would never end (test_api covers it)
     cases = [0]
-    ran = fuzz(schema, checks, headers=auth, examples=40, cases=cases,
+    ran = fuzz(schema, checks, headers=auth, examples=60, cases=cases,
                skip=lambda m, p: p.endswith("/events"))  # fmt: skip
     assert len(ran) >= 25  # every operation; both modes where invalid input exists
     assert cases[0] >= 2000, cases  # requests sent, every one checked: never a 5xx
