@@ -23,7 +23,9 @@ class Shape(BaseModel):
     """An object as it leaves lorafleet: nothing beyond its declared fields."""
 
     # fields with defaults (``object``) are still always present, and the schema says so
-    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(
+        extra="forbid", json_schema_serialization_defaults_required=True, defer_build=True
+    )  # built at first use: the CLI starts faster
 
 
 def _dump(shape: Shape) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def adapters_list(
         namespace=namespace, base_model=base, tag=tag, include_deleted=deleted
     )
     versions = [v for v in versions if all(f.matches(v.metrics) for f in filters)]
-    if emit([adapter_object(v) for v in versions], output):
+    if emit(lambda: [adapter_object(v) for v in versions], output):
         return
     table = Table("adapter", "state", "base", "r", "targets", "size", "aliases", "tags", "created")
     for v in versions:
@@ -164,7 +164,7 @@ def adapters_show(
     from orchestrator.objects import adapter_object
 
     v = _registry().resolve(ref)
-    if emit(adapter_object(v), output):
+    if emit(lambda: adapter_object(v), output):
         return
     table = Table(title=v.ref, show_header=False)
     table.add_column("field")
@@ -276,7 +276,7 @@ def adapters_inspect(
     registry = _registry()
     v = registry.resolve(ref)
     spectrum = version_spectrum(registry, v)
-    if emit(spectrum_object(v, spectrum), output):
+    if emit(lambda: spectrum_object(v, spectrum), output):
         return
     table = Table("layer", "r", "singular values (largest first)", "rank 90 %", "rank 99 %",
                   title=f"spectrum of {v.ref}")  # fmt: skip

@@ -10,7 +10,6 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -45,14 +44,18 @@ OUTPUT = typer.Option(Format.table, "--output", "-o", help="table, or the API's 
 
 
 def emit(data: Any, fmt: Format) -> bool:
-    """Print ``data`` (the API's objects) as JSON or YAML; False for ``table`` (the caller
-    prints its table)."""
+    """Print ``data`` (the API's objects, or a function returning them: built only when
+    printed) as JSON or YAML; False for ``table`` (the caller prints its table)."""
+    if fmt is Format.table:
+        return False
+    if callable(data):
+        data = data()
     if fmt is Format.json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
     elif fmt is Format.yaml:
+        import yaml  # only YAML output pays its import
+
         typer.echo(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=True))
-    else:
-        return False
     return True
 
 

@@ -55,7 +55,7 @@ def files_list(
 
     registry, _ = _registry()
     listed = files.list_files(registry.catalog, namespace=namespace)
-    if emit([file_object(f) for f in listed], output):
+    if emit(lambda: [file_object(f) for f in listed], output):
         return
     table = Table("id", "namespace", "filename", "rows", "bytes", "sha256", "created")
     for f in listed:
@@ -74,7 +74,7 @@ def files_show(file_id: str = typer.Argument(...), output: Format = OUTPUT) -> N
 
     registry, _ = _registry()
     f = files.get_file(registry.catalog, file_id=file_id)
-    if emit(file_object(f), output):
+    if emit(lambda: file_object(f), output):
         return
     table = Table(title=f.id, show_header=False)
     for k, v in (("namespace", f.namespace), ("filename", f.filename), ("purpose", f.purpose),

@@ -153,7 +153,7 @@ def jobs_list(
         return
     found = jobs.iter_jobs(catalog, namespace=namespace, states=[state] if state else None)
     rows = list(itertools.islice(found, limit))
-    if emit([job_object(j) for j in rows], output):
+    if emit(lambda: [job_object(j) for j in rows], output):
         return
     table = Table("id", "namespace", "name", "state", "priority", "attempts", "created", "reason")
     for j in rows:
@@ -178,7 +178,7 @@ def _packs_list(catalog: Any, *, state: str | None, limit: int, output: Format) 
     if state is not None and state not in ("open", "closed"):
         raise typer.BadParameter("with --packs, --state is open or closed", param_hint="--state")
     found = packs.list_packs(catalog, states=[state] if state else None, limit=limit)
-    if emit([pack_object(p) for p in found], output):
+    if emit(lambda: [pack_object(p) for p in found], output):
         return
     table = Table("pack", "state", "slots", "jobs", "created")
     for p in found:
@@ -202,7 +202,7 @@ def jobs_show(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> Non
     j = jobs.get_job(catalog, job_id=job_id)
     found = jobs.list_events(catalog, job_id=job_id, kinds=["adapter"], limit=1)
     adapter = found[0].data.get("ref") if found else None
-    if emit(job_object(j, adapter), output):
+    if emit(lambda: job_object(j, adapter), output):
         return
     pack = "-"
     if j.pack_id is not None:
@@ -238,7 +238,7 @@ def jobs_events(job_id: str = typer.Argument(...), output: Format = OUTPUT) -> N
     from storage.catalog import jobs
 
     events = list(jobs.iter_events(_registry(_settings()).catalog, job_id=job_id))
-    if emit([event_object(e) for e in events], output):
+    if emit(lambda: [event_object(e) for e in events], output):
         return
     for e in events:
         console.print(f"{e.ts:%H:%M:%S} {e.kind:10s} {e.data}", highlight=False)

@@ -49,7 +49,7 @@ def tokens_list(
     from storage.catalog import repository as repo
 
     listed = repo.list_tokens(_catalog(), namespace=namespace)
-    if emit([token_object(t) for t in listed], output):
+    if emit(lambda: [token_object(t) for t in listed], output):
         return
     table = Table("id", "namespace", "name", "scope", "created", "expires", "revoked")
 

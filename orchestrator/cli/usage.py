@@ -35,7 +35,7 @@ def usage(
         Registry.from_settings().catalog, namespace=namespace, adapter=adapter, since=start,
         group="minute" if per_minute else "model",
     )  # fmt: skip
-    if emit([usage_object(u, per_minute=per_minute) for u in found], output):
+    if emit(lambda: [usage_object(u, per_minute=per_minute) for u in found], output):
         return
     table = Table("minute" if per_minute else "since", "namespace", "model", "requests",
                   "prompt tokens", "completion tokens", "total tokens")  # fmt: skip

@@ -232,6 +232,9 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("CLI start-up", lambda: " · ".join(
         "{median:.2f} s ({min:.2f}–{max:.2f})".format(**_get("cli_startup", "seconds", k))
         for k in ("help", "adapters_list", "jobs_list"))),
+    ("CLI over its libraries", lambda: " · ".join(
+        "{median:.2f}× ({min:.2f}–{max:.2f})".format(**_get("cli_startup", "over_libraries", k))
+        for k in ("adapters_list", "jobs_list"))),
     ("HTTP streamed vs engine", lambda: _http("http_stream")),
     ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
                                           for m in ("adalora", "lora"))),
