@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from orchestrator.job_errors import DETAIL_EVENT, public_failure
 from orchestrator.service import job_spec
-from orchestrator.spec import JobSpec
 from orchestrator.spectra import spectrum_metrics, spectrum_of_dir
+from orchestrator.training_configs import lora_config, train_config
 from storage.catalog import files as file_repo
 from storage.catalog import jobs
 from storage.errors import CatalogUnavailable, StorageError
@@ -25,11 +25,8 @@ from storage.retry import with_retries
 from storage.settings import Settings, mask_url, settings_for_nodes, settings_on_node
 from storage.staging import checkpoint_root, remove_staged
 from workers.errors import WorkerError
-from workers.lora import LoraConfig
-from workers.lora.config import AdaLoraSchedule
 from workers.training.distributed_spec import DistributedSpec
 from workers.training.ray_train import DistributedResult, train_distributed
-from workers.training.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,18 +41,6 @@ ON_HEAD = {"node:__internal_head__": 0.001}
 
 def runner_name(job_id: str) -> str:
     return f"lorafleet-runner-{job_id}"
-
-
-def _train_config(spec: JobSpec, n_rows: int, workers: int) -> TrainConfig:
-    t = spec.training
-    steps = t.max_steps
-    if steps is None:
-        per_step = t.batch_size * t.grad_accum * workers
-        steps = max(1, int((t.epochs or 1.0) * n_rows / per_step))
-    return TrainConfig(
-        max_steps=steps, lr=t.lr, warmup_steps=min(t.warmup_steps, steps), batch_size=t.batch_size,
-        grad_accum=t.grad_accum, seq_len=t.seq_len, seed=t.seed, eval_every=t.eval_every,
-    )  # fmt: skip
 
 
 def build_distributed_spec(
@@ -75,11 +60,7 @@ def build_distributed_spec(
         if spec.validation_data
         else None
     )
-    raw = spec.lora.targets
-    targets: Any = raw.removeprefix("re:") if isinstance(raw, str) else tuple(raw)
-    train = _train_config(spec, data.rows, spec.resources.workers)
-    adalora = (AdaLoraSchedule.for_steps(spec.lora.adalora_target_r, train.max_steps)
-               if spec.lora.method == "adalora" else None)  # fmt: skip
+    train = train_config(spec.training, n_rows=data.rows, workers=spec.resources.workers)
     return DistributedSpec(
         job_name=f"{job.id}-a{job.attempts}",
         base=asdict(base),
@@ -89,11 +70,9 @@ def build_distributed_spec(
         checkpoint_key=job.id,
         out_dir=str(settings.home / "jobs" / job.id / f"attempt-{job.attempts}"),
         storage_path=str(settings.home / "ray_results"),
-        lora=LoraConfig(r=spec.lora.r, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
-                        target_modules=targets, use_rslora=spec.lora.rslora,
-                        use_dora=spec.lora.method == "dora",
-                        base_quantization=spec.lora.base_quantization, adalora=adalora),
+        lora=lora_config(spec.lora, max_steps=train.max_steps),
         train=train,
+        method=spec.method.as_dict(),
         workers=spec.resources.workers,
         nodes=spec.resources.nodes,
         cpus_per_worker=spec.resources.cpus_per_worker,
@@ -158,6 +137,7 @@ def finish_job(
             dataset_sha256=result.metrics.get("dataset_sha256"),
             metrics=metrics,
             hyperparameters={
+                "method": spec.method.as_dict(),
                 "lora": spec.lora.model_dump(mode="json"),
                 "training": asdict(dspec.train),
                 "resources": spec.resources.model_dump(mode="json"),

@@ -122,7 +122,8 @@ def pack_key_of(job: Job, base_fingerprint: str) -> str | None:
     if job.spec.get("packing", True) is False:
         return None
     lora = job.spec.get("lora") or {}
-    if lora.get("method", "lora") != "lora" or lora.get("base_quantization", "none") != "none":
+    variant = lora.get("variant", lora.get("method", "lora"))  # lora.method: the old spelling
+    if variant != "lora" or lora.get("base_quantization", "none") != "none":
         return None
     training = job.spec.get("training") or {}
     tokens = int(training.get("batch_size", 16)) * int(training.get("seq_len", 128))

@@ -60,10 +60,10 @@ class LoraSpec(_Strict):
         description="Module names, 'all-linear', or 're:<regex>'.",
     )
     rslora: bool = False
-    method: Literal["lora", "dora", "adalora"] = Field(
+    variant: Literal["lora", "dora", "adalora"] = Field(
         "lora", description="lora; dora (a learned magnitude per output row, as PEFT's "
         "use_dora); adalora (SVD form, the rank budget spent where layers need it; r is the "
-        "initial rank).")  # fmt: skip
+        "initial rank). Formerly lora.method (still read, with a warning).")  # fmt: skip
     target_r: int | None = Field(
         None, ge=1, le=1024, description="adalora: the average rank per layer the budget "
         "ends at (default r // 2).")  # fmt: skip
@@ -71,10 +71,19 @@ class LoraSpec(_Strict):
         "none", description="Hold the frozen base quantized under the LoRA layers (QLoRA)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spelling(cls, data: Any) -> Any:
+        # lora.method was the variant's name before `method` came to mean the training
+        # method, as at OpenAI; its values (lora, dora, adalora) never were method names
+        if isinstance(data, dict) and "method" in data and "variant" not in data:
+            data = {("variant" if k == "method" else k): v for k, v in data.items()}
+        return data
+
     @model_validator(mode="after")
     def _adalora(self) -> LoraSpec:
-        if self.target_r is not None and self.method != "adalora":
-            raise ValueError("target_r is AdaLoRA's: set method: adalora, or drop it")
+        if self.target_r is not None and self.variant != "adalora":
+            raise ValueError("target_r is AdaLoRA's: set variant: adalora, or drop it")
         if self.target_r is not None and self.target_r > self.r:
             raise ValueError(f"target_r ({self.target_r}) must be at most r ({self.r})")
         return self
@@ -91,6 +100,59 @@ class LoraSpec(_Strict):
         if isinstance(v, str) and not v:
             raise ValueError("must not be empty")
         return v
+
+
+class DpoHyperparameters(_Strict):
+    beta: float = Field(0.1, gt=0, le=100, description="How far the policy may move from "
+                        "the reference (DPO's β).")  # fmt: skip
+
+
+class DpoSection(_Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=lambda: DpoHyperparameters())
+
+
+class SupervisedSection(_Strict):
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="None yet: the `training` section holds them."
+    )
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _none(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v:
+            raise ValueError(f"unknown hyperparameters {sorted(v)}: set them under `training`")
+        return v
+
+
+class MethodSpec(_Strict):
+    """The training method, in OpenAI's shape: ``{type: dpo, dpo: {hyperparameters: {…}}}``."""
+
+    type: Literal["supervised", "dpo", "reinforcement"] = Field(
+        "supervised", description="supervised (SFT rows), dpo (preference pairs: "
+        "input.messages, preferred_output, non_preferred_output).")  # fmt: skip
+    supervised: SupervisedSection | None = None
+    dpo: DpoSection | None = None
+
+    @model_validator(mode="after")
+    def _section(self) -> MethodSpec:
+        if self.type == "reinforcement":
+            raise ValueError("reinforcement fine-tuning is not available yet; use supervised "
+                             "or dpo")  # fmt: skip
+        other = {"supervised", "dpo"} - {self.type}
+        for name in other:
+            if getattr(self, name) is not None:
+                raise ValueError(f"a {name} section does not belong to method type {self.type}")
+        return self
+
+    @property
+    def beta(self) -> float:
+        return (self.dpo or DpoSection()).hyperparameters.beta
+
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's ``method`` object, as the workers read it (``Method.from_dict``)."""
+        if self.type == "dpo":
+            return {"type": "dpo", "dpo": {"hyperparameters": {"beta": self.beta}}}
+        return {"type": self.type}
 
 
 class TrainingSpec(_Strict):
@@ -140,6 +202,7 @@ class JobSpec(_Strict):
     training_data: str = Field(description="An uploaded JSONL file: its id, file-….")
     validation_data: str | None = Field(None, description="An uploaded JSONL file id.")
     output_adapter: str = Field(description="namespace/name to publish the adapter under.")
+    method: MethodSpec = Field(default_factory=lambda: MethodSpec())
     lora: LoraSpec = Field(default_factory=lambda: LoraSpec())
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec())
     resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec())
@@ -236,18 +299,27 @@ def _first_error(exc: ValidationError) -> SpecError:
     return SpecError(path, message)
 
 
-def check_lora_method(
-    method: str, base_quantization: str = "none", *, r: int = 8, target_r: int | None = None
+def deprecated_spellings(data: Any) -> list[str]:
+    """Warnings for old spellings a spec still uses (it is read as the new one)."""
+    lora = data.get("lora") if isinstance(data, dict) else None
+    if isinstance(lora, dict) and "method" in lora and "variant" not in lora:
+        return [f"lora.method is now lora.variant (read as variant: {lora['method']}); "
+                "`method` names the training method (supervised, dpo), as at OpenAI"]  # fmt: skip
+    return []
+
+
+def check_lora_variant(
+    variant: str, base_quantization: str = "none", *, r: int = 8, target_r: int | None = None
 ) -> LoraSpec:
-    """The spec's rule for ``lora.method``, ``target_r`` and ``base_quantization``, for
+    """The spec's rule for ``lora.variant``, ``target_r`` and ``base_quantization``, for
     ``lorafleet train``; returns the checked ``lora`` part.
 
     Raises:
         SpecError: naming the ``lora.…`` field.
     """
     try:
-        return LoraSpec.model_validate({"method": method, "base_quantization": base_quantization,
-                                        "r": r, "target_r": target_r})  # fmt: skip
+        return LoraSpec.model_validate({"variant": variant, "r": r, "target_r": target_r,
+                                        "base_quantization": base_quantization})  # fmt: skip
     except ValidationError as exc:
         err = _first_error(exc)
         message = str(err).removeprefix(f"{err.field}: ") if err.field else str(err)

@@ -20,6 +20,7 @@ from storage.errors import NotFound
 from storage.names import NAME_RE
 from storage.registry import Registry
 from workers.datasets import MAX_LINE_BYTES, count_valid_rows
+from workers.method_data import validate_any_row
 from workers.errors import DatasetError
 
 DATA_FIELDS = ("training_data", "validation_data")
@@ -61,7 +62,8 @@ def upload_dataset(
         UploadTooLarge, DatasetError (naming ``filename:line``).
     """
     check_size(path.stat().st_size, max_bytes, filename=filename)
-    rows = count_valid_rows(path, name=filename, max_line=max_line)
+    # any supported row (supervised, preference, prompt): the job checks its method's rule
+    rows = count_valid_rows(path, name=filename, max_line=max_line, check=validate_any_row)
     return registry.store_file(path, namespace=namespace, filename=filename, rows=rows,
                                progress=progress)  # fmt: skip
 

@@ -14,7 +14,7 @@ Every error names the file and line number.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,23 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def _validate_row(row: Any, where: str) -> dict[str, Any]:
+def check_messages(msgs: Any, where: str, field: str = "messages") -> list[dict[str, str]]:
+    """A chat: a non-empty list of ``{"role", "content"}`` with known roles.
+
+    Raises:
+        DatasetError: naming ``where`` and the offending message.
+    """
+    if not isinstance(msgs, list) or not msgs:
+        raise DatasetError(f"{where}: '{field}' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DatasetError(f"{where}: {field}[{i}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise DatasetError(f"{where}: {field}[{i}].content must be a string")
+    return msgs
+
+
+def validate_row(row: Any, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: each line must be a JSON object")
     keys = set(row)
@@ -58,14 +74,7 @@ def _validate_row(row: Any, where: str) -> dict[str, Any]:
         if not row["completion"]:
             raise DatasetError(f"{where}: 'completion' must not be empty")
     elif "messages" in keys:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DatasetError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise DatasetError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}")
-            if not isinstance(m.get("content"), str):
-                raise DatasetError(f"{where}: messages[{i}].content must be a string")
+        msgs = check_messages(row["messages"], where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DatasetError(f"{where}: 'messages' has no assistant turn to learn from")
     else:
@@ -94,9 +103,13 @@ def _lines(fh: Any, max_line: int, shown: str) -> Iterator[bytes]:
         yield raw
 
 
-def _rows(path: str | Path, name: str | None,
-          max_line: int = MAX_LINE_BYTES) -> Iterator[dict[str, Any]]:  # fmt: skip
+RowCheck = Callable[[Any, str], dict[str, Any]]  # (row, "file:line") → the row, or DatasetError
+
+
+def _rows(path: str | Path, name: str | None, max_line: int = MAX_LINE_BYTES,
+          check: RowCheck | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Validated rows of a JSONL file, one at a time; errors say ``name:line``."""
+    check = check or validate_row
     p = Path(path)
     shown = name or str(p)
     if not p.is_file():
@@ -114,33 +127,37 @@ def _rows(path: str | Path, name: str | None,
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{where}: malformed JSON ({exc.msg})") from None
-            yield _validate_row(row, where)
+            yield check(row, where)
 
 
-def read_jsonl(path: str | Path, *, name: str | None = None) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: str | Path, *, name: str | None = None, check: RowCheck | None = None
+) -> list[dict[str, Any]]:
     """Read and validate a JSONL dataset.
 
     Args:
         name: how errors call the file (an upload's own file name, never a server path).
+        check: validates one row (default: a supervised row).
 
     Raises:
         DatasetError: missing file, empty file, or a malformed line (``file:line: reason``).
     """
-    rows = list(_rows(path, name))
+    rows = list(_rows(path, name, check=check))
     if not rows:
         raise DatasetError(f"dataset {name or path} has no rows")
     return rows
 
 
 def count_valid_rows(
-    path: str | Path, *, name: str | None = None, max_line: int = MAX_LINE_BYTES
-) -> int:
+    path: str | Path, *, name: str | None = None, max_line: int = MAX_LINE_BYTES,
+    check: RowCheck | None = None,
+) -> int:  # fmt: skip
     """Validate every row (as ``read_jsonl``) without keeping them; returns the row count.
 
     Raises:
         DatasetError (``LineTooLong`` for a row over ``max_line`` bytes).
     """
-    n = sum(1 for _ in _rows(path, name, max_line))
+    n = sum(1 for _ in _rows(path, name, max_line, check))
     if not n:
         raise DatasetError(f"dataset {name or path} has no rows")
     return n
@@ -150,8 +167,11 @@ def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[list[int], bool]]:
-    """Token segments per message (prefix-difference of the rendered chat), flagged trainable."""
+def chat_segments(
+    tokenizer: Any, messages: list[dict[str, str]], *, trainable_from: int = 0
+) -> list[tuple[list[int], bool]]:
+    """Token segments per message (prefix-difference of the rendered chat), flagged trainable:
+    the assistant turns from message ``trainable_from`` on (their role headers excluded)."""
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     segments: list[tuple[list[int], bool]] = []
     previous: list[int] = []
@@ -186,7 +206,7 @@ def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple
             if len(header) > start and ids[: len(header)] == header:
                 segments.append((header[start:], False))
                 start = len(header)
-        segments.append((ids[start:], message["role"] == "assistant"))
+        segments.append((ids[start:], message["role"] == "assistant" and i >= trainable_from))
         previous = ids
     return segments
 
@@ -203,7 +223,7 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any) -> Example:
         return Example(tuple(prompt + completion), tuple([IGNORE_INDEX] * len(prompt) + completion))
     ids_all: list[int] = []
     labels: list[int] = []
-    for seg, trainable in _chat_segments(tokenizer, row["messages"]):
+    for seg, trainable in chat_segments(tokenizer, row["messages"]):
         ids_all += seg
         labels += seg if trainable else [IGNORE_INDEX] * len(seg)
     return Example(tuple(ids_all), tuple(labels))

@@ -30,6 +30,13 @@ from workers.errors import WorkerError
 # that is not a terminal is as wide as the content needs.
 console = Console() if sys.stdout.isatty() else Console(width=10_000)
 err_console = Console(stderr=True)
+
+
+def warn(message: str) -> None:
+    """One yellow line on stderr: the command goes on."""
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

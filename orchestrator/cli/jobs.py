@@ -86,7 +86,7 @@ def submit(
     """
     import ray
 
-    from orchestrator.cli.common import upload_progress
+    from orchestrator.cli.common import upload_progress, warn
     from orchestrator.scheduler import (
         SchedulerCore,
         SchedulerLoop,
@@ -94,7 +94,7 @@ def submit(
         start_scheduler_actor,
     )
     from orchestrator.service import submit_job
-    from orchestrator.spec import parse_spec, read_spec_file
+    from orchestrator.spec import deprecated_spellings, parse_spec, read_spec_file
     from orchestrator.uploads import localize_inputs
 
     settings = _settings()
@@ -105,6 +105,8 @@ def submit(
             max_bytes=settings.max_upload_bytes, say=console.print, progress=progress,
         )  # fmt: skip
     spec = parse_spec(data)
+    for message in deprecated_spellings(data):
+        warn(message)
     result = submit_job(registry.catalog, spec)
     verb = "submitted" if result.created else "already submitted (same idempotency key)"
     console.print(f"{verb}: [bold]{result.job.id}[/] ({spec.namespace}/{spec.name})")

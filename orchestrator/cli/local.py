@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from orchestrator.cli.common import console, fmt_bytes, quiet_hf, train_progress, user_errors
+from orchestrator.cli.common import (
+    console,
+    fmt_bytes,
+    quiet_hf,
+    train_progress,
+    user_errors,
+    warn,
+)
 from workers.errors import WorkerError
+
+
+def _spec_targets(value: str) -> list[str] | str:
+    """``--targets`` as the job spec writes it (``re:`` kept: the spec's own rule strips it)."""
+    parsed = parse_targets(value)
+    if isinstance(parsed, tuple):
+        return list(parsed)
+    return value.strip()
 
 
 def parse_targets(value: str) -> tuple[str, ...] | str:
@@ -112,9 +128,20 @@ def train_cmd(
     checkpoint_every: int = typer.Option(0, help="Steps between checkpoints (distributed)."),
     max_failures: int = typer.Option(0, help="Worker-group restarts allowed (distributed)."),
     method: str = typer.Option(
+        "supervised",
+        help="supervised (SFT rows) | dpo (preference rows: input.messages, preferred_output, "
+        "non_preferred_output).",
+    ),
+    variant: str = typer.Option(
         "lora",
         help="lora | dora (a learned magnitude per output row) | adalora (SVD form; "
         "--r is its initial rank).",
+    ),
+    beta: float = typer.Option(0.1, help="dpo: how far the policy may move from the reference."),
+    init_adapter: Path | None = typer.Option(
+        None,
+        help="Start from this adapter directory (a warm start; its config is used). DPO's "
+        "reference is then this adapter, frozen.",
     ),
     target_r: int | None = typer.Option(
         None, help="adalora: the average rank per layer the budget ends at (default r // 2)."
@@ -129,20 +156,25 @@ def train_cmd(
     instance, or the cluster at LORAFLEET_RAY_ADDRESS) with the base once per node.
     """
     quiet_hf()
-    from orchestrator.spec import check_lora_method
-    from workers.lora import LoraConfig
-    from workers.lora.config import AdaLoraSchedule
+    from orchestrator.spec import SpecError, check_lora_variant
+    from orchestrator.training_configs import lora_config
+    from workers.lora.io import read_adapter_config
+    from workers.training.methods import METHOD_TYPES, Method
     from workers.training.recipe import TrainConfig
     from workers.training.single import train_single
 
-    spec = check_lora_method(method, quantize, r=r, target_r=target_r)  # the job spec's rule
-    lcfg = LoraConfig(
-        r=r, alpha=alpha, dropout=dropout, target_modules=parse_targets(targets),
-        use_rslora=rslora, use_dora=method == "dora",
-        base_quantization=quantize,  # type: ignore[arg-type]  # checked above
-        adalora=AdaLoraSchedule.for_steps(spec.adalora_target_r, max_steps)
-        if method == "adalora" else None,
-    )  # fmt: skip
+    if method in ("lora", "dora", "adalora"):  # the old spelling of --variant
+        warn(f"--method {method} is now --variant {method}; --method names the training "
+             "method (supervised, dpo), as at OpenAI")  # fmt: skip
+        method, variant = "supervised", method
+    if method not in METHOD_TYPES or method == "reinforcement":
+        raise SpecError("method", f"--method must be supervised or dpo, got {method!r}")
+    how = Method(type=method, beta=beta)
+    spec = check_lora_variant(variant, quantize, r=r, target_r=target_r)  # the job spec's rule
+    spec = spec.model_copy(update={"alpha": alpha, "dropout": dropout, "rslora": rslora,
+                                   "targets": _spec_targets(targets)})  # fmt: skip
+    lcfg = (read_adapter_config(init_adapter) if init_adapter is not None
+            else lora_config(spec, max_steps=max_steps))  # fmt: skip
     tcfg = TrainConfig(
         max_steps=max_steps,
         lr=lr,
@@ -152,9 +184,11 @@ def train_cmd(
         seed=seed,
     )
     if workers > 1 or nodes > 1:
-        _train_on_ray(
-            base, data, out, eval_data, lcfg, tcfg, workers, nodes, checkpoint_every, max_failures
-        )
+        if init_adapter is not None:
+            raise SpecError("init_adapter", "--init-adapter trains in one process here; on a "
+                            "cluster submit a job with init_adapter: namespace/name")  # fmt: skip
+        _train_on_ray(base, data, out, eval_data, lcfg, tcfg, workers, nodes, checkpoint_every,
+                      max_failures, how)  # fmt: skip
         return
     with train_progress(max_steps) as on_report:
         output = train_single(
@@ -165,6 +199,8 @@ def train_cmd(
             train=tcfg,
             eval_path=eval_data,
             on_report=on_report,
+            method=how,
+            init_adapter=init_adapter,
         )
     res = output.result
     console.print(
@@ -185,6 +221,7 @@ def _train_on_ray(
     nodes: int,
     checkpoint_every: int,
     max_failures: int,
+    how: Any,
 ) -> None:
     import uuid
 
@@ -198,7 +235,12 @@ def _train_on_ray(
     from workers.training.ray_train import train_distributed
 
     check_base_dir(base)  # fail before starting Ray on plain input mistakes
-    read_jsonl(data)
+    if how.type == "dpo":
+        from workers.method_data import validate_preference_row
+
+        read_jsonl(data, check=validate_preference_row)
+    else:
+        read_jsonl(data)
     settings = load_settings()
     if settings.ray_address is not None:
         # Local paths mean nothing on a cluster's nodes; a job uploads its inputs first.
@@ -221,6 +263,7 @@ def _train_on_ray(
         nodes=nodes,
         checkpoint_every=checkpoint_every,
         max_failures=max_failures,
+        method=how.as_dict(),
     )
     address = settings.ray_address or "local"
     with console.status(f"starting Ray ({address}) and {workers} workers…"):

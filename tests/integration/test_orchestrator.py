@@ -303,7 +303,7 @@ def test_dora_qlora_adalora_jobs_train_alone_and_publish_what_peft_reads(env, ti
              _spec(registry, "dora", steps=4, lora=dora),
              _spec(registry, "qlora", steps=4, lora=qlora),
              _spec(registry, "ada", steps=10,
-                   lora={"r": 6, "alpha": 8, "method": "adalora", "target_r": 2})]  # fmt: skip
+                   lora={"r": 6, "alpha": 8, "variant": "adalora", "target_r": 2})]  # fmt: skip
     submitted = {s.name: submit_job(registry.catalog, s).job.id for s in specs}
     loop = _loop(settings, registry)
     packs_seen: dict[str, str] = {}
@@ -323,7 +323,8 @@ def test_dora_qlora_adalora_jobs_train_alone_and_publish_what_peft_reads(env, ti
     assert packs_seen.get("lora-a") and packs_seen.get("lora-a") == packs_seen.get("lora-b")
     assert not {"dora", "qlora", "ada"} & set(packs_seen)  # never in a pack
     version = registry.resolve("team/dora")
-    assert version.method == "dora" and version.hyperparameters["lora"]["method"] == "dora"
+    # lora.method is the variant's old spelling: read as lora.variant, recorded as that
+    assert version.method == "dora" and version.hyperparameters["lora"]["variant"] == "dora"
     assert registry.resolve("team/lora-a").method == "lora"
     q = registry.resolve("team/qlora")
     assert q.method == "lora" and q.hyperparameters["lora"]["base_quantization"] == "nf4"

@@ -96,13 +96,13 @@ def test_training_prunes_to_the_target_budget(tiny_base_dir, tmp_path):
 
 
 def test_the_spec_names_the_adalora_fields():
-    from orchestrator.spec import SpecError, check_lora_method
+    from orchestrator.spec import SpecError, check_lora_variant
 
-    assert check_lora_method("adalora", r=12).adalora_target_r == 6  # default: r // 2
-    assert check_lora_method("adalora", r=12, target_r=8).adalora_target_r == 8
+    assert check_lora_variant("adalora", r=12).adalora_target_r == 6  # default: r // 2
+    assert check_lora_variant("adalora", r=12, target_r=8).adalora_target_r == 8
     with pytest.raises(SpecError, match=r"target_r \(16\) must be at most r \(12\)"):
-        check_lora_method("adalora", r=12, target_r=16)
+        check_lora_variant("adalora", r=12, target_r=16)
     with pytest.raises(SpecError, match="target_r is AdaLoRA's"):
-        check_lora_method("lora", target_r=4)
+        check_lora_variant("lora", target_r=4)
     with pytest.raises(LoraConfigError, match="do not combine"):
         LoraConfig(r=8, use_dora=True, adalora=AdaLoraSchedule.for_steps(4, 100))

@@ -23,16 +23,20 @@ CKPT_OPTIM = "optimizer.pt"
 CKPT_STATE = "trainer_state.json"
 
 
+def adapter_state(modules: dict[str, LoraLinear]) -> dict[str, torch.Tensor]:
+    """An adapter's tensors under PEFT's file keys (A, B, and DoRA's magnitude or AdaLoRA's
+    E): what an adapter file and a checkpoint hold."""
+    return {f"{PEFT_PREFIX}{path}.{suffix}": tensor.detach().contiguous()
+            for path, layer in modules.items()
+            for suffix, tensor in layer.named_lora_tensors().items()}  # fmt: skip
+
+
 def write_checkpoint(
     directory: Path, modules: dict[str, LoraLinear], optimizer: torch.optim.Optimizer, step: int
 ) -> None:
     """Write one job's checkpoint: ``modules`` maps module paths to that job's LoRA layers
     (in model order, as its optimizer's parameters are)."""
-    state: dict[str, torch.Tensor] = {}
-    for path, layer in modules.items():  # A, B, and DoRA's magnitude or AdaLoRA's E
-        for suffix, tensor in layer.named_lora_tensors().items():
-            state[f"{PEFT_PREFIX}{path}.{suffix}"] = tensor.detach().contiguous()
-    save_file(state, str(directory / CKPT_WEIGHTS))
+    save_file(adapter_state(modules), str(directory / CKPT_WEIGHTS))
     torch.save(optimizer.state_dict(), directory / CKPT_OPTIM)
     (directory / CKPT_STATE).write_text(json.dumps({"step": step}))
 

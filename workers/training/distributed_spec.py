@@ -8,7 +8,8 @@ from typing import Any, Literal
 from storage.objects import ObjectStore, open_store
 from workers.errors import TrainingError
 from workers.lora import LoraConfig
-from workers.training.recipe import TrainConfig
+from workers.training.methods import Method
+from workers.training.settings import TrainConfig
 
 BasePlacement = Literal["shared_memory", "shard_per_node", "private"]
 
@@ -44,6 +45,7 @@ class DistributedSpec:
         max_failures: worker-group restarts Ray Train may do before the run fails.
         fail_at_step: test hook — rank 1 dies once at this step.
         event_sink: ``{"catalog_url", "job_id"}``: rank 0 appends a metrics event per step.
+        method: OpenAI's ``method`` object (``workers.training.methods.Method``).
     """
 
     job_name: str
@@ -70,8 +72,10 @@ class DistributedSpec:
     fail_at_step: int | None = None
     fail_marker: str | None = None
     event_sink: dict[str, str] | None = None
+    method: dict[str, Any] = field(default_factory=lambda: {"type": "supervised"})
 
     def __post_init__(self) -> None:
+        Method.from_dict(self.method)  # refuses an unknown method or bad hyperparameters
         if not (self.base or self.base_dir):
             raise TrainingError("base: give a registered base or a local base_dir")
         if not (self.data_file or self.data_path):

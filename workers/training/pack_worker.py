@@ -18,8 +18,7 @@ import json
 import logging
 import shutil
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +26,22 @@ import torch
 import torch.distributed as dist
 
 from storage.cache import AdapterCache
-from storage.errors import IntegrityError, ObjectNotFound, ObjectStoreUnavailable, StorageError
+from storage.errors import StorageError
 from storage.objects import ObjectStore, file_sha256
 from storage.settings import load_settings
-from storage.staging import checkpoint_prefix, checkpoints, fetch_staged, prune_checkpoints
 from workers.base_model import load_base, load_tokenizer
-from workers.datasets import Example, load_dataset
 from workers.errors import WorkerError
-from workers.training.checkpoint import read_checkpoint, write_checkpoint
 from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
+from workers.training.core import Member, RunHooks, metrics_event
+from workers.training.core import summary as training_summary
 from workers.training.distributed_spec import DistributedSpec, PackSpec
 from workers.training.events import EventSink
-from workers.training.packed import PackedJob, PackedRecipe
-from workers.training.recipe import StepReport
+from workers.training.methods import Method
+from workers.training.packed import PackedRecipe
+from workers.training.settings import StepReport
 from workers.training.shared_base import load_shared_base, shm_path_for, write_shared_base
-from workers.training.worker import (
-    base_from_dict,
-    event_sink_for,
-    file_from_dict,
-    stage_with_retries,
-)
+from workers.training.staged import resume_member, stage_checkpoint, stage_with_retries
+from workers.training.worker import base_from_dict, event_sink_for, file_from_dict
 
 log = logging.getLogger(__name__)
 # what one job of a pack hands back to the runner when it leaves: {"ok": True} (its adapter is
@@ -56,19 +51,11 @@ Outcome = dict[str, Any]
 
 @dataclass
 class JobRun:
-    """What rank 0 (and, for eval and data, every rank) keeps of one job while it trains."""
+    """What a rank keeps of one job beside its member of the trainer."""
 
     spec: DistributedSpec
-    train_examples: list[Example]
-    eval_examples: list[Example]
     data_path: str
     sink: EventSink | None = None
-    resumed_from: int | None = None
-    eval_initial: float | None = None
-    last_eval: float | None = None
-    tokens: int = 0
-    started_s: float = field(default_factory=time.perf_counter)
-    curve: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _place_base(spec: PackSpec, base_dir: str, shm_file: Path, leader: bool) -> torch.nn.Module:
@@ -85,37 +72,7 @@ def _place_base(spec: PackSpec, base_dir: str, shm_file: Path, leader: bool) -> 
     return load_shared_base(base_dir, shm_file)
 
 
-def _restore(job: PackedJob, spec: DistributedSpec, store: ObjectStore) -> int | None:
-    """Resume ``job`` from its newest readable checkpoint (alone or packed: one format)."""
-    assert job.optimizer is not None
-    for _, prefix in checkpoints(store, spec.checkpoint_key):
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                job.step = read_checkpoint(fetch_staged(store, prefix, Path(tmp)), job.modules,
-                                           job.optimizer)  # fmt: skip
-        except (ObjectNotFound, IntegrityError) as exc:
-            log.warning("checkpoint %s unusable (%s); trying an older one", prefix, exc)
-            continue
-        return job.step
-    return None
-
-
-def _checkpoint(job: PackedJob, run: JobRun, store: ObjectStore) -> None:
-    """Rank 0: stage one job's checkpoint, keep its newest two, record it."""
-    assert job.optimizer is not None
-    prefix = checkpoint_prefix(run.spec.checkpoint_key, job.step)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(Path(tmp), job.modules, job.optimizer, job.step)
-        stage_with_retries(store, Path(tmp), prefix)
-    try:
-        prune_checkpoints(store, run.spec.checkpoint_key, keep=2)
-    except ObjectStoreUnavailable as exc:  # older checkpoints linger until the next prune
-        log.warning("pruning checkpoints failed: %s", exc)
-    if run.sink is not None:
-        run.sink("checkpoint", {"step": job.step, "uri": f"{store.uri}/{prefix}"})
-
-
-class PackWorker:
+class PackWorker(RunHooks):
     """One rank of a pack: membership changes, steps, checkpoints and results.
 
     Args:
@@ -170,36 +127,38 @@ class PackWorker:
             self._started(job_id)
 
     def _prepare(self, job_id: str, spec: DistributedSpec) -> None:
-        """Load the joiner's data, add it to the recipe, resume its checkpoint (no collective)."""
+        """Load the joiner's data, add it to the trainer, resume its checkpoint (no
+        collective)."""
         assert spec.data_file is not None
+        method = Method.from_dict(spec.method)
         data_path = str(self.cache.get_file(file_from_dict(spec.data_file), self.store))
         seq_len = spec.train.seq_len
-        train = load_dataset(data_path, self.tokenizer, seq_len=seq_len,
-                             name=spec.data_file.get("filename"))  # fmt: skip
+        train = method.load(data_path, self.tokenizer, seq_len=seq_len,
+                            name=spec.data_file.get("filename"))  # fmt: skip
         if spec.eval_file:
             eval_path = str(self.cache.get_file(file_from_dict(spec.eval_file), self.store))
-            evals = load_dataset(eval_path, self.tokenizer, seq_len=seq_len,
-                                 name=spec.eval_file.get("filename"))  # fmt: skip
+            evals = method.load(eval_path, self.tokenizer, seq_len=seq_len,
+                                name=spec.eval_file.get("filename"))  # fmt: skip
         else:
             evals = train[:64]
-        job = self.recipe.add(job_id, spec.lora, spec.train, train)
-        run = JobRun(spec, list(train), list(evals), data_path)
-        self.runs[job_id] = run
-        run.resumed_from = _restore(job, spec, self.store)
+        member = self.recipe.add(job_id, spec.lora, spec.train, train,
+                                 objective=method.objective(), eval_items=evals,
+                                 checkpoint_every=spec.checkpoint_every)  # fmt: skip
+        self.runs[job_id] = JobRun(spec, data_path)
+        resume_member(member, spec.checkpoint_key, self.store)
 
     def _started(self, job_id: str) -> None:
         """A joiner every rank prepared: its initial evaluation and its first events."""
-        run, job = self.runs[job_id], self.recipe.jobs[job_id]
-        if run.resumed_from is None:
-            run.eval_initial = self.recipe.evaluate(job_id, run.eval_examples)
+        run, member = self.runs[job_id], self.recipe.jobs[job_id]
+        self.recipe.trainer.start(job_id)
         if self.rank == 0:
             run.sink = event_sink_for(run.spec)
             if run.sink is not None:
                 if self.pg_event is not None:  # whoever cancels a lost run releases the group
                     run.sink("placement_group", self.pg_event)
-                run.sink("packed", {"pack_id": self.spec.pack_id, "step": job.step})
-                if run.resumed_from is not None:
-                    run.sink("resumed", {"from_step": run.resumed_from})
+                run.sink("packed", {"pack_id": self.spec.pack_id, "step": member.step})
+                if member.resumed_from is not None:
+                    run.sink("resumed", {"from_step": member.resumed_from})
 
     def _leave(self, job_id: str) -> None:
         if job_id in self.recipe.jobs:
@@ -214,62 +173,42 @@ class PackWorker:
         if self.rank == 0:
             self.outcomes[job_id] = {"ok": False, "error": reason}
 
-    # -- steps -------------------------------------------------------------------------------
+    # -- steps: the training core's run loop, with this worker as its hooks -------------------
     def step(self) -> dict[str, StepReport]:
         """One step of every job; evaluations, checkpoints and results as each job asks."""
-        failed: dict[str, str] = {}
-        reports = self.recipe.step(failed)
-        for job_id, reason in failed.items():
-            self._fail(job_id, reason)
-        for job_id, report in reports.items():
-            run, job = self.runs[job_id], self.recipe.jobs[job_id]
-            run.tokens += report.tokens
-            cfg = run.spec.train
-            last = job.step >= cfg.max_steps
-            if last or (cfg.eval_every and job.step % cfg.eval_every == 0):
-                report.eval_loss = run.last_eval = self.recipe.evaluate(job_id, run.eval_examples)
-            run.curve.append({"step": report.step, "loss": report.loss})
-            if run.sink is not None:
-                shown = ("step", "loss", "lr", "tokens_per_s", "eval_loss")
-                run.sink("metrics", {k: v for k, v in asdict(report).items() if k in shown})
-            every = run.spec.checkpoint_every
-            if every and job.step % every == 0 and not last and self.rank == 0:
-                _checkpoint(job, run, self.store)
-            if last:
-                self._finish(job_id)
-        return reports
+        return self.recipe.trainer.run_step(self)
 
-    def _finish(self, job_id: str) -> None:
+    def on_report(self, member: Member, report: StepReport) -> None:
+        sink = self.runs[member.key].sink
+        if sink is not None:
+            sink("metrics", metrics_event(report))
+
+    def checkpoint(self, member: Member) -> None:
+        if self.rank == 0:
+            run = self.runs[member.key]
+            stage_checkpoint(member, run.spec.checkpoint_key, self.store, run.sink)
+
+    def failed(self, member: Member, reason: str) -> None:
+        self._fail(member.key, reason)
+
+    def finish(self, member: Member) -> None:
         """Rank 0 saves and stages the job's adapter and summary; every rank drops it."""
+        job_id = member.key
         if self.rank == 0:
             run = self.runs[job_id]
             tmp = tempfile.mkdtemp(prefix="lorafleet-adapter-")
             try:
                 out = self.recipe.save(job_id, tmp, base_model_name_or_path=self.spec.base["name"])
-                (out / "metrics.json").write_text(json.dumps(self._summary(job_id), indent=2))
+                summary = training_summary(member, job_name=run.spec.job_name,
+                                           world_size=self.world,
+                                           dataset_sha256=file_sha256(run.data_path),
+                                           pack={"id": self.spec.pack_id})  # fmt: skip
+                (out / "metrics.json").write_text(json.dumps(summary, indent=2))
                 stage_with_retries(self.store, out, run.spec.staging_prefix)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.outcomes[job_id] = {"ok": True}
         self._leave(job_id)
-
-    def _summary(self, job_id: str) -> dict[str, Any]:
-        run, job = self.runs[job_id], self.recipe.jobs[job_id]
-        elapsed = time.perf_counter() - run.started_s
-        return {
-            "job_name": run.spec.job_name,
-            "world_size": self.world,
-            "steps": job.step,
-            "resumed_from_step": run.resumed_from,
-            "eval_loss_initial": run.eval_initial,
-            "eval_loss_final": run.last_eval,
-            "tokens_per_s": run.tokens / elapsed if elapsed else 0.0,
-            "dataset_sha256": file_sha256(run.data_path),
-            "lora": run.spec.lora.as_dict(),
-            "train": asdict(run.spec.train),
-            "pack": {"id": self.spec.pack_id},  # the runner adds who it was packed with
-            "curve": run.curve,
-        }
 
 
 def train_pack_worker(config: dict[str, Any]) -> None:

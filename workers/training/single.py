@@ -7,13 +7,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from storage.objects import file_sha256
 from workers.base_model import load_base
-from workers.datasets import load_dataset
 from workers.lora import LoraConfig, save_adapter
+from workers.training.core import summary as training_summary
+from workers.training.methods import Method
 from workers.training.recipe import LoraFinetuneRecipe, StepReport, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
@@ -39,39 +41,44 @@ def train_single(
     eval_path: str | Path | None = None,
     on_report: Callable[[StepReport], None] | None = None,
     device: str = "cpu",
+    method: Method | None = None,
+    init_adapter: str | Path | None = None,
 ) -> TrainOutput:
     """Train an adapter in this process and write it with ``metrics.json``.
 
     Without ``eval_path``, the eval loss is measured on up to 64 training rows (a sanity
     signal, not a generalisation estimate).
 
+    Args:
+        method: supervised (default) or dpo; the data file must be in its format.
+        init_adapter: a PEFT-format adapter directory to start from (a warm start; ``lora``
+            must be its config).
+
     Raises:
         BaseModelError, DatasetError, TrainingError, LoraError: bad input, named in the message.
     """
+    method = method or Method()
     model, tokenizer = load_base(base_dir, device=device)
-    train_examples = load_dataset(data_path, tokenizer, seq_len=train.seq_len)
-    eval_examples = (
-        load_dataset(eval_path, tokenizer, seq_len=train.seq_len)
-        if eval_path is not None
-        else train_examples[:64]
-    )
-    recipe = LoraFinetuneRecipe(
-        model, lora, train, pad_id=tokenizer.pad_token_id, device=torch.device(device)
-    )
-    recipe.setup()
-    result = recipe.train(train_examples, eval_examples, on_report=on_report)
+    train_items = method.load(data_path, tokenizer, seq_len=train.seq_len)
+    eval_items = (method.load(eval_path, tokenizer, seq_len=train.seq_len)
+                  if eval_path is not None else train_items[:64])  # fmt: skip
+    recipe = LoraFinetuneRecipe(model, lora, train, pad_id=tokenizer.pad_token_id,
+                                device=torch.device(device),
+                                objective=method.objective())  # fmt: skip
+    recipe.setup(init_adapter=init_adapter)
+    result = recipe.train(train_items, eval_items, on_report=on_report)
     out = save_adapter(model, lora, out_dir, base_model_name_or_path=str(base_dir))
     digest = file_sha256(data_path)
-    metrics = {
-        **result.as_dict(),
-        "dataset_sha256": digest,
-        "lora": lora.as_dict(),
-        "train": train.__dict__,
-    }
+    assert recipe.member is not None
+    recipe.member.lora = lora
+    extra: dict[str, Any] = {"dataset_sha256": digest, "method_config": method.as_dict()}
+    if init_adapter is not None:
+        extra["init_adapter"] = str(init_adapter)
     if recipe.quant is not None:  # the base's linear weights as held while training
-        metrics["base_linear_bytes"] = {"full": recipe.quant.bytes_before,
-                                        "quantized": recipe.quant.bytes_after,
-                                        "backend": recipe.quant.backend}  # fmt: skip
+        extra["base_linear_bytes"] = {"full": recipe.quant.bytes_before,
+                                      "quantized": recipe.quant.bytes_after,
+                                      "backend": recipe.quant.backend}  # fmt: skip
+    metrics = training_summary(recipe.member, **extra)
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("adapter written to %s", out)
     return TrainOutput(adapter_dir=out, result=result, dataset_sha256=digest)

@@ -16,8 +16,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +24,20 @@ import torch.distributed as dist
 
 from storage.cache import AdapterCache
 from storage.catalog.domain import BaseModel, DataFile, FileDigest
-from storage.errors import IntegrityError, ObjectNotFound, ObjectStoreUnavailable
 from storage.objects import ObjectStore, file_sha256
-from storage.retry import with_retries
 from storage.settings import load_settings, node_catalog_url
-from storage.staging import (
-    checkpoint_prefix,
-    checkpoints,
-    fetch_staged,
-    prune_checkpoints,
-    stage_dir,
-)
 from workers.base_model import load_base, load_tokenizer
-from workers.datasets import load_dataset
 from workers.errors import TrainingError
-from workers.lora import lora_modules, lora_state_dict, save_adapter
-from workers.training.checkpoint import read_checkpoint, write_checkpoint
+from workers.lora import lora_state_dict, save_adapter
 from workers.training.collectives import FlatAllReduce, all_gather_strings, group_by_node
 from workers.training.comm_audit import record_collectives, summarize
+from workers.training.core import Member, RunHooks, metrics_event
+from workers.training.core import summary as training_summary
 from workers.training.distributed_spec import DistributedSpec
 from workers.training.events import EventSink
+from workers.training.methods import Method
 from workers.training.recipe import LoraFinetuneRecipe
+from workers.training.settings import StepReport
 from workers.training.sharded_base import load_sharded_base, local_base_bytes
 from workers.training.shared_base import (
     PeakSampler,
@@ -57,9 +48,9 @@ from workers.training.shared_base import (
     shm_path_for,
     write_shared_base,
 )
+from workers.training.staged import resume_member, stage_checkpoint, stage_with_retries
 
 log = logging.getLogger(__name__)
-STORE_OUTAGE_S = 300.0  # how long a checkpoint or result upload rides out a store outage
 
 
 def lora_checksum(model: torch.nn.Module) -> str:
@@ -69,18 +60,6 @@ def lora_checksum(model: torch.nn.Module) -> str:
         h.update(key.encode())
         h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-def save_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
-    """LoRA weights, optimizer state and step (``workers.training.checkpoint``'s format)."""
-    assert recipe.optimizer is not None
-    write_checkpoint(directory, lora_modules(recipe.model), recipe.optimizer, recipe.step)
-
-
-def restore_checkpoint(recipe: LoraFinetuneRecipe, directory: Path) -> None:
-    """Inverse of ``save_checkpoint``."""
-    assert recipe.optimizer is not None
-    recipe.step = read_checkpoint(directory, lora_modules(recipe.model), recipe.optimizer)
 
 
 def base_from_dict(d: dict[str, Any]) -> BaseModel:
@@ -125,26 +104,28 @@ def event_sink_for(spec: DistributedSpec) -> EventSink | None:
     return EventSink(write)
 
 
-def stage_with_retries(store: ObjectStore, local_dir: Path, prefix: str) -> None:
-    """``stage_dir`` through an object store outage (it starts over cleanly on each try)."""
-    with_retries(lambda: stage_dir(store, local_dir, prefix), retry_on=(ObjectStoreUnavailable,),
-                 deadline_s=STORE_OUTAGE_S, what=f"staging {prefix}")  # fmt: skip
+class _WorkerHooks(RunHooks):
+    """Rank-local doings around each step: metrics to Ray Train and (rank 0) to the job's
+    events, checkpoints staged in the object store."""
 
+    def __init__(self, spec: DistributedSpec, store: ObjectStore, emit: EventSink | None,
+                 reducer: FlatAllReduce, rank: int, grad_bytes: int) -> None:  # fmt: skip
+        self.spec, self.store, self.emit = spec, store, emit
+        self.reducer, self.rank, self.grad_bytes = reducer, rank, grad_bytes
+        self.comm_before = 0
 
-def _checkpoint(
-    recipe: LoraFinetuneRecipe, spec: DistributedSpec, store: ObjectStore, emit: Any
-) -> None:
-    """Rank 0: stage a checkpoint in the object store, keep the newest two, record it."""
-    prefix = checkpoint_prefix(spec.checkpoint_key, recipe.step)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(recipe, Path(tmp))
-        stage_with_retries(store, Path(tmp), prefix)
-    try:
-        prune_checkpoints(store, spec.checkpoint_key, keep=2)
-    except ObjectStoreUnavailable as exc:  # older checkpoints linger until the next prune
-        log.warning("pruning checkpoints failed: %s", exc)
-    if emit is not None:
-        emit("checkpoint", {"step": recipe.step, "uri": f"{store.uri}/{prefix}"})
+    def on_report(self, member: Member, report: StepReport) -> None:
+        import ray.train
+
+        step_comm = self.reducer.stats.bytes - self.comm_before
+        member.curve[-1]["allreduce_bytes"] = step_comm
+        if self.emit is not None:
+            self.emit("metrics", metrics_event(report))
+        ray.train.report({**member.curve[-1], "lora_grad_bytes": self.grad_bytes})
+
+    def checkpoint(self, member: Member) -> None:
+        if self.rank == 0:
+            stage_checkpoint(member, self.spec.checkpoint_key, self.store, self.emit)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -205,39 +186,25 @@ def train_worker(config: dict[str, Any]) -> None:
     names = {
         k: (f or {}).get("filename") for k, f in (("t", spec.data_file), ("e", spec.eval_file))
     }
-    train_examples = load_dataset(data_path, tokenizer, seq_len=spec.train.seq_len, name=names["t"])
-    eval_examples = (
-        load_dataset(eval_path, tokenizer, seq_len=spec.train.seq_len, name=names["e"])
-        if eval_path
-        else train_examples[:64]
-    )
+    method = Method.from_dict(spec.method)
+    seq_len = spec.train.seq_len
+    train_examples = method.load(data_path, tokenizer, seq_len=seq_len, name=names["t"])
+    eval_examples = (method.load(eval_path, tokenizer, seq_len=seq_len, name=names["e"])
+                     if eval_path else train_examples[:64])  # fmt: skip
     reducer = FlatAllReduce()
-    recipe = LoraFinetuneRecipe(
-        model,
-        spec.lora,
-        spec.train,
-        pad_id=tokenizer.pad_token_id,
-        world=world,
-        rank=rank,
-        all_reduce=reducer,
-        device=device,
-    )
+    recipe = LoraFinetuneRecipe(model, spec.lora, spec.train, pad_id=tokenizer.pad_token_id,
+                                world=world, rank=rank, all_reduce=reducer, device=device,
+                                objective=method.objective())  # fmt: skip
     recipe.setup(inject=not sharded)
-    # One way back for every restart — Ray Train restarting the worker group after a lost
-    # worker or node, or the scheduler starting a new attempt after a lost runner: the newest
-    # complete checkpoint of this job in the object store, verified, on whichever node.
-    # A checkpoint that cannot be read (bytes gone or corrupt) is skipped for an older one.
-    resumed_from = None
-    for _, prefix in checkpoints(store, spec.checkpoint_key):
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                restore_checkpoint(recipe, fetch_staged(store, prefix, Path(tmp)))
-        except (ObjectNotFound, IntegrityError) as exc:
-            log.warning("checkpoint %s unusable (%s); trying an older one", prefix, exc)
-            continue
-        resumed_from = recipe.step
-        break
-    eval_initial = recipe.evaluate(eval_examples) if resumed_from is None else None
+    member = recipe.member
+    assert member is not None
+    member.items, member.eval_items = train_examples, eval_examples
+    member.checkpoint_every, member.lora = spec.checkpoint_every, spec.lora
+    trainer = recipe.trainer
+    trainer.members.pop(member.key, None)
+    trainer.add(member)
+    resumed_from = resume_member(member, spec.checkpoint_key, store)
+    trainer.start(member.key)
     emit = event_sink_for(spec) if rank == 0 else None
     if emit is not None:
         # Ray Train's placement group outlives a killed driver (it belongs to the Ray job):
@@ -248,43 +215,19 @@ def train_worker(config: dict[str, Any]) -> None:
     if emit is not None and resumed_from is not None:
         emit("resumed", {"from_step": resumed_from})
 
-    # -- steps -----------------------------------------------------------------------------------
-    grad_bytes = sum(p.numel() * p.element_size() for p in recipe.params)
+    # -- steps: the training core's run loop ---------------------------------------------------
+    grad_bytes = sum(p.numel() * p.element_size() for p in member.params)
     bytes_before = reducer.stats.bytes
-    t0 = time.perf_counter()
-    tokens = 0
-    last_eval = None
-    curve: list[dict[str, Any]] = []
+    hooks = _WorkerHooks(spec, store, emit, reducer, rank, grad_bytes)
     with record_collectives(nodes) as collectives:
-        while recipe.step < spec.train.max_steps:
+        while not member.done:
             if spec.fail_at_step is not None and rank == min(1, world - 1):
                 marker = Path(spec.fail_marker or "/tmp/lorafleet-fail-marker")
-                if recipe.step == spec.fail_at_step and not marker.exists():
+                if member.step == spec.fail_at_step and not marker.exists():
                     marker.write_text("failed once")
                     os._exit(1)  # a crash, not an exception: what a killed worker looks like
-            comm_before = reducer.stats.bytes
-            report = recipe.train_step(train_examples)
-            step_comm = reducer.stats.bytes - comm_before
-            tokens += report.tokens
-            last = recipe.step == spec.train.max_steps
-            if last or (spec.train.eval_every and recipe.step % spec.train.eval_every == 0):
-                report.eval_loss = last_eval = recipe.evaluate(eval_examples)
-            metrics = {
-                **asdict(report),
-                "allreduce_bytes": step_comm,
-                "lora_grad_bytes": grad_bytes,
-            }
-            curve.append({"step": report.step, "loss": report.loss, "allreduce_bytes": step_comm})
-            if emit is not None:
-                emit(
-                    "metrics",
-                    {k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s", "eval_loss")},
-                )
-            due = spec.checkpoint_every and recipe.step % spec.checkpoint_every == 0
-            if due and not last and rank == 0:
-                _checkpoint(recipe, spec, store, emit)
-            ray.train.report(metrics)
-        elapsed = time.perf_counter() - t0
+            hooks.comm_before = reducer.stats.bytes
+            trainer.run_step(hooks)
     if emit is not None:
         emit.close()  # events queued through a catalog outage are written before the result
 
@@ -314,22 +257,10 @@ def train_worker(config: dict[str, Any]) -> None:
         tmp_out = tempfile.mkdtemp(prefix="lorafleet-adapter-")
         base_ref = spec.base["name"] if spec.base else spec.base_dir
         out = save_adapter(model, spec.lora, tmp_out, base_model_name_or_path=base_ref)
-        summary = {
-            "job_name": spec.job_name,
-            "world_size": world,
-            "nodes": len(set(nodes)),
-            "steps": spec.train.max_steps,
-            "resumed_from_step": resumed_from,
-            "eval_loss_initial": eval_initial,
-            "eval_loss_final": last_eval,
-            "tokens_per_s": tokens / elapsed if elapsed else 0.0,
-            "lora_grad_bytes": grad_bytes,
-            "dataset_sha256": file_sha256(data_path),
-            "lora": spec.lora.as_dict(),
-            "train": asdict(spec.train),
-            "workers": gathered,
-            "curve": curve,
-        }
+        summary = training_summary(member, job_name=spec.job_name, world_size=world,
+                                   nodes=len(set(nodes)), lora_grad_bytes=grad_bytes,
+                                   dataset_sha256=file_sha256(data_path),
+                                   workers=gathered)  # fmt: skip
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         stage_with_retries(store, out, spec.staging_prefix)  # the driver publishes from there
         shutil.rmtree(out, ignore_errors=True)
