@@ -1,0 +1,113 @@
+"""DPO through the scheduler on a real Ray cluster, packed with a supervised job on the same
+base: the training core's one step serves both methods in one forward. The DPO member's
+per-step losses equal the same job trained alone (≤ 1e-4), its first loss is ln 2 (the
+reference is the adapter off), and its TRL-named rewards reach the events and the version."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.servers import wait_until
+from orchestrator.runner import build_distributed_spec
+from orchestrator.scheduler import SchedulerCore, SchedulerLoop, ray_hooks
+from orchestrator.service import submit_job
+from orchestrator.spec import parse_spec
+from orchestrator.uploads import upload_dataset
+from storage.catalog import jobs
+from storage.registry import Registry
+from storage.settings import load_settings
+from workers.base_model import load_base
+from workers.demo_task import TRAIN_FILE
+from workers.training.methods import Method
+from workers.training.recipe import LoraFinetuneRecipe
+
+
+def preference_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    """A preference task the tiny base can learn: the counting answer over a refusal."""
+    rows = []
+    for i in range(offset, offset + n):
+        a = i % 7
+        rows.append({
+            "input": {"messages": [{"role": "user", "content": f"spell {a} {a + 1} ="}]},
+            "preferred_output": [{"role": "assistant", "content": f"{a} {a + 1} {a + 2}"}],
+            "non_preferred_output": [{"role": "assistant", "content": "no"}],
+        })  # fmt: skip
+    return rows
+
+
+@pytest.fixture()
+def env(ray_cluster, tmp_path, tiny_base_dir):  # type: ignore[no-untyped-def]
+    settings = load_settings({"LORAFLEET_HOME": str(tmp_path / "home")})
+    registry = Registry.from_settings(settings)
+    registry.register_base(name="tiny", path=tiny_base_dir)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(32)))
+    return settings, registry, prefs
+
+
+def _up(registry: Registry, path: Path) -> str:
+    record, _ = upload_dataset(registry, path, namespace="team", filename=path.name,
+                               max_bytes=1 << 30)  # fmt: skip
+    return record.id
+
+
+def _events(registry: Registry, job_id: str, kind: str) -> list[dict[str, Any]]:
+    return [e.data for e in jobs.iter_events(registry.catalog, job_id=job_id, kinds=[kind])]
+
+
+def test_a_dpo_job_packs_with_an_sft_job_and_trains_as_it_would_alone(env, tiny_base_dir):
+    settings, registry, prefs = env
+    db = registry.catalog
+    training = {"max_steps": 12, "batch_size": 4, "seq_len": 48, "eval_every": 6,
+                "warmup_steps": 2, "lr": 5e-3}  # fmt: skip
+    dpo = parse_spec({
+        "name": "prefer", "namespace": "team", "base_model": "tiny",
+        "training_data": _up(registry, prefs), "output_adapter": "team/prefer",
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+        "lora": {"r": 4, "targets": ["q_proj", "v_proj"]}, "training": training,
+    })  # fmt: skip
+    sft = parse_spec({
+        "name": "count", "namespace": "team", "base_model": "tiny",
+        "training_data": _up(registry, TRAIN_FILE), "output_adapter": "team/count",
+        "lora": {"r": 4}, "training": {**training, "seed": 1},
+    })  # fmt: skip
+    a, b = (submit_job(db, s).job for s in (dpo, sft))
+    loop = SchedulerLoop(SchedulerCore(db, ray_hooks(settings)), 0.2).start()
+    try:
+        wait_until(lambda: all(jobs.get_job(db, job_id=j.id).state == "succeeded" for j in (a, b)),
+                   timeout_s=240, what="both jobs to succeed")  # fmt: skip
+    finally:
+        loop.stop()
+    pack_id = jobs.get_job(db, job_id=a.id).pack_id
+    assert pack_id is not None and jobs.get_job(db, job_id=b.id).pack_id == pack_id
+
+    metrics = {e["step"]: e for e in _events(registry, a.id, "metrics")}
+    assert sorted(metrics) == list(range(1, 13))
+    assert math.isclose(metrics[1]["loss"], math.log(2), abs_tol=1e-5)
+    assert metrics[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(metrics[12])
+    assert "eval_rewards/accuracies" in metrics[12]
+
+    # the same job alone, through the same spec mapping: the same losses step by step
+    job = jobs.get_job(db, job_id=a.id)
+    dspec = build_distributed_spec(job, settings, registry)
+    model, tok = load_base(tiny_base_dir)
+    method = Method.from_dict(dspec.method)
+    items = method.load(prefs, tok, seq_len=dspec.train.seq_len)
+    recipe = LoraFinetuneRecipe(model, dspec.lora, dspec.train, pad_id=tok.pad_token_id,
+                                objective=method.objective())  # fmt: skip
+    recipe.setup()
+    alone = [recipe.train_step(items).loss for _ in range(12)]
+    packed = [metrics[s]["loss"] for s in range(1, 13)]
+    assert max(abs(x - y) for x, y in zip(alone, packed, strict=True)) <= 1e-4
+    assert packed[-1] < math.log(2)
+
+    version = registry.resolve("team/prefer")
+    assert version.hyperparameters["method"] == {"type": "dpo",
+                                                 "dpo": {"hyperparameters": {"beta": 0.2}}}
+    assert version.metrics["method"] == "dpo"
