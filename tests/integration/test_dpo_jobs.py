@@ -108,6 +108,8 @@ def test_a_dpo_job_packs_with_an_sft_job_and_trains_as_it_would_alone(env, tiny_
     assert packed[-1] < math.log(2)
 
     version = registry.resolve("team/prefer")
-    assert version.hyperparameters["method"] == {"type": "dpo",
-                                                 "dpo": {"hyperparameters": {"beta": 0.2}}}
+    assert version.hyperparameters["method"] == {
+        "type": "dpo",
+        "dpo": {"hyperparameters": {"beta": 0.2}},
+    }
     assert version.metrics["method"] == "dpo"

@@ -43,8 +43,9 @@ def _train(base: Path, data: Path, out: Path, *extra: str, home: Path) -> Any:
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):  # type: ignore[no-untyped-def]
     d = tmp_path_factory.mktemp("prefs")
-    return _write(d / "train.jsonl", _rows(range(1, 33))), _write(d / "heldout.jsonl",
-                                                                    _rows(range(50, 66)))
+    return _write(d / "train.jsonl", _rows(range(1, 33))), _write(
+        d / "heldout.jsonl", _rows(range(50, 66))
+    )
 
 
 def test_dpo_on_smollm_learns_a_held_out_preference_then_warm_starts(smollm_dir, prefs, tmp_path):
