@@ -52,6 +52,14 @@ Route = Callable[[Segments], None]  # tells the model's LoRA layers whose rows a
 ReferenceWeights = dict[str, dict[str, torch.Tensor]]  # module path → suffix → frozen tensor
 
 
+def _seed(*parts: int) -> int:
+    """A sampling seed that is a pure function of its parts (seed, step, rank, micro-batch)."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + p) % (1 << 62)
+    return h
+
+
 def _no_reduce(_: list[torch.Tensor]) -> None:
     return None
 
@@ -165,6 +173,7 @@ class Trainer:
         all_reduce: sums a list of tensors in place across workers (identity when alone).
         device: where batches go (the model must already be there).
         detach: called with a member as it leaves (packed layers drop its rows' update).
+        tokenizer: the base's tokenizer (a method that samples, reinforcement, needs it).
     """
 
     def __init__(
@@ -174,6 +183,7 @@ class Trainer:
         pad_id: int,
         route: Route | None = None,
         detach: Callable[[Member], None] | None = None,
+        tokenizer: Any = None,
         world: int = 1,
         rank: int = 0,
         all_reduce: AllReduce | None = None,
@@ -183,6 +193,7 @@ class Trainer:
         self.pad_id = pad_id
         self.route = route or _no_route
         self.detach = detach
+        self.tokenizer = tokenizer  # sampling methods decode with it
         self.world, self.rank = world, rank
         self.all_reduce = all_reduce or _no_reduce
         self.device = torch.device(device)
@@ -258,6 +269,39 @@ class Trainer:
             self.model.train(was_training)
         return {key: lp.select(a, b) for key, a, b in segments}
 
+    # -- sampling (reinforcement) -----------------------------------------------------------
+    def sample(self, member: Member, rows: list[Any]) -> list[Any]:
+        """Decode ``rows`` (``DecodeRow``) with ``member``'s current adapter, through the
+        serving engine's own decoder (one sampling implementation in the project)."""
+        from workers.serving.stepper import decode_batch
+
+        if self.tokenizer is None:
+            raise TrainingError("sampling needs the trainer's tokenizer")
+        was_training = self.model.training
+        self.model.eval()
+        self.route([(member.key, 0, 1 << 30)])  # every row decoded is this member's
+        try:
+            with torch.no_grad():
+                return decode_batch(self.model, self.tokenizer, {}, rows)
+        finally:
+            self.route([])
+            self.model.train(was_training)
+
+    def _expand(self, m: Member, items: list[Any], *, seed: int, greedy: bool = False) -> list[Any]:
+        """Items as the objective trains on them: prompts become graded rollouts (sampled
+        now, with the current adapter); any other method's items are what they are."""
+        expand = getattr(m.objective, "expand", None)
+        if expand is None:
+            return items
+        return list(expand(items, lambda rows: self.sample(m, rows), seed=seed, greedy=greedy))
+
+    @staticmethod
+    def _metrics(m: Member, sums: torch.Tensor, count: float) -> dict[str, float]:
+        means = {n: float(sums[k]) / count if count else float("nan")
+                 for k, n in enumerate(m.objective.metric_names)}  # fmt: skip
+        finalize = getattr(m.objective, "finalize", None)
+        return dict(finalize(means)) if finalize is not None else means
+
     # -- one step of every member ------------------------------------------------------------
     def step(self, failed: dict[str, str] | None = None) -> dict[str, StepReport]:
         """One optimizer step of every unfinished member, sharing each micro-step's forward.
@@ -274,35 +318,54 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         self.model.train()
-        plans, denoms, lrs = {}, {}, {}
+        micro_items: dict[str, list[list[Any]]] = {}
+        denoms: dict[str, float] = {}
+        lrs: dict[str, float] = {}
+        local_units: list[float] = []  # members whose items are sampled now: this rank's share
         for m in active:
             c = m.cfg
             indices = global_batch_indices(m.step, n_examples=len(m.items), seed=c.seed,
                                            global_batch=self.global_batch(m))  # fmt: skip
-            denoms[m.key] = sum(m.objective.units(m.items[i]) for i in indices)
             lrs[m.key] = lr_at(m.step, peak=c.lr, warmup=c.warmup_steps, total=c.max_steps,
                                min_ratio=c.min_lr_ratio)  # fmt: skip
-            plans[m.key] = rank_micro_batches(indices, world=self.world, rank=self.rank,
-                                              accum=c.grad_accum)  # fmt: skip
+            plan = rank_micro_batches(indices, world=self.world, rank=self.rank,
+                                      accum=c.grad_accum)  # fmt: skip
+            micro_items[m.key] = [
+                self._expand(m, [m.items[i] for i in mb], seed=_seed(c.seed, m.step, self.rank, k))
+                for k, mb in enumerate(plan)
+            ]
+            if hasattr(m.objective, "expand"):  # units known only after sampling: summed below
+                local_units.append(sum(m.objective.units(it) for mb in micro_items[m.key]
+                                       for it in mb))  # fmt: skip
+            else:
+                denoms[m.key] = sum(m.objective.units(m.items[i]) for i in indices)
             for group in m.optimizer.param_groups:
                 group["lr"] = lrs[m.key]
             m.optimizer.zero_grad(set_to_none=False)
+        if local_units:  # every rank holds the same members: the same collective everywhere
+            units = torch.tensor(local_units, dtype=torch.float64)
+            self.all_reduce([units])
+            sampled = [m for m in active if hasattr(m.objective, "expand")]
+            for m, total_units in zip(sampled, units.tolist(), strict=True):
+                denoms[m.key] = max(total_units, 1.0)
         # The RNG (dropout) is a pure function of (seed, step, rank) of the first member: a
         # resumed run draws exactly what the uninterrupted one would have, with no RNG state
         # to checkpoint (a packed member with dropout draws from the shared stream).
         first = active[0]
         torch.manual_seed(first.cfg.seed * 1_000_003 + first.step * 1_009 + self.rank)
-        # per member: [loss sum, tokens, *metric sums]
-        stats = {m.key: torch.zeros(2 + len(m.objective.metric_names), dtype=torch.float64)
+        # per member: [loss sum, tokens, items, *metric sums]
+        stats = {m.key: torch.zeros(3 + len(m.objective.metric_names), dtype=torch.float64)
                  for m in active}  # fmt: skip
         for micro in range(first.cfg.grad_accum):
             rows: list[Any] = []
             parts: list[tuple[Member, list[Any], int, int]] = []
             for m in active:
-                items = [m.items[i] for i in plans[m.key][micro]]
+                items = micro_items[m.key][micro]
                 seqs = [s for it in items for s in m.objective.sequences(it)]
                 parts.append((m, items, len(rows), len(rows) + len(seqs)))
                 rows += seqs
+            if not rows:
+                continue
             references = self._references(parts, rows)
             lp, mask = self._logprobs(rows, [(m.key, a, b) for m, _, a, b in parts])
             total: torch.Tensor | float = 0.0
@@ -313,8 +376,9 @@ class Trainer:
                 acc = stats[m.key]
                 acc[0] += float(loss_sum.detach())
                 acc[1] += int(mask[a:b].sum())
+                acc[2] += len(items)
                 for k, value in enumerate(metric_sums):
-                    acc[2 + k] += float(value)
+                    acc[3 + k] += float(value)
             if isinstance(total, torch.Tensor) and total.requires_grad:
                 total.backward()
         for m in active:  # AdaLoRA keeps P and Q orthogonal (per worker: 1/world)
@@ -328,7 +392,7 @@ class Trainer:
         reports: dict[str, StepReport] = {}
         offset = 0
         for m in active:
-            width = 2 + len(m.objective.metric_names)
+            width = 3 + len(m.objective.metric_names)
             mine, offset = flat[offset : offset + width], offset + width
             loss = float(mine[0]) / denoms[m.key]
             if not math.isfinite(loss):
@@ -344,9 +408,8 @@ class Trainer:
             if m.after_step is not None:  # scores from this step's gradients, then prunes
                 m.after_step(m.step)
             n = int(mine[1])
-            metrics = {name: float(mine[2 + k]) / denoms[m.key]
-                       for k, name in enumerate(m.objective.metric_names)}  # fmt: skip
             rate = n / elapsed if elapsed > 0 else 0.0
+            metrics = self._metrics(m, mine[3:], float(mine[2]))
             reports[m.key] = StepReport(step=m.step, loss=loss, lr=lrs[m.key], grad_norm=norm,
                                         tokens=n, tokens_per_s=rate, elapsed_s=elapsed,
                                         metrics=metrics)  # fmt: skip
@@ -356,33 +419,39 @@ class Trainer:
     def evaluate(self, key: str, items: Sequence[Any] | None = None, *,
                  batch_size: int = 32) -> Evaluation:  # fmt: skip
         """Member ``key``'s mean loss (per unit) over ``items`` (default: its evaluation
-        items; this worker's share when world > 1), with its objective's metrics."""
+        items; this worker's share when world > 1), with its objective's metrics (a sampling
+        method answers greedily, and its loss is its objective's ``evaluation_loss``)."""
         m = self.members[key]
         mine = list(m.eval_items if items is None else items)[self.rank :: self.world]
         names = m.objective.metric_names
-        total = torch.zeros(2 + len(names), dtype=torch.float64)
+        total = torch.zeros(3 + len(names), dtype=torch.float64)
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(mine), batch_size):
-                chunk = mine[start : start + batch_size]
+                chunk = self._expand(m, mine[start : start + batch_size], greedy=True,
+                                     seed=_seed(m.cfg.seed, start))  # fmt: skip
                 rows = [s for it in chunk for s in m.objective.sequences(it)]
                 parts = [(m, chunk, 0, len(rows))]
                 references = self._references(parts, rows)
                 lp, _ = self._logprobs(rows, [(key, 0, len(rows))])
-                loss, metric_sums = m.objective.loss(lp, references.get(key), chunk)
-                total[0] += float(loss)
+                loss_sum, metric_sums = m.objective.loss(lp, references.get(key), chunk)
+                total[0] += float(loss_sum)
                 total[1] += sum(m.objective.units(it) for it in chunk)
+                total[2] += len(chunk)
                 for k, value in enumerate(metric_sums):
-                    total[2 + k] += float(value)
+                    total[3 + k] += float(value)
             self.all_reduce([total])
         finally:
             self.model.train(was_training)
-        if not total[1]:
+        if not total[2]:
             return Evaluation(float("nan"), {})
-        units = float(total[1])
-        means = {n: float(total[2 + k]) / units for k, n in enumerate(names)}
-        return Evaluation(float(total[0]) / units, means)
+        metrics = self._metrics(m, total[3:], float(total[2]))
+        loss = float(total[0]) / float(total[1]) if total[1] else 0.0
+        evaluation_loss = getattr(m.objective, "evaluation_loss", None)
+        if evaluation_loss is not None:
+            loss = float(evaluation_loss(loss, metrics))
+        return Evaluation(loss, metrics)
 
     # -- the run loop ------------------------------------------------------------------------
     def start(self, key: str) -> None:

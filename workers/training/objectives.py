@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from workers.datasets import Example
-from workers.method_data import PreferencePair
 from workers.errors import TrainingError
+from workers.method_data import PreferencePair
 from workers.training.batches import n_loss_tokens
 from workers.training.loss import TokenLogprobs
 
@@ -224,6 +224,7 @@ class Rollout:
     example: Example
     sampling_logprobs: tuple[float, ...]
     advantages: tuple[float, ...]
+    reward: float = 0.0  # what the grader gave it (reported, not trained on directly)
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,8 @@ def train_pack_worker(config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(base_dir)
     device = next(model.parameters()).device
     recipe = PackedRecipe(model, pad_id=tokenizer.pad_token_id, world=world, rank=rank,
-                          all_reduce=FlatAllReduce(), device=device)  # fmt: skip
+                          all_reduce=FlatAllReduce(), device=device,
+                          tokenizer=tokenizer)  # fmt: skip
     control = None
     pg_event = None
     if rank == 0:

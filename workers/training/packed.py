@@ -66,7 +66,7 @@ class PackedRecipe:
     Args:
         model: the base causal LM (frozen in place; packed layers are wrapped in as jobs join).
         pad_id: padding token id.
-        world, rank, all_reduce, device: as ``LoraFinetuneRecipe``.
+        world, rank, all_reduce, device, tokenizer: as ``LoraFinetuneRecipe``.
     """
 
     def __init__(
@@ -78,12 +78,13 @@ class PackedRecipe:
         rank: int = 0,
         all_reduce: AllReduce | None = None,
         device: torch.device | str = "cpu",
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
         self.layout = PackLayout()
         self.trainer = Trainer(model, pad_id=pad_id, route=self._route, detach=self._detach,
                                world=world, rank=rank, all_reduce=all_reduce,
-                               device=device)  # fmt: skip
+                               device=device, tokenizer=tokenizer)  # fmt: skip
         for p in model.parameters():
             p.requires_grad_(False)
 

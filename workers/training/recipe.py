@@ -76,6 +76,7 @@ class LoraFinetuneRecipe:
         all_reduce: sums a list of tensors in place across workers (identity when alone).
         device: where batches go (the model must already be there).
         objective: the method (default: supervised cross-entropy).
+        tokenizer: the base's tokenizer (reinforcement samples with it).
     """
 
     KEY = "job"
@@ -92,12 +93,13 @@ class LoraFinetuneRecipe:
         all_reduce: AllReduce | None = None,
         device: torch.device | str = "cpu",
         objective: Objective | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
         self.lora = lora
         self.cfg = train
         self.objective = objective or Supervised()
-        self.trainer = Trainer(model, pad_id=pad_id, world=world, rank=rank,
+        self.trainer = Trainer(model, pad_id=pad_id, world=world, rank=rank, tokenizer=tokenizer,
                                all_reduce=all_reduce, device=device)  # fmt: skip
         self.member: Member | None = None
         self.quant: QuantReport | None = None  # the base's quantization, when asked for

@@ -63,7 +63,7 @@ def train_single(
     eval_items = (method.load(eval_path, tokenizer, seq_len=train.seq_len)
                   if eval_path is not None else train_items[:64])  # fmt: skip
     recipe = LoraFinetuneRecipe(model, lora, train, pad_id=tokenizer.pad_token_id,
-                                device=torch.device(device),
+                                device=torch.device(device), tokenizer=tokenizer,
                                 objective=method.objective())  # fmt: skip
     recipe.setup(init_adapter=init_adapter)
     result = recipe.train(train_items, eval_items, on_report=on_report)

@@ -194,7 +194,7 @@ def train_worker(config: dict[str, Any]) -> None:
     reducer = FlatAllReduce()
     recipe = LoraFinetuneRecipe(model, spec.lora, spec.train, pad_id=tokenizer.pad_token_id,
                                 world=world, rank=rank, all_reduce=reducer, device=device,
-                                objective=method.objective())  # fmt: skip
+                                objective=method.objective(), tokenizer=tokenizer)  # fmt: skip
     recipe.setup(inject=not sharded)
     member = recipe.member
     assert member is not None
