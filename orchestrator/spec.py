@@ -124,21 +124,47 @@ class SupervisedSection(_Strict):
         return v
 
 
+class ReinforcementHyperparameters(_Strict):
+    group_size: int = Field(4, ge=2, le=64, description="Samples per prompt (GRPO's group).")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Longest sampled answer.")
+
+
+class ReinforcementSection(_Strict):
+    grader: dict[str, Any] = Field(description="OpenAI's grader shapes: string_check, "
+                                   "text_similarity, multi.")  # fmt: skip
+    hyperparameters: ReinforcementHyperparameters = Field(
+        default_factory=lambda: ReinforcementHyperparameters()
+    )
+
+    @field_validator("grader")
+    @classmethod
+    def _grader(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from workers.training.graders import GraderError, parse_grader
+
+        try:
+            parse_grader(v, "grader")
+        except GraderError as exc:
+            raise ValueError(str(exc).removeprefix("grader.").removeprefix("grader: ")) from None
+        return v
+
+
 class MethodSpec(_Strict):
     """The training method, in OpenAI's shape: ``{type: dpo, dpo: {hyperparameters: {…}}}``."""
 
     type: Literal["supervised", "dpo", "reinforcement"] = Field(
         "supervised", description="supervised (SFT rows), dpo (preference pairs: "
-        "input.messages, preferred_output, non_preferred_output).")  # fmt: skip
+        "input.messages, preferred_output, non_preferred_output), reinforcement (prompt rows "
+        "and a grader: GRPO).")  # fmt: skip
     supervised: SupervisedSection | None = None
     dpo: DpoSection | None = None
+    reinforcement: ReinforcementSection | None = None
 
     @model_validator(mode="after")
     def _section(self) -> MethodSpec:
-        if self.type == "reinforcement":
-            raise ValueError("reinforcement fine-tuning is not available yet; use supervised "
-                             "or dpo")  # fmt: skip
-        other = {"supervised", "dpo"} - {self.type}
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("a reinforcement method needs its section: reinforcement: "
+                             "{grader: …}")  # fmt: skip
+        other = {"supervised", "dpo", "reinforcement"} - {self.type}
         for name in other:
             if getattr(self, name) is not None:
                 raise ValueError(f"a {name} section does not belong to method type {self.type}")
@@ -152,6 +178,10 @@ class MethodSpec(_Strict):
         """OpenAI's ``method`` object, as the workers read it (``Method.from_dict``)."""
         if self.type == "dpo":
             return {"type": "dpo", "dpo": {"hyperparameters": {"beta": self.beta}}}
+        if self.type == "reinforcement":
+            assert self.reinforcement is not None
+            return {"type": "reinforcement",
+                    "reinforcement": self.reinforcement.model_dump(mode="json")}  # fmt: skip
         return {"type": self.type}
 
 

@@ -20,8 +20,8 @@ from storage.errors import NotFound
 from storage.names import NAME_RE
 from storage.registry import Registry
 from workers.datasets import MAX_LINE_BYTES, count_valid_rows
-from workers.method_data import validate_any_row
 from workers.errors import DatasetError
+from workers.method_data import validate_any_row
 
 DATA_FIELDS = ("training_data", "validation_data")
 Progress = Callable[[int, int], None]

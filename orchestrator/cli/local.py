@@ -130,8 +130,13 @@ def train_cmd(
     method: str = typer.Option(
         "supervised",
         help="supervised (SFT rows) | dpo (preference rows: input.messages, preferred_output, "
-        "non_preferred_output).",
+        "non_preferred_output) | reinforcement (prompt rows and --grader: GRPO).",
     ),
+    grader: Path | None = typer.Option(
+        None, help="reinforcement: the grader, a JSON or YAML file in OpenAI's shapes."
+    ),
+    group_size: int = typer.Option(4, help="reinforcement: samples per prompt."),
+    max_new_tokens: int = typer.Option(32, help="reinforcement: longest sampled answer."),
     variant: str = typer.Option(
         "lora",
         help="lora | dora (a learned magnitude per output row) | adalora (SVD form; "
@@ -156,7 +161,7 @@ def train_cmd(
     instance, or the cluster at LORAFLEET_RAY_ADDRESS) with the base once per node.
     """
     quiet_hf()
-    from orchestrator.spec import SpecError, check_lora_variant
+    from orchestrator.spec import SpecError, check_lora_variant, read_spec_file
     from orchestrator.training_configs import lora_config
     from workers.lora.io import read_adapter_config
     from workers.training.methods import METHOD_TYPES, Method
@@ -167,9 +172,14 @@ def train_cmd(
         warn(f"--method {method} is now --variant {method}; --method names the training "
              "method (supervised, dpo), as at OpenAI")  # fmt: skip
         method, variant = "supervised", method
-    if method not in METHOD_TYPES or method == "reinforcement":
-        raise SpecError("method", f"--method must be supervised or dpo, got {method!r}")
-    how = Method(type=method, beta=beta)
+    if method not in METHOD_TYPES:
+        raise SpecError("method", f"--method must be one of {', '.join(METHOD_TYPES)}, got "
+                        f"{method!r}")  # fmt: skip
+    if (grader is not None) != (method == "reinforcement"):
+        raise SpecError("grader", "--grader goes with --method reinforcement, and it needs one")
+    grader_spec = read_spec_file(grader) if grader is not None else None
+    how = Method(type=method, beta=beta, grader=grader_spec, group_size=group_size,
+                 max_new_tokens=max_new_tokens)  # fmt: skip
     spec = check_lora_variant(variant, quantize, r=r, target_r=target_r)  # the job spec's rule
     spec = spec.model_copy(update={"alpha": alpha, "dropout": dropout, "rslora": rslora,
                                    "targets": _spec_targets(targets)})  # fmt: skip
@@ -203,11 +213,16 @@ def train_cmd(
             init_adapter=init_adapter,
         )
     res = output.result
-    console.print(
-        f"adapter written to [bold]{output.adapter_dir}[/] — eval loss "
-        f"{res.eval_loss_initial:.3f} → {res.eval_loss_final:.3f}, "
-        f"{res.tokens_per_s:,.0f} tokens/s"
-    )
+    last = res.curve[-1].metrics if res.curve else {}
+    if how.type == "reinforcement":  # its eval "loss" is the negated greedy mean reward
+        summary = (f"mean reward (greedy, eval) {-(res.eval_loss_initial or 0):.3f} → "
+                   f"{-(res.eval_loss_final or 0):.3f}")  # fmt: skip
+    else:
+        summary = f"eval loss {res.eval_loss_initial:.3f} → {res.eval_loss_final:.3f}"
+        if "eval_rewards/accuracies" in last:
+            summary += f", eval reward accuracy {last['eval_rewards/accuracies']:.2f}"
+    console.print(f"adapter written to [bold]{output.adapter_dir}[/] — {summary}, "
+                  f"{res.tokens_per_s:,.0f} tokens/s")  # fmt: skip
 
 
 def _train_on_ray(
@@ -239,6 +254,10 @@ def _train_on_ray(
         from workers.method_data import validate_preference_row
 
         read_jsonl(data, check=validate_preference_row)
+    elif how.type == "reinforcement":
+        from workers.method_data import validate_prompt_row
+
+        read_jsonl(data, check=validate_prompt_row)
     else:
         read_jsonl(data)
     settings = load_settings()

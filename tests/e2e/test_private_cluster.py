@@ -66,10 +66,14 @@ def _cli(env: dict[str, str], *args: Any) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
 
 
-def _job_yaml(work: Path, name: str, **training: Any) -> Path:
-    spec = {"name": name, "namespace": "demo", "base_model": "tiny",
-            "training_data": str(work / "data" / "train.jsonl"),  # a client path: uploaded
-            "validation_data": str(work / "data" / "heldout.jsonl"),
+def _job_yaml(work: Path, name: str, method: dict[str, Any] | None = None,
+              **training: Any) -> Path:  # fmt: skip
+    data = {"training_data": str(work / "data" / "train.jsonl"),  # a client path: uploaded
+            "validation_data": str(work / "data" / "heldout.jsonl")}  # fmt: skip
+    if method is not None and method["type"] == "dpo":
+        data = {"training_data": str(work / "data" / "prefs.jsonl")}
+    spec = {"name": name, "namespace": "demo", "base_model": "tiny", **data,
+            "method": method or {"type": "supervised"},
             "output_adapter": f"demo/{name}",
             "training": {"batch_size": 4, "seq_len": 64, "eval_every": 0, **training},
             "resources": {"nodes": 2, "workers_per_node": 1}, "max_failures": 2}  # fmt: skip
@@ -87,6 +91,11 @@ def _client_files(work: Path) -> Path:
         (work / "data").mkdir()
         shutil.copy(TRAIN_FILE, work / "data" / "train.jsonl")
         shutil.copy(HELDOUT_FILE, work / "data" / "heldout.jsonl")
+        (work / "data" / "prefs.jsonl").write_text("".join(json.dumps({
+            "input": {"messages": [{"role": "user", "content": f"spell {a} {a + 1} ="}]},
+            "preferred_output": [{"role": "assistant", "content": f"{a} {a + 1} {a + 2}"}],
+            "non_preferred_output": [{"role": "assistant", "content": "no"}],
+        }) + "\n" for a in range(24)))  # fmt: skip
     return base
 
 
@@ -151,8 +160,9 @@ def test_register_submit_train_publish_serve_with_no_shared_disk(stack) -> None:
 
 
 def test_jobs_queued_together_train_as_one_pack_on_private_nodes(stack) -> None:  # type: ignore[no-untyped-def]
-    """Two jobs admitted in one tick train as one pack on two private nodes: each node's
-    workers read the base and both jobs' data only from what they downloaded themselves."""
+    """Two jobs admitted in one tick — one supervised, one DPO — train as one pack on two
+    private nodes: each node's workers read the base and both jobs' data only from what they
+    downloaded themselves."""
     from storage.catalog import repository as repo
 
     env, _, work = stack
@@ -163,8 +173,9 @@ def test_jobs_queued_together_train_as_one_pack_on_private_nodes(stack) -> None:
     repo.ensure_namespace(db, name="demo")
     repo.set_namespace_limits(db, namespace="demo", max_cpus=0)  # hold both in the queue
     try:
-        for name, seed in (("pack-a", 1), ("pack-b", 2)):
-            r = _cli(env, "submit", _job_yaml(work, name, max_steps=12, seed=seed))
+        dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}
+        for name, seed, method in (("pack-a", 1, None), ("pack-b", 2, dpo)):
+            r = _cli(env, "submit", _job_yaml(work, name, method, max_steps=12, seed=seed))
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         ids = [j.id for j in jobs.list_jobs(db, namespace="demo", states={"queued"})]
         assert len(ids) == 2
@@ -179,6 +190,9 @@ def test_jobs_queued_together_train_as_one_pack_on_private_nodes(stack) -> None:
     for name in ("pack-a", "pack-b"):
         lineage = registry.resolve(f"demo/{name}").metrics["pack"]
         assert lineage["id"] == pack_id and lineage["jobs"] == 2
+    dpo_version = registry.resolve("demo/pack-b")
+    assert dpo_version.metrics["method"] == "dpo" and dpo_version.metrics["world_size"] == 2
+    assert 0.0 <= dpo_version.metrics["rewards/accuracies"] <= 1.0
     r = _cli(env, "jobs", "list", "--packs", "-o", "json")
     shown = {p["id"]: p for p in json.loads(r.stdout)}
     assert shown[pack_id]["state"] == "closed" and shown[pack_id]["slots"]["used"] == 0

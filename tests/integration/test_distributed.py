@@ -226,3 +226,35 @@ def test_gpu_hsdp_bf16(tiny_base_dir, tmp_path):
     )
     assert res.metrics["eval_loss_final"] < res.metrics["eval_loss_initial"]
     assert len({w["lora_checksum"] for w in res.metrics["workers"]}) == 1
+
+
+def test_a_dpo_run_killed_mid_way_resumes_to_the_same_losses(ray_cluster, tiny_base_dir,
+                                                             tmp_path):  # fmt: skip
+    """DPO on two workers: a worker killed at step 7 resumes from the object store's newest
+    checkpoint, and every step after it has the uninterrupted run's loss (±1e-4)."""
+    import json
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"spell {a} ="}]},
+        "preferred_output": [{"role": "assistant", "content": f"{a} {a + 1} {a + 2}"}],
+        "non_preferred_output": [{"role": "assistant", "content": "no"}],
+    }) + "\n" for a in range(24)))  # fmt: skip
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}
+
+    def run(sub: str, **kw):  # type: ignore[no-untyped-def]
+        (tmp_path / sub).mkdir()
+        spec = _spec(tmp_path / sub, tiny_base_dir, data_path=str(prefs), eval_path=None,
+                     method=dpo, checkpoint_every=3, **kw)  # fmt: skip
+        return train_distributed(spec)
+
+    whole = run("whole")
+    killed = run("killed", max_failures=1, fail_at_step=7, fail_marker=str(tmp_path / "died"))
+    assert (tmp_path / "died").exists() and killed.metrics["resumed_from_step"] in (3, 6)
+    assert whole.metrics["method"] == "dpo"
+    first = whole.metrics["curve"][0]
+    assert abs(first["loss"] - 0.6931471805599453) < 1e-5 and "rewards/margins" in first
+    before = {p["step"]: p["loss"] for p in whole.metrics["curve"]}
+    after = {p["step"]: p["loss"] for p in killed.metrics["curve"]}
+    assert sorted(after) == list(range(killed.metrics["resumed_from_step"] + 1, STEPS + 1))
+    assert max(abs(after[s] - before[s]) for s in after) <= 1e-4

@@ -1,7 +1,8 @@
-"""DPO through the scheduler on a real Ray cluster, packed with a supervised job on the same
-base: the training core's one step serves both methods in one forward. The DPO member's
-per-step losses equal the same job trained alone (≤ 1e-4), its first loss is ln 2 (the
-reference is the adapter off), and its TRL-named rewards reach the events and the version."""
+"""DPO and reinforcement (GRPO) through the scheduler on a real Ray cluster, packed with a
+supervised job on the same base: the training core's one step serves the three methods in one
+forward. The DPO member's per-step losses equal the same job trained alone (≤ 1e-4), its first
+loss is ln 2 (the reference is the adapter off), and its TRL-named rewards reach the events
+and the version; the GRPO member samples in the pack and reports its rewards."""
 
 from __future__ import annotations
 
@@ -47,7 +48,11 @@ def env(ray_cluster, tmp_path, tiny_base_dir):  # type: ignore[no-untyped-def]
     registry.register_base(name="tiny", path=tiny_base_dir)
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(32)))
-    return settings, registry, prefs
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({
+        "messages": [{"role": "user", "content": f"spell {i} ="}],
+        "reference": f"{i} {i + 1} {i + 2}"}) + "\n" for i in range(8)))  # fmt: skip
+    return settings, registry, prefs, prompts
 
 
 def _up(registry: Registry, path: Path) -> str:
@@ -61,7 +66,7 @@ def _events(registry: Registry, job_id: str, kind: str) -> list[dict[str, Any]]:
 
 
 def test_a_dpo_job_packs_with_an_sft_job_and_trains_as_it_would_alone(env, tiny_base_dir):
-    settings, registry, prefs = env
+    settings, registry, prefs, prompts = env
     db = registry.catalog
     training = {"max_steps": 12, "batch_size": 4, "seq_len": 48, "eval_every": 6,
                 "warmup_steps": 2, "lr": 5e-3}  # fmt: skip
@@ -76,15 +81,30 @@ def test_a_dpo_job_packs_with_an_sft_job_and_trains_as_it_would_alone(env, tiny_
         "training_data": _up(registry, TRAIN_FILE), "output_adapter": "team/count",
         "lora": {"r": 4}, "training": {**training, "seed": 1},
     })  # fmt: skip
-    a, b = (submit_job(db, s).job for s in (dpo, sft))
+    grader = {"type": "text_similarity", "input": "{{sample.output_text}}",
+              "reference": "{{item.reference}}", "evaluation_metric": "fuzzy_match"}  # fmt: skip
+    rl = parse_spec({
+        "name": "reward", "namespace": "team", "base_model": "tiny",
+        "training_data": _up(registry, prompts), "output_adapter": "team/reward",
+        "method": {"type": "reinforcement", "reinforcement": {
+            "grader": grader, "hyperparameters": {"group_size": 4, "max_new_tokens": 6}}},
+        "lora": {"r": 4}, "training": {**training, "seed": 2},
+    })  # fmt: skip
+    a, b, c = (submit_job(db, s).job for s in (dpo, sft, rl))
     loop = SchedulerLoop(SchedulerCore(db, ray_hooks(settings)), 0.2).start()
     try:
-        wait_until(lambda: all(jobs.get_job(db, job_id=j.id).state == "succeeded" for j in (a, b)),
-                   timeout_s=240, what="both jobs to succeed")  # fmt: skip
+        wait_until(lambda: all(jobs.get_job(db, job_id=j.id).state == "succeeded"
+                               for j in (a, b, c)),
+                   timeout_s=300, what="the three jobs to succeed")  # fmt: skip
     finally:
         loop.stop()
     pack_id = jobs.get_job(db, job_id=a.id).pack_id
-    assert pack_id is not None and jobs.get_job(db, job_id=b.id).pack_id == pack_id
+    assert pack_id is not None
+    assert {jobs.get_job(db, job_id=j.id).pack_id for j in (b, c)} == {pack_id}
+    rewards = {e["step"]: e for e in _events(registry, c.id, "metrics")}
+    assert sorted(rewards) == list(range(1, 13))
+    assert all(0.0 <= e["reward/mean"] <= 1.0 and e["reward/std"] >= 0 for e in rewards.values())
+    assert registry.resolve("team/reward").hyperparameters["method"]["type"] == "reinforcement"
 
     metrics = {e["step"]: e for e in _events(registry, a.id, "metrics")}
     assert sorted(metrics) == list(range(1, 13))

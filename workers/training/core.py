@@ -513,8 +513,13 @@ def summary(member: Member, **extra: Any) -> dict[str, Any]:
     """A finished member's ``metrics.json``: the one writer of that file's common part
     (``extra`` adds what only one path knows: world size, workers, pack)."""
     cfg = member.cfg
+    last = member.curve[-1] if member.curve else {}
+    # the objective's metrics at the last step (DPO's rewards, GRPO's reward), beside the loss
+    names = [*member.objective.metric_names, *(f"eval_{n}" for n in member.objective.metric_names)]
+    final = {n: last[n] for n in names if n in last}
     return {
         "method": member.objective.name,
+        **final,
         "steps": member.step,
         "resumed_from_step": member.resumed_from,
         "eval_loss_initial": member.eval_initial,
