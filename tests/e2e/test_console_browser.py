@@ -109,7 +109,10 @@ def test_console_jobs_curves_cancel_lineage_and_gated_promotion(
             if stop.is_set():
                 return
             data = {"step": step, "loss": 3.0 / step, "lr": 1e-3, "tokens_per_s": 100.0,
-                    "eval_loss": 3.2 / step if step % 5 == 0 else None}  # fmt: skip
+                    "eval_loss": 3.2 / step if step % 5 == 0 else None,
+                    # a DPO member's rewards ride along (TRL's names): their own chart
+                    "rewards/accuracies": min(1.0, step / 20),
+                    "rewards/margins": step / 10}  # fmt: skip
             jobs.add_event(db, job_id=job["id"], kind="metrics", data=data)
             time.sleep(0.25)
 
@@ -138,6 +141,8 @@ def test_console_jobs_curves_cancel_lineage_and_gated_promotion(
             first = int(chart.get_attribute("data-points") or 0)
             page.wait_for_function(f"() => {points} >= {first + 4}")  # more came, drawn live
             expect(page.locator("#event-log")).to_contain_text("metrics")
+            page.wait_for_function("() => +document.querySelector('#method-chart')"
+                                   ".dataset.points >= 3")  # fmt: skip
             expect(page.locator("main .card").first).not_to_contain_text("null")
             if os.environ.get("LORAFLEET_SCREENSHOT"):  # the README's picture of the job page
                 page.wait_for_function(f"() => {points} >= 30")

@@ -245,10 +245,14 @@ function progressCell(j) {
 async function jobView(jobId) {
   const head = el("div", { class: "card" });
   const chartBox = el("div", { class: "chart", id: "loss-chart", "data-points": "0" });
+  // a method's own curves (DPO's rewards in TRL's names, GRPO's reward), shown when they come
+  const methodBox = el("div", { class: "chart", id: "method-chart", "data-points": "0" });
+  const methodCard = el("div", { class: "card" }, el("h2", { text: "Rewards" }), methodBox);
+  methodCard.hidden = true;
   const log = el("pre", { class: "log", id: "event-log" });
   const params = el("div");
   fill(main, el("h1", { text: `Job ${jobId}` }), head,
-    el("div", { class: "card" }, el("h2", { text: "Loss and eval loss" }), chartBox),
+    el("div", { class: "card" }, el("h2", { text: "Loss and eval loss" }), chartBox), methodCard,
     el("div", { class: "grid" },
       el("div", {}, el("h2", { text: "Events" }), log),
       el("div", {}, el("h2", { text: "Hyperparameters" }), params)));
@@ -272,13 +276,24 @@ async function jobView(jobId) {
   await showJob();
   const chart = lineChart(chartBox, ["loss", "eval loss"]);
   const loss = new Map(), evalLoss = new Map();
+  const METHOD_SERIES = ["rewards/accuracies", "rewards/margins", "reward/mean", "reward/std"];
+  const methodSeries = METHOD_SERIES.map(() => new Map());
+  let methodChart = null;
   const controller = new AbortController();
   teardown.push(() => controller.abort());
   let pending = false;
   const redraw = () => {  // coalesce a burst of events into one redraw per frame
     if (pending) return;
     pending = true;
-    requestAnimationFrame(() => { pending = false; chart.update(align([loss, evalLoss])); });
+    requestAnimationFrame(() => {
+      pending = false;
+      chart.update(align([loss, evalLoss]));
+      if (methodSeries.some((s) => s.size)) {
+        methodCard.hidden = false;
+        methodChart = methodChart || lineChart(methodBox, METHOD_SERIES);
+        methodChart.update(align(methodSeries));
+      }
+    });
   };
   followEvents(jobId, (kind, e) => {
     if (kind === "end") { showJob(); return; }
@@ -286,6 +301,9 @@ async function jobView(jobId) {
     if (e.type === "metrics") {
       if (typeof e.data.loss === "number") loss.set(e.data.step, e.data.loss);
       if (typeof e.data.eval_loss === "number") evalLoss.set(e.data.step, e.data.eval_loss);
+      METHOD_SERIES.forEach((name, i) => {
+        if (typeof e.data[name] === "number") methodSeries[i].set(e.data.step, e.data[name]);
+      });
       redraw();
     } else if (e.type === "state" || e.type === "adapter") { showJob(); }
   }, controller.signal).catch((err) => { if (err.name !== "AbortError") log.append(`(stream ended: ${err.message})\n`); });
