@@ -8,9 +8,11 @@ CPU PyTorch has no allocator statistics.
     python bench/train_throughput.py [--rounds 5 --steps 4 --threads 1]
 
 Contenders (tokens/s = batch × seq / step time):
-- ours:  lorafleet's training step: LoraLinear (one fused autograd node per layer), the
-         recipe's loss (frozen-head cross-entropy computed in chunks, no full logits kept),
-         AdamW on LoRA params;
+- ours:  lorafleet's training step as every job runs it — the training core's
+         ``Trainer.step`` (``workers/training/core.py``) with the supervised objective: batch
+         collation, LoraLinear (one fused autograd node per layer), per-token log-probabilities
+         from the frozen head in chunks (no full logits kept), gradient clipping, AdamW on
+         LoRA params;
 - ours_hf_loss: our LoRA layers with Hugging Face's standard loss (isolates the layer's share);
 - peft:  peft.get_peft_model with the same LoRA config and AdamW;
 - full:  every parameter trainable, AdamW on all of them;
@@ -56,13 +58,22 @@ def build(kind: str, targets: Any, r: int, batch: int, seq: int) -> tuple[Any, A
     ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g)
     data: dict[str, Any] = {"input_ids": ids, "labels": ids}
     opt = None
-    if kind in ("ours", "ours_hf_loss"):
+    if kind == "ours":  # the one training core, as a job runs it
+        from workers.datasets import Example
+        from workers.lora import LoraConfig
+        from workers.training.recipe import LoraFinetuneRecipe, TrainConfig
+
+        recipe = LoraFinetuneRecipe(model, LoraConfig(r=r, alpha=2 * r, target_modules=targets),
+                                    TrainConfig(max_steps=1 << 30, batch_size=batch, seq_len=seq,
+                                                lr=1e-4, warmup_steps=0), pad_id=0)  # fmt: skip
+        recipe.setup()
+        rows = [Example(tuple(row), tuple(row)) for row in ids.tolist()]
+        data = {"recipe": recipe, "items": rows}
+    elif kind == "ours_hf_loss":
         from workers.lora import LoraConfig, inject_lora, lora_parameters
 
         inject_lora(model, LoraConfig(r=r, alpha=2 * r, target_modules=targets))
         opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
-        if kind == "ours":
-            data = {**data, "attention_mask": torch.ones_like(ids), "ours": True}
     elif kind == "peft":
         from peft import LoraConfig as PeftConfig
         from peft import get_peft_model
@@ -82,12 +93,10 @@ def build(kind: str, targets: Any, r: int, batch: int, seq: int) -> tuple[Any, A
 
 
 def step(model: Any, opt: Any, data: dict) -> None:
-    if data.get("ours"):  # lorafleet's training step: the recipe's loss (frozen-head fused CE)
-        from workers.training.loss import causal_lm_loss_sum
-
-        loss = causal_lm_loss_sum(model, data) / data["labels"][:, 1:].numel()
-    else:
-        loss = model(**data).loss
+    if "recipe" in data:  # lorafleet's training step: one step of the training core
+        data["recipe"].train_step(data["items"])
+        return
+    loss = model(**data).loss
     loss.backward()
     if opt is not None:
         opt.step()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from orchestrator.job_errors import DETAIL_EVENT, public_failure
 from orchestrator.service import job_spec
+from orchestrator.spec import JobSpec
 from orchestrator.spectra import spectrum_metrics, spectrum_of_dir
 from orchestrator.training_configs import lora_config, train_config
 from storage.catalog import files as file_repo
@@ -61,6 +62,24 @@ def build_distributed_spec(
         else None
     )
     train = train_config(spec.training, n_rows=data.rows, workers=spec.resources.workers)
+    lora = lora_config(spec.lora, max_steps=train.max_steps)
+    init = None
+    if spec.init_adapter is not None:  # a warm start: the starting adapter's own config
+        from workers.lora.io import read_adapter_config
+
+        version, init_dir = registry.fetch(spec.init_adapter)  # this node's verified copy
+        if version.base_model.fingerprint != base.fingerprint:
+            raise WorkerError(f"init_adapter {version.ref} was trained on base "
+                              f"{version.base_model.name}, not {spec.base_model}")  # fmt: skip
+        lora = read_adapter_config(init_dir)
+        init = asdict(version) | {"created_at": None}
+    graders = {}
+    for ref in sorted(spec_grader_models(spec)):  # a score_model grader's adapters
+        version = registry.resolve(ref)
+        if version.base_model.fingerprint != base.fingerprint:
+            raise WorkerError(f"the grader's model {version.ref} was trained on base "
+                              f"{version.base_model.name}, not {spec.base_model}")  # fmt: skip
+        graders[ref] = asdict(version) | {"created_at": None}
     return DistributedSpec(
         job_name=f"{job.id}-a{job.attempts}",
         base=asdict(base),
@@ -70,9 +89,11 @@ def build_distributed_spec(
         checkpoint_key=job.id,
         out_dir=str(settings.home / "jobs" / job.id / f"attempt-{job.attempts}"),
         storage_path=str(settings.home / "ray_results"),
-        lora=lora_config(spec.lora, max_steps=train.max_steps),
+        lora=lora,
         train=train,
         method=spec.method.as_dict(),
+        init_adapter=init,
+        grader_adapters=graders,
         workers=spec.resources.workers,
         nodes=spec.resources.nodes,
         cpus_per_worker=spec.resources.cpus_per_worker,
@@ -138,6 +159,7 @@ def finish_job(
             metrics=metrics,
             hyperparameters={
                 "method": spec.method.as_dict(),
+                "init_adapter": _init_ref(dspec),  # a warm start's lineage: the exact version
                 "lora": spec.lora.model_dump(mode="json"),
                 "training": asdict(dspec.train),
                 "resources": spec.resources.model_dump(mode="json"),
@@ -166,6 +188,21 @@ def finish_job(
         "finishing the job",
     )
     return "succeeded"
+
+
+def spec_grader_models(spec: JobSpec) -> set[str]:
+    """The adapters a reinforcement job's score_model grader asks (the base excluded)."""
+    if spec.method.reinforcement is None:
+        return set()
+    from workers.training.graders import BASE_MODEL, parse_grader
+
+    return set(parse_grader(spec.method.reinforcement.grader).models) - {BASE_MODEL}
+
+
+def _init_ref(dspec: DistributedSpec) -> str | None:
+    """``namespace/name:version`` of the adapter a warm start began from (None: fresh)."""
+    d = dspec.init_adapter
+    return None if d is None else f"{d['namespace']}/{d['name']}:{d['version']}"
 
 
 CATALOG_OUTAGE_S = 300.0  # how long a runner waits out a catalog outage before giving up

@@ -121,6 +121,8 @@ def pack_key_of(job: Job, base_fingerprint: str) -> str | None:
     """
     if job.spec.get("packing", True) is False:
         return None
+    if job.spec.get("init_adapter"):  # a warm start trains alone (its config is the adapter's)
+        return None
     lora = job.spec.get("lora") or {}
     variant = lora.get("variant", lora.get("method", "lora"))  # lora.method: the old spelling
     if variant != "lora" or lora.get("base_quantization", "none") != "none":

@@ -233,6 +233,11 @@ class JobSpec(_Strict):
     validation_data: str | None = Field(None, description="An uploaded JSONL file id.")
     output_adapter: str = Field(description="namespace/name to publish the adapter under.")
     method: MethodSpec = Field(default_factory=lambda: MethodSpec())
+    init_adapter: str | None = Field(
+        None, description="Start from this adapter of the job's namespace "
+        "(namespace/name[:VERSION|@ALIAS]) instead of a fresh one — a warm start: DPO after "
+        "SFT. Its LoRA config is used; DPO's reference is then this adapter, frozen. The exact "
+        "version is recorded in the new version's lineage.")  # fmt: skip
     lora: LoraSpec = Field(default_factory=lambda: LoraSpec())
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec())
     resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec())
@@ -287,6 +292,34 @@ class JobSpec(_Strict):
         namespace = info.data.get("namespace")
         if namespace is not None and ref.namespace != namespace:
             raise ValueError(f"must be in the job's namespace {namespace!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _grader_models(self) -> JobSpec:
+        # a score_model grader asks the base or an adapter of the job's own namespace
+        if self.method.reinforcement is None:
+            return self
+        from workers.training.graders import BASE_MODEL, parse_grader
+
+        for model in sorted(parse_grader(self.method.reinforcement.grader).models):
+            if model == BASE_MODEL:
+                continue
+            ref = parse_ref(model)
+            if ref.namespace != self.namespace:
+                raise ValueError(f"method.reinforcement.grader: model {model!r} must be "
+                                 f"{BASE_MODEL!r} or an adapter of the job's namespace "
+                                 f"{self.namespace!r}")  # fmt: skip
+        return self
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _init(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        ref = parse_ref(v)  # InvalidReference is a ValueError: pydantic reports it on the field
+        namespace = info.data.get("namespace")
+        if namespace is not None and ref.namespace != namespace:
+            raise ValueError(f"must be an adapter of the job's namespace {namespace!r}")
         return v
 
     def canonical_json(self) -> str:

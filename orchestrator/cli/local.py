@@ -197,6 +197,9 @@ def train_cmd(
         if init_adapter is not None:
             raise SpecError("init_adapter", "--init-adapter trains in one process here; on a "
                             "cluster submit a job with init_adapter: namespace/name")  # fmt: skip
+        if _grader_models(how):
+            raise SpecError("grader", "a score_model grader that asks an adapter trains in one "
+                            "process here; on a cluster submit a job")  # fmt: skip
         _train_on_ray(base, data, out, eval_data, lcfg, tcfg, workers, nodes, checkpoint_every,
                       max_failures, how)  # fmt: skip
         return
@@ -211,6 +214,7 @@ def train_cmd(
             on_report=on_report,
             method=how,
             init_adapter=init_adapter,
+            grader_models=_grader_models(how),
         )
     res = output.result
     last = res.curve[-1].metrics if res.curve else {}
@@ -223,6 +227,21 @@ def train_cmd(
             summary += f", eval reward accuracy {last['eval_rewards/accuracies']:.2f}"
     console.print(f"adapter written to [bold]{output.adapter_dir}[/] — {summary}, "
                   f"{res.tokens_per_s:,.0f} tokens/s")  # fmt: skip
+
+
+def _grader_models(how: Any) -> dict[str, Path]:
+    """A score_model grader's adapters, fetched (verified) from this machine's catalog."""
+    if how.type != "reinforcement":
+        return {}
+    from storage.registry import Registry
+    from storage.settings import load_settings
+    from workers.training.graders import BASE_MODEL
+
+    refs = sorted(set(how.parsed_grader().models) - {BASE_MODEL})
+    if not refs:
+        return {}
+    registry = Registry.from_settings(load_settings())
+    return {ref: registry.fetch(ref)[1] for ref in refs}
 
 
 def _train_on_ray(

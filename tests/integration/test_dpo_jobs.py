@@ -133,3 +133,44 @@ def test_a_dpo_job_packs_with_an_sft_job_and_trains_as_it_would_alone(env, tiny_
         "dpo": {"hyperparameters": {"beta": 0.2}},
     }
     assert version.metrics["method"] == "dpo"
+
+
+def test_dpo_after_sft_warm_starts_from_the_catalog(env):
+    """``init_adapter`` names a catalog version: the DPO job starts from it (its config, its
+    weights), its reference is that adapter frozen (first loss ln 2), and the new version's
+    lineage names the exact version it began from."""
+    settings, registry, prefs, _ = env
+    db = registry.catalog
+    training = {"max_steps": 6, "batch_size": 4, "seq_len": 48, "eval_every": 0,
+                "warmup_steps": 0, "lr": 5e-3}  # fmt: skip
+    sft = parse_spec({
+        "name": "base-sft", "namespace": "team", "base_model": "tiny",
+        "training_data": _up(registry, TRAIN_FILE), "output_adapter": "team/base-sft",
+        "lora": {"r": 6, "alpha": 12, "targets": ["q_proj", "k_proj", "v_proj"]},
+        "training": training,
+    })  # fmt: skip
+    loop = SchedulerLoop(SchedulerCore(db, ray_hooks(settings)), 0.2).start()
+    try:
+        first = submit_job(db, sft).job
+        wait_until(lambda: jobs.get_job(db, job_id=first.id).state == "succeeded",
+                   timeout_s=180, what="the SFT job")  # fmt: skip
+        dpo = parse_spec({
+            "name": "after-sft", "namespace": "team", "base_model": "tiny",
+            "training_data": _up(registry, prefs), "output_adapter": "team/after-sft",
+            "method": {"type": "dpo"}, "init_adapter": "team/base-sft", "training": training,
+        })  # fmt: skip
+        second = submit_job(db, dpo).job
+        wait_until(lambda: jobs.get_job(db, job_id=second.id).state in ("succeeded", "failed"),
+                   timeout_s=180, what="the DPO job")  # fmt: skip
+    finally:
+        loop.stop()
+    done = jobs.get_job(db, job_id=second.id)
+    assert done.state == "succeeded", done.error
+    assert done.pack_id is None  # a warm start trains alone
+    losses = [e["loss"] for e in _events(registry, second.id, "metrics")]
+    assert math.isclose(losses[0], math.log(2), abs_tol=1e-5)
+    version = registry.resolve("team/after-sft")
+    assert version.hyperparameters["init_adapter"] == "team/base-sft:1"
+    assert version.r == 6  # the starting adapter's config, not the spec's default lora
+    with pytest.raises(Exception, match="namespace"):
+        parse_spec({**dpo.model_dump(), "init_adapter": "other/base-sft"})

@@ -86,3 +86,24 @@ def test_a_template_field_the_rows_lack_names_file_and_line():
     check_fields(g, [{"answer": "a"}], "train.jsonl")
     with pytest.raises(GraderError, match=r"train.jsonl:2: the grader reads item.answer"):
         check_fields(g, [{"answer": "a"}, {"reference": "b"}], "train.jsonl")
+
+
+def test_score_model_parses_the_first_number_and_clamps_it_to_its_range():
+    g = parse_grader({"type": "score_model", "model": "team/judge:2", "range": [0, 10],
+                      "input": [{"role": "system", "content": "Rate 0-10."},
+                                {"role": "user", "content": "{{sample.output_text}} vs "
+                                 "{{item.answer}}"}]})  # fmt: skip
+    assert g.models == frozenset({"team/judge:2"}) and g.fields == frozenset({"answer"})
+    seen = []
+
+    def ask(model, chats):  # type: ignore[no-untyped-def]
+        seen.append((model, chats))
+        return ["I'd say 7/10", "no idea", "15!", "-3"]
+
+    scores = g.score_many(["a", "b", "c", "d"], [{"answer": "x"}] * 4, ask)
+    assert scores == [7.0, 0.0, 10.0, 0.0]
+    assert len(seen) == 1 and seen[0][1][0][1] == {"role": "user", "content": "a vs x"}
+    with pytest.raises(GraderError, match="needs a model to ask"):
+        g.score("a", {"answer": "x"})
+    with pytest.raises(GraderError, match=r"grader.input\[0\]"):
+        parse_grader({"type": "score_model", "model": "base", "input": [{"role": "tool"}]})

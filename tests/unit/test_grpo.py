@@ -89,3 +89,68 @@ def test_bad_reinforcement_input_is_named_before_training(tiny_base_dir, tmp_pat
                                     "reference": "x"}) + "\n")  # fmt: skip
     with pytest.raises(DatasetError, match=r"answered.jsonl:1: messages must end with the user"):
         method.load(answered, tok, seq_len=64)
+
+
+def test_a_frozen_adapter_over_the_base_answers_as_the_adapter_loaded(tiny_base_dir, tmp_path):
+    """A score_model grader's adapter runs as hooks on the trainer's base: the same logits as
+    that adapter loaded the ordinary way."""
+    from workers.lora import inject_lora, lora_modules, save_adapter
+    from workers.lora.io import load_adapter
+    from workers.training.frozen_adapter import FrozenAdapter
+
+    model, tok = load_base(tiny_base_dir)
+    config = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    inject_lora(model, config)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+    saved = save_adapter(model, config, tmp_path / "grader")
+    ids = tok(["spell 1 2 3 =", "spell 9 ="], return_tensors="pt", padding=True)
+    loaded, _ = load_base(tiny_base_dir)
+    load_adapter(loaded, saved)
+    plain, _ = load_base(tiny_base_dir)
+    with torch.no_grad():
+        want = loaded(**ids).logits
+        base = plain(**ids).logits
+        with FrozenAdapter.from_dir(saved).applied(plain):
+            got = plain(**ids).logits
+        after = plain(**ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - base).abs().max() > 1e-3  # it did change the answer
+    torch.testing.assert_close(after, base)  # and left nothing behind
+
+
+def test_score_model_asks_a_model_with_the_trained_adapter_off(tiny_base_dir, tmp_path):
+    grader = {"type": "multi", "calculate_output": "0.5 * judge + 0.5 * close", "graders": {
+        "judge": {"type": "score_model", "model": "base", "range": [0, 10],
+                  "input": [{"role": "user", "content": "Rate {{sample.output_text}}: "
+                             "{{item.reference}}"}]},
+        "close": GRADER}}  # fmt: skip
+    method = Method(type="reinforcement", grader=grader, group_size=2, max_new_tokens=4)
+    recipe, tok = _recipe(tiny_base_dir, method)
+    items = method.load(_prompts(tmp_path), tok, seq_len=64)
+    member, trainer = recipe._member(), recipe.trainer
+    asked: list[list[str]] = []
+    real_ask = trainer.ask
+
+    def ask(m, model, chats):  # type: ignore[no-untyped-def]
+        answers = real_ask(m, model, chats)
+        asked.append(answers)
+        return answers
+
+    trainer.ask = ask  # type: ignore[method-assign]
+    rollouts = trainer._expand(member, items[:2], seed=3)
+    assert len(asked) == 1 and len(asked[0]) == 4  # one batched call for the four samples
+    assert all(0.0 <= r.reward <= 5.5 for r in rollouts)
+    # the judge is the base: the policy's adapter is off while it answers
+    with torch.no_grad():
+        for p in recipe.params:
+            p.add_(torch.randn_like(p))
+    again = real_ask(member, "base", [[{"role": "user", "content": "Rate x: y"}]])
+    plain, _ = load_base(tiny_base_dir)
+    from workers.training.core import Trainer
+
+    bare = Trainer(plain, pad_id=tok.pad_token_id, tokenizer=tok)
+    assert again == bare.ask(member, "base", [[{"role": "user", "content": "Rate x: y"}]])
+    with pytest.raises(GraderError, match="range"):
+        Method(type="reinforcement", grader={**grader["graders"]["judge"], "range": [3, 1]})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,6 +93,7 @@ class Member:
     after_step: Callable[[int], object] | None = None
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
     lora: LoraConfig | None = None  # what its adapter file's config says
+    grader_models: dict[str, Any] = field(default_factory=dict)  # ref → FrozenAdapter
     step: int = 0
     resumed_from: int | None = None
     eval_initial: float | None = None
@@ -287,13 +288,48 @@ class Trainer:
             self.route([])
             self.model.train(was_training)
 
+    def ask(self, member: Member, model: str, chats: list[list[dict[str, str]]], *,
+            max_new_tokens: int = 16) -> list[str]:  # fmt: skip
+        """Greedy answers of a grader's model to ``chats``: the base (``"base"``) or one of
+        ``member``'s grader adapters, on this trainer's base with every trained adapter off."""
+        from workers.datasets import DEFAULT_CHAT_TEMPLATE
+        from workers.serving.decode import DecodeRow
+        from workers.serving.stepper import decode_batch
+        from workers.training.graders import BASE_MODEL
+
+        if self.tokenizer is None:
+            raise TrainingError("a score_model grader needs the trainer's tokenizer")
+        adapter = None
+        if model != BASE_MODEL:
+            adapter = member.grader_models.get(model)
+            if adapter is None:
+                raise TrainingError(f"the grader's model {model!r} was not loaded")
+        template = getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        rows = [DecodeRow(prompt_ids=list(self.tokenizer.apply_chat_template(
+                    chat, chat_template=template, tokenize=True, return_dict=False,
+                    add_generation_prompt=True)), max_new_tokens=max_new_tokens, deltas=False)
+                for chat in chats]  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        off = [layer for m in self.members.values() for layer in m.modules.values()]
+        try:
+            for layer in off:
+                layer.disabled = True
+            with torch.no_grad(), adapter.applied(self.model) if adapter else nullcontext():
+                return [o.text for o in decode_batch(self.model, self.tokenizer, {}, rows)]
+        finally:
+            for layer in off:
+                layer.disabled = False
+            self.model.train(was_training)
+
     def _expand(self, m: Member, items: list[Any], *, seed: int, greedy: bool = False) -> list[Any]:
         """Items as the objective trains on them: prompts become graded rollouts (sampled
         now, with the current adapter); any other method's items are what they are."""
         expand = getattr(m.objective, "expand", None)
         if expand is None:
             return items
-        return list(expand(items, lambda rows: self.sample(m, rows), seed=seed, greedy=greedy))
+        return list(expand(items, lambda rows: self.sample(m, rows), seed=seed, greedy=greedy,
+                           ask=lambda model, chats: self.ask(m, model, chats)))  # fmt: skip
 
     @staticmethod
     def _metrics(m: Member, sums: torch.Tensor, count: float) -> dict[str, float]:

@@ -46,6 +46,10 @@ class DistributedSpec:
         fail_at_step: test hook — rank 1 dies once at this step.
         event_sink: ``{"catalog_url", "job_id"}``: rank 0 appends a metrics event per step.
         method: OpenAI's ``method`` object (``workers.training.methods.Method``).
+        init_adapter: the catalog record (``AdapterVersion`` as a dict) of the adapter a warm
+            start begins from; every node fetches it into its own verified cache.
+        grader_adapters: a score_model grader's adapters, ref → catalog record (fetched
+            the same way).
     """
 
     job_name: str
@@ -73,6 +77,8 @@ class DistributedSpec:
     fail_marker: str | None = None
     event_sink: dict[str, str] | None = None
     method: dict[str, Any] = field(default_factory=lambda: {"type": "supervised"})
+    init_adapter: dict[str, Any] | None = None
+    grader_adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         Method.from_dict(self.method)  # refuses an unknown method or bad hyperparameters

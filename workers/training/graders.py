@@ -1,11 +1,14 @@
 """Graders in OpenAI's shapes: how a reinforcement job scores a sampled answer.
 
 A grader is data, never code: ``string_check`` (eq, ne, like, ilike), ``text_similarity``
-(fuzzy_match, bleu, rouge_1 … rouge_5, rouge_l) and ``multi`` (a weighted formula of named
-graders, parsed into a small arithmetic tree — numbers, names, + − × ÷, parentheses, min, max,
-abs — and evaluated without ``eval``). Templates reference ``{{sample.output_text}}`` and the
+(fuzzy_match, bleu, rouge_1 … rouge_5, rouge_l), ``score_model`` (a model lorafleet serves —
+the base, or an adapter of the catalog — asked a templated chat; the first number of its
+greedy answer, clamped to ``range``) and ``multi`` (a weighted formula of named graders,
+parsed into a small arithmetic tree — numbers, names, + − × ÷, parentheses, min, max, abs —
+and evaluated without ``eval``). Templates reference ``{{sample.output_text}}`` and the
 row's fields (``{{item.reference}}``); a template naming a field the rows lack is refused
-before any training. ``parse_grader`` validates everything up front; ``Grader.score`` is pure.
+before any training. ``parse_grader`` validates everything up front; scoring is pure but for
+the model calls, which the caller supplies (``Ask``) and which are batched per model.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from typing import Any
 
 from workers.errors import TrainingError
 
-GRADER_TYPES = ("string_check", "text_similarity", "multi")
+GRADER_TYPES = ("string_check", "text_similarity", "score_model", "multi")
+BASE_MODEL = "base"  # score_model's name for the job's own base, no adapter
+# (model, conversations) → one greedy answer per conversation
+Ask = Callable[[str, list[list[dict[str, str]]]], list[str]]
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 STRING_OPS = ("eq", "ne", "like", "ilike")
 SIMILARITY_METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4",
                       "rouge_5", "rouge_l")  # fmt: skip
@@ -178,16 +185,67 @@ def _evaluate(node: ast.AST, values: dict[str, float]) -> float:
     return float(_FUNCS[node.func.id](*(_evaluate(a, values) for a in node.args)))
 
 
+ScoreMany = Callable[[list[str], list[dict[str, Any]], Ask | None], list[float]]
+
+
 @dataclass(frozen=True)
 class Grader:
-    """A parsed grader: ``score(output_text, item)`` → a float reward."""
+    """A parsed grader: ``score_many(texts, items, ask)`` → one float reward per answer.
+
+    Attributes:
+        fields: the row fields its templates read.
+        models: the models its ``score_model`` parts ask (``BASE_MODEL`` or adapter refs).
+    """
 
     spec: dict[str, Any]
-    score_fn: Callable[[str, dict[str, Any]], float]
+    score_many_fn: ScoreMany
     fields: frozenset[str]
+    models: frozenset[str] = frozenset()
 
-    def score(self, output_text: str, item: dict[str, Any]) -> float:
-        return float(self.score_fn(output_text, item))
+    def score_many(self, texts: list[str], items: list[dict[str, Any]],
+                   ask: Ask | None = None) -> list[float]:  # fmt: skip
+        return [float(v) for v in self.score_many_fn(texts, items, ask)]
+
+    def score(self, output_text: str, item: dict[str, Any], ask: Ask | None = None) -> float:
+        return self.score_many([output_text], [item], ask)[0]
+
+
+def _each(fn: Callable[[str, dict[str, Any]], float]) -> ScoreMany:
+    return lambda texts, items, _ask: [fn(t, i) for t, i in zip(texts, items, strict=True)]
+
+
+def _parse_score_model(spec: dict[str, Any], where: str) -> Grader:
+    model = spec.get("model")
+    if not isinstance(model, str) or not model:
+        raise GraderError(f"{where}.model: name the model to ask: {BASE_MODEL!r} (the job's "
+                          "base) or an adapter, namespace/name[:VERSION|@ALIAS]")  # fmt: skip
+    messages = spec.get("input")
+    if not isinstance(messages, list) or not messages:
+        raise GraderError(f"{where}.input: must be a non-empty list of messages")
+    fields: set[str] = set()
+    for k, m in enumerate(messages):
+        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)):  # fmt: skip
+            raise GraderError(f"{where}.input[{k}]: must be {{role: system|user|assistant, "
+                              "content: a template}")  # fmt: skip
+        fields |= template_fields(m["content"])
+    lo, hi = spec.get("range", [0, 1])
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (lo, hi)) or lo >= hi:
+        raise GraderError(f"{where}.range: must be [low, high] with low < high")
+
+    def score_many(texts: list[str], items: list[dict[str, Any]], ask: Ask | None) -> list[float]:
+        if ask is None:
+            raise GraderError(f"{where}: a score_model grader needs a model to ask")
+        chats = [[{"role": m["role"], "content": render(m["content"], t, i)} for m in messages]
+                 for t, i in zip(texts, items, strict=True)]  # fmt: skip
+        out = []
+        for answer in ask(model, chats):
+            found = _NUMBER.search(answer)
+            value = float(found.group()) if found else float(lo)
+            out.append(min(float(hi), max(float(lo), value)))
+        return out
+
+    return Grader(spec, score_many, frozenset(fields), frozenset({model}))
 
 
 def _str(spec: dict[str, Any], key: str, where: str) -> str:
@@ -229,11 +287,17 @@ def parse_grader(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
             raise GraderError(f"{where}.calculate_output: not a formula: {formula!r}") from None
         _check_formula(tree, set(parsed), f"{where}.calculate_output")
 
-        def score_multi(text: str, item: dict[str, Any]) -> float:
-            return _evaluate(tree, {n: g.score(text, item) for n, g in parsed.items()})
+        def score_multi(texts: list[str], items: list[dict[str, Any]],
+                        ask: Ask | None) -> list[float]:  # fmt: skip
+            columns = {n: g.score_many(texts, items, ask) for n, g in parsed.items()}
+            return [_evaluate(tree, {n: col[k] for n, col in columns.items()})
+                    for k in range(len(texts))]  # fmt: skip
 
         fields = frozenset().union(*(g.fields for g in parsed.values()))
-        return Grader(spec, score_multi, fields)
+        models = frozenset().union(*(g.models for g in parsed.values()))
+        return Grader(spec, score_multi, fields, models)
+    if kind == "score_model":
+        return _parse_score_model(spec, where)
     source, reference = _str(spec, "input", where), _str(spec, "reference", where)
     fields = frozenset(template_fields(source) | template_fields(reference))
     if kind == "string_check":
@@ -250,7 +314,7 @@ def parse_grader(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
                 return float(a != b)
             return float(_like(a, b, fold=op == "ilike"))
 
-        return Grader(spec, score_string, fields)
+        return Grader(spec, _each(score_string), fields)
     metric = spec.get("evaluation_metric")
     if metric not in SIMILARITY_METRICS:
         raise GraderError(f"{where}.evaluation_metric: unknown metric {metric!r}; use one of "
@@ -260,7 +324,7 @@ def parse_grader(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
     def score_similarity(text: str, item: dict[str, Any]) -> float:
         return similarity(render(source, text, item), render(reference, text, item))
 
-    return Grader(spec, score_similarity, fields)
+    return Grader(spec, _each(score_similarity), fields)
 
 
 def check_fields(grader: Grader, rows: Iterable[dict[str, Any]], name: str) -> None:

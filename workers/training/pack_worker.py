@@ -41,7 +41,12 @@ from workers.training.packed import PackedRecipe
 from workers.training.settings import StepReport
 from workers.training.shared_base import load_shared_base, shm_path_for, write_shared_base
 from workers.training.staged import resume_member, stage_checkpoint, stage_with_retries
-from workers.training.worker import base_from_dict, event_sink_for, file_from_dict
+from workers.training.worker import (
+    base_from_dict,
+    event_sink_for,
+    file_from_dict,
+    load_grader_models,
+)
 
 log = logging.getLogger(__name__)
 # what one job of a pack hands back to the runner when it leaves: {"ok": True} (its adapter is
@@ -145,6 +150,7 @@ class PackWorker(RunHooks):
                                  objective=method.objective(), eval_items=evals,
                                  checkpoint_every=spec.checkpoint_every)  # fmt: skip
         self.runs[job_id] = JobRun(spec, data_path)
+        member.grader_models = load_grader_models(spec, self.store)
         resume_member(member, spec.checkpoint_key, self.store)
 
     def _started(self, job_id: str) -> None:

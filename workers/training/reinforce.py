@@ -25,7 +25,7 @@ import torch
 from workers.datasets import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Example
 from workers.errors import DatasetError
 from workers.serving.decode import DecodeRow, RowOutput
-from workers.training.graders import Grader
+from workers.training.graders import Ask, Grader
 from workers.training.loss import TokenLogprobs
 from workers.training.objectives import Rollout, policy_gradient_loss
 from workers.training.objectives import group_advantages as _group_advantages
@@ -88,18 +88,21 @@ class Reinforcement:
     metric_names: tuple[str, ...] = ("reward/mean", "reward/std")
 
     def expand(self, prompts: Sequence[PromptItem], sample: Sample, *, seed: int,
-               greedy: bool = False) -> list[Rollout]:  # fmt: skip
-        """Sample (``group_size`` each, or one greedy answer), grade, and attach advantages."""
+               greedy: bool = False, ask: Ask | None = None) -> list[Rollout]:  # fmt: skip
+        """Sample (``group_size`` each, or one greedy answer), grade (``ask``: how a
+        score_model grader's model answers), and attach advantages."""
         k = 1 if greedy else self.group_size
         rows = [DecodeRow(prompt_ids=p.prompt_ids, max_new_tokens=self.max_new_tokens,
                           temperature=0.0 if greedy else self.temperature,
                           seed=_seed(seed, i, j), logprobs=0, deltas=False)
                 for i, p in enumerate(prompts) for j in range(k)]  # fmt: skip
         outs = sample(rows)
+        rows_of = [p.row for p in prompts for _ in range(k)]  # each sample's prompt row
+        all_rewards = self.grader.score_many([o.text for o in outs], rows_of, ask)
         rollouts: list[Rollout] = []
         for i, p in enumerate(prompts):
             group = outs[i * k : (i + 1) * k]
-            rewards = [self.grader.score(o.text, p.row) for o in group]
+            rewards = all_rewards[i * k : (i + 1) * k]
             advantages = _group_advantages(rewards) if k > 1 else [0.0] * k
             for out, reward, adv in zip(group, rewards, advantages, strict=True):
                 tokens = [lp.token for lp in out.logprobs]  # what was sampled, EOS included

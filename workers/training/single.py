@@ -43,6 +43,7 @@ def train_single(
     device: str = "cpu",
     method: Method | None = None,
     init_adapter: str | Path | None = None,
+    grader_models: dict[str, Path] | None = None,
 ) -> TrainOutput:
     """Train an adapter in this process and write it with ``metrics.json``.
 
@@ -53,6 +54,7 @@ def train_single(
         method: supervised (default) or dpo; the data file must be in its format.
         init_adapter: a PEFT-format adapter directory to start from (a warm start; ``lora``
             must be its config).
+        grader_models: a score_model grader's adapters, ref → adapter directory.
 
     Raises:
         BaseModelError, DatasetError, TrainingError, LoraError: bad input, named in the message.
@@ -66,6 +68,12 @@ def train_single(
                                 device=torch.device(device), tokenizer=tokenizer,
                                 objective=method.objective())  # fmt: skip
     recipe.setup(init_adapter=init_adapter)
+    if grader_models:
+        from workers.training.frozen_adapter import FrozenAdapter
+
+        assert recipe.member is not None
+        recipe.member.grader_models = {ref: FrozenAdapter.from_dir(path)
+                                       for ref, path in grader_models.items()}  # fmt: skip
     result = recipe.train(train_items, eval_items, on_report=on_report)
     out = save_adapter(model, lora, out_dir, base_model_name_or_path=str(base_dir))
     digest = file_sha256(data_path)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from storage.cache import AdapterCache
-from storage.catalog.domain import BaseModel, DataFile, FileDigest
+from storage.catalog.domain import AdapterVersion, BaseModel, DataFile, FileDigest
 from storage.objects import ObjectStore, file_sha256
 from storage.settings import load_settings, node_catalog_url
 from workers.base_model import load_base, load_tokenizer
@@ -67,6 +67,26 @@ def base_from_dict(d: dict[str, Any]) -> BaseModel:
     files = tuple(FileDigest(**f) for f in d.get("files", ()))
     shapes = {k: tuple(v) for k, v in d.get("tensor_shapes", {}).items()}
     return BaseModel(**{**d, "files": files, "tensor_shapes": shapes})
+
+
+def version_from_dict(d: dict[str, Any]) -> AdapterVersion:
+    """An ``AdapterVersion`` from its ``asdict`` form (a warm start's starting adapter)."""
+    return AdapterVersion(**{**d, "base_model": base_from_dict(d["base_model"]),
+                             "files": tuple(FileDigest(**f) for f in d["files"]),
+                             "tags": tuple(d.get("tags", ())),
+                             "aliases": tuple(d.get("aliases", ())),
+                             "created_at": None})  # fmt: skip
+
+
+def load_grader_models(spec: DistributedSpec, store: ObjectStore) -> dict[str, Any]:
+    """A score_model grader's adapters, each fetched into this node's verified cache."""
+    if not spec.grader_adapters:
+        return {}
+    from workers.training.frozen_adapter import FrozenAdapter
+
+    cache = AdapterCache(load_settings().cache_dir)
+    return {ref: FrozenAdapter.from_dir(cache.get(version_from_dict(d), store))
+            for ref, d in spec.grader_adapters.items()}  # fmt: skip
 
 
 def file_from_dict(d: dict[str, Any]) -> DataFile:
@@ -195,9 +215,17 @@ def train_worker(config: dict[str, Any]) -> None:
     recipe = LoraFinetuneRecipe(model, spec.lora, spec.train, pad_id=tokenizer.pad_token_id,
                                 world=world, rank=rank, all_reduce=reducer, device=device,
                                 objective=method.objective(), tokenizer=tokenizer)  # fmt: skip
-    recipe.setup(inject=not sharded)
+    init_dir = None
+    if spec.init_adapter is not None:
+        if sharded:
+            raise TrainingError("a warm start (init_adapter) trains on an unsharded base; use "
+                                "base_placement shared_memory or private")  # fmt: skip
+        cache = AdapterCache(load_settings().cache_dir)
+        init_dir = cache.get(version_from_dict(spec.init_adapter), store)
+    recipe.setup(inject=not sharded, init_adapter=init_dir)
     member = recipe.member
     assert member is not None
+    member.grader_models = load_grader_models(spec, store)
     member.items, member.eval_items = train_examples, eval_examples
     member.checkpoint_every, member.lora = spec.checkpoint_every, spec.lora
     trainer = recipe.trainer
