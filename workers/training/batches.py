@@ -35,6 +35,15 @@ def global_batch_indices(step: int, *, n_examples: int, global_batch: int, seed:
     return perm[pos * global_batch : (pos + 1) * global_batch].tolist()
 
 
+def derived_seed(*parts: int) -> int:
+    """A seed that is a pure function of its parts (job seed, step, rank, micro-batch, …):
+    what a resumed run draws is what the uninterrupted one drew."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + p) % (1 << 62)
+    return h
+
+
 def rank_micro_batches(
     indices: Sequence[int], *, world: int, rank: int, accum: int
 ) -> list[list[int]]:

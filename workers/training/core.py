@@ -37,6 +37,7 @@ from workers.lora.config import LoraConfig
 from workers.lora.layer import LoraLinear
 from workers.training.batches import (
     collate,
+    derived_seed,
     global_batch_indices,
     rank_micro_batches,
     steps_per_epoch,
@@ -50,14 +51,6 @@ AllReduce = Callable[[list[torch.Tensor]], None]  # sums tensors in place across
 Segments = list[tuple[str, int, int]]  # (member key, first row, end row) of a batch
 Route = Callable[[Segments], None]  # tells the model's LoRA layers whose rows are whose
 ReferenceWeights = dict[str, dict[str, torch.Tensor]]  # module path → suffix → frozen tensor
-
-
-def _seed(*parts: int) -> int:
-    """A sampling seed that is a pure function of its parts (seed, step, rank, micro-batch)."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + p) % (1 << 62)
-    return h
 
 
 def _no_reduce(_: list[torch.Tensor]) -> None:
@@ -367,7 +360,9 @@ class Trainer:
             plan = rank_micro_batches(indices, world=self.world, rank=self.rank,
                                       accum=c.grad_accum)  # fmt: skip
             micro_items[m.key] = [
-                self._expand(m, [m.items[i] for i in mb], seed=_seed(c.seed, m.step, self.rank, k))
+                self._expand(
+                    m, [m.items[i] for i in mb], seed=derived_seed(c.seed, m.step, self.rank, k)
+                )
                 for k, mb in enumerate(plan)
             ]
             if hasattr(m.objective, "expand"):  # units known only after sampling: summed below
@@ -466,7 +461,7 @@ class Trainer:
         try:
             for start in range(0, len(mine), batch_size):
                 chunk = self._expand(m, mine[start : start + batch_size], greedy=True,
-                                     seed=_seed(m.cfg.seed, start))  # fmt: skip
+                                     seed=derived_seed(m.cfg.seed, start))  # fmt: skip
                 rows = [s for it in chunk for s in m.objective.sequences(it)]
                 parts = [(m, chunk, 0, len(rows))]
                 references = self._references(parts, rows)

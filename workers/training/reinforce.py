@@ -25,9 +25,10 @@ import torch
 from workers.datasets import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Example
 from workers.errors import DatasetError
 from workers.serving.decode import DecodeRow, RowOutput
+from workers.training.batches import derived_seed
 from workers.training.graders import Ask, Grader
 from workers.training.loss import TokenLogprobs
-from workers.training.objectives import Rollout, policy_gradient_loss
+from workers.training.objectives import PolicyGradient, Rollout
 from workers.training.objectives import group_advantages as _group_advantages
 
 Sample = Callable[[list[DecodeRow]], list[RowOutput]]
@@ -66,13 +67,6 @@ def prompt_items(
     return out
 
 
-def _seed(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + p) % (1 << 62)
-    return h
-
-
 @dataclass(frozen=True)
 class Reinforcement:
     """GRPO as an objective: ``expand`` turns prompts into graded rollouts, ``loss`` is the
@@ -94,7 +88,7 @@ class Reinforcement:
         k = 1 if greedy else self.group_size
         rows = [DecodeRow(prompt_ids=p.prompt_ids, max_new_tokens=self.max_new_tokens,
                           temperature=0.0 if greedy else self.temperature,
-                          seed=_seed(seed, i, j), logprobs=0, deltas=False)
+                          seed=derived_seed(seed, i, j), logprobs=0, deltas=False)
                 for i, p in enumerate(prompts) for j in range(k)]  # fmt: skip
         outs = sample(rows)
         rows_of = [p.row for p in prompts for _ in range(k)]  # each sample's prompt row
@@ -122,12 +116,8 @@ class Reinforcement:
     def loss(
         self, policy: TokenLogprobs, reference: TokenLogprobs | None, items: Sequence[Any]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        dev = policy.values.device
-        q = torch.tensor([v for it in items for v in it.sampling_logprobs], device=dev)
-        adv = torch.tensor([v for it in items for v in it.advantages], device=dev)
+        loss, _ = PolicyGradient(self.loss_fn).loss(policy, reference, items)
         rewards = torch.tensor([it.reward for it in items], dtype=torch.float64)
-        loss = policy_gradient_loss(self.loss_fn, policy.values, q.to(policy.values.dtype),
-                                    adv.to(policy.values.dtype))  # fmt: skip
         return loss, [rewards.sum(), (rewards**2).sum()]
 
     def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
