@@ -59,6 +59,10 @@ class Job(Shape):
     training_file: str | None
     validation_file: str | None
     hyperparameters: Hyperparameters
+    method: dict[str, Any] = Field(
+        description="OpenAI's method object: {type: supervised|dpo|reinforcement, …}."
+    )
+    init_adapter: str | None = Field(None, description="The adapter a warm start began from.")
     resources: dict[str, Any] | None
     priority: int
     attempts: int
@@ -89,7 +93,9 @@ def job_object(
         status_reason=job.status_reason, model=spec.get("base_model"),
         training_file=spec.get("training_data"), validation_file=spec.get("validation_data"),
         hyperparameters=Hyperparameters(lora=spec.get("lora"), training=spec.get("training")),
-        resources=spec.get("resources"), priority=job.priority, attempts=job.attempts,
+        method=spec.get("method") or {"type": "supervised"},
+        init_adapter=spec.get("init_adapter"), resources=spec.get("resources"),
+        priority=job.priority, attempts=job.attempts,
         error=job.error, fine_tuned_model=adapter, pack_id=job.pack_id, progress=progress,
         created_at=int(job.created_at.timestamp()), started_at=_its(job.started_at),
         finished_at=_its(job.finished_at),

@@ -81,3 +81,19 @@ def test_the_schema_marks_every_object_field_present() -> None:
     """Fields with defaults (``object``) are always in the output, and the schema says so."""
     schema = objects.Job.model_json_schema(mode="serialization")
     assert "object" in schema["required"] and "progress" in schema["required"]
+
+
+def test_a_job_object_carries_its_method_and_warm_start() -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    job = SimpleNamespace(
+        id="ftjob-1", namespace="team", name="j", state="queued", status_reason=None,
+        priority=0, attempts=0, error=None, pack_id=None, created_at=now, started_at=None,
+        finished_at=None,
+        spec={"base_model": "tiny", "training_data": "file-x", "init_adapter": "team/sft:2",
+              "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}},
+    )  # fmt: skip
+    shown = objects.job_object(job)  # type: ignore[arg-type]
+    assert shown["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}
+    assert shown["init_adapter"] == "team/sft:2"
+    plain = objects.job_object(SimpleNamespace(**{**vars(job), "spec": {}}))  # type: ignore[arg-type]
+    assert plain["method"] == {"type": "supervised"} and plain["init_adapter"] is None
