@@ -34,6 +34,7 @@ SIMILARITY_METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "r
                       "rouge_5", "rouge_l")  # fmt: skip
 _TEMPLATE = re.compile(r"\{\{\s*([a-z_]+)\.([A-Za-z0-9_]+)\s*\}\}")
 MAX_DEPTH = 4  # multi inside multi, at most this deep
+MAX_FORMULA = 500  # characters of a multi grader's formula (its parse tree stays shallow)
 
 
 class GraderError(TrainingError):
@@ -229,9 +230,13 @@ def _parse_score_model(spec: dict[str, Any], where: str) -> Grader:
             raise GraderError(f"{where}.input[{k}]: must be {{role: system|user|assistant, "
                               "content: a template}")  # fmt: skip
         fields |= template_fields(m["content"])
-    lo, hi = spec.get("range", [0, 1])
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (lo, hi)) or lo >= hi:
+    bounds = spec.get("range", [0, 1])
+    if (not isinstance(bounds, list) or len(bounds) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                       and math.isfinite(v) for v in bounds)
+            or bounds[0] >= bounds[1]):  # fmt: skip
         raise GraderError(f"{where}.range: must be [low, high] with low < high")
+    lo, hi = bounds
 
     def score_many(texts: list[str], items: list[dict[str, Any]], ask: Ask | None) -> list[float]:
         if ask is None:
@@ -281,9 +286,11 @@ def parse_grader(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
                                   "digits, _)")  # fmt: skip
             parsed[name] = parse_grader(sub, f"{where}.graders.{name}", depth + 1)
         formula = _str(spec, "calculate_output", where)
+        if len(formula) > MAX_FORMULA:
+            raise GraderError(f"{where}.calculate_output: longer than {MAX_FORMULA} characters")
         try:
             tree = ast.parse(formula, mode="eval")
-        except SyntaxError:
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             raise GraderError(f"{where}.calculate_output: not a formula: {formula!r}") from None
         _check_formula(tree, set(parsed), f"{where}.calculate_output")
 
