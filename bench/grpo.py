@@ -18,12 +18,15 @@ Writes ``bench/results/grpo.json``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, median, write_result
 from bench.serving_features import _base

@@ -102,3 +102,34 @@ def test_first_dpo_step_is_ln2_cold_and_warm(tiny_base_dir):
         assert first.metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
         later = [recipe.train_step(pairs).loss for _ in range(2)]
         assert later[-1] < math.log(2)  # and it learns
+
+
+def test_reference_log_probabilities_are_computed_once_per_row(tiny_base_dir, monkeypatch):
+    """The reference never changes, so a row's reference values are kept: from the second
+    epoch a step runs no reference forward, and the losses are those of recomputing them."""
+    import workers.training.core as core
+
+    _, _, pairs, start, _ = _trl(tiny_base_dir, warm=False)
+    from workers.lora.io import read_adapter_config
+
+    def run(cache_tokens: int) -> tuple[list[float], int]:
+        monkeypatch.setattr(core, "REFERENCE_CACHE_TOKENS", cache_tokens)
+        forwards = []
+        real = core.reference_weights
+
+        def counting(members):  # type: ignore[no-untyped-def]
+            forwards.append(1)
+            return real(members)
+
+        monkeypatch.setattr(core, "reference_weights", counting)
+        model, tok = load_base(tiny_base_dir)
+        recipe = LoraFinetuneRecipe(model, read_adapter_config(start),
+                                    TrainConfig(batch_size=2, max_steps=6, warmup_steps=0),
+                                    pad_id=tok.pad_token_id, objective=Dpo())  # fmt: skip
+        recipe.setup()
+        return [recipe.train_step(pairs).loss for _ in range(6)], len(forwards)
+
+    cached, cached_forwards = run(1 << 20)
+    fresh, fresh_forwards = run(0)
+    assert fresh_forwards == 6 and cached_forwards == 2  # 4 pairs, 2 a step: one epoch
+    assert max(abs(a - b) for a, b in zip(cached, fresh, strict=True)) <= 1e-5

@@ -47,6 +47,7 @@ from workers.training.objectives import Objective
 from workers.training.schedule import lr_at
 from workers.training.settings import StepReport, TrainConfig
 
+REFERENCE_CACHE_TOKENS = 16 << 20  # reference log-probabilities kept per member (64 MiB)
 AllReduce = Callable[[list[torch.Tensor]], None]  # sums tensors in place across workers
 Segments = list[tuple[str, int, int]]  # (member key, first row, end row) of a batch
 Route = Callable[[Segments], None]  # tells the model's LoRA layers whose rows are whose
@@ -87,6 +88,8 @@ class Member:
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
     lora: LoraConfig | None = None  # what its adapter file's config says
     grader_models: dict[str, Any] = field(default_factory=dict)  # ref → FrozenAdapter
+    reference_cache: dict[Any, torch.Tensor] = field(default_factory=dict)  # row → values
+    reference_tokens: int = 0
     step: int = 0
     resumed_from: int | None = None
     eval_initial: float | None = None
@@ -244,24 +247,49 @@ class Trainer:
     def _references(
         self, parts: list[tuple[Member, list[Any], int, int]], rows: list[Any]
     ) -> dict[str, TokenLogprobs]:
-        """The reference log-probabilities of the members that need them, from one no-grad
-        forward over only their rows."""
+        """The reference log-probabilities of the members that need them.
+
+        A member's reference never changes during its run (the base with its adapter off, or
+        its frozen starting adapter), so each row's values are computed once — one no-grad
+        forward over the rows not seen yet — and kept (up to ``REFERENCE_CACHE_TOKENS`` per
+        member): from the second epoch on a DPO step runs no reference forward at all.
+        """
         needing = [p for p in parts if p[0].objective.needs_reference]
         if not needing:
             return {}
         sub: list[Any] = []
         segments: Segments = []
         for m, _, start, stop in needing:
-            segments.append((m.key, len(sub), len(sub) + stop - start))
-            sub += rows[start:stop]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), reference_weights([p[0] for p in needing]):
-                lp, _ = self._logprobs(sub, segments)
-        finally:
-            self.model.train(was_training)
-        return {key: lp.select(a, b) for key, a, b in segments}
+            missing = [r for r in rows[start:stop] if r not in m.reference_cache]
+            if missing:
+                segments.append((m.key, len(sub), len(sub) + len(missing)))
+                sub += missing
+        computed: dict[int, torch.Tensor] = {}  # rows not kept (a full cache): by position
+        if sub:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad(), reference_weights([p[0] for p in needing]):
+                    lp, _ = self._logprobs(sub, segments)
+            finally:
+                self.model.train(was_training)
+            for i, row in enumerate(sub):
+                values = lp.values[lp.rows == i].detach().clone()
+                m = self.members[next(k for k, a, b in segments if a <= i < b)]
+                if m.reference_tokens + len(values) <= REFERENCE_CACHE_TOKENS:
+                    m.reference_cache[row] = values
+                    m.reference_tokens += len(values)
+                computed[id(row)] = values
+        out = {}
+        for m, _, start, stop in needing:
+            kept: list[torch.Tensor] = []
+            for r in rows[start:stop]:
+                found = m.reference_cache.get(r)
+                kept.append(found if found is not None else computed[id(r)])
+            row_ids = [torch.full((len(v),), k, dtype=torch.long, device=v.device)
+                       for k, v in enumerate(kept)]  # fmt: skip
+            out[m.key] = TokenLogprobs(torch.cat(kept), torch.cat(row_ids), stop - start)
+        return out
 
     # -- sampling (reinforcement) -----------------------------------------------------------
     def sample(self, member: Member, rows: list[Any]) -> list[Any]:
