@@ -177,6 +177,11 @@ def _http(kind: str) -> str:
     return _spread({"ratio": r["median"], "min": r["min"], "max": r["max"]}, 2)
 
 
+def _r(ratio: dict[str, float]) -> str:
+    """A paired-rounds ratio as the README writes it: median (min–max)."""
+    return "{median:.2f}× ({min:.2f}–{max:.2f})".format(**ratio)
+
+
 TARGETS = ("q_proj,v_proj", "all-linear")
 FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("train vs PEFT", lambda: _train("ours_vs_peft")),
@@ -236,6 +241,13 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
         "{median:.2f}× ({min:.2f}–{max:.2f})".format(**_get("cli_startup", "over_libraries", k))
         for k in ("adapters_list", "jobs_list"))),
     ("HTTP streamed vs engine", lambda: _http("http_stream")),
+    ("DPO vs SFT", lambda: " · ".join(_r(_get("dpo", k))
+                                      for k in ("dpo_over_sft", "dpo_first_epoch_over_sft"))),
+    ("TRL vs ours", lambda: " · ".join(_r(_get("dpo", k))
+                                       for k in ("trl_over_dpo_first_epoch", "trl_over_dpo"))),
+    ("DPO memory", lambda: " · ".join(f"{_get('dpo', 'peak_rss_growth_mib', k):,.0f} MiB"
+                                      for k in ("dpo_first_epoch", "trl"))),
+    ("GRPO rollouts", lambda: _r(_get("grpo", "trainer_over_engine"))),
     ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
                                           for m in ("adalora", "lora"))),
 ]  # fmt: skip
