@@ -1,6 +1,7 @@
 """Packing end to end, as a user sees it: 3 jobs × 60 steps on the tiny base, submitted
-together (one pack) vs one after another, on a private-mount cluster (PostgreSQL, SeaweedFS
-S3, a head and one private Ray node of 2 CPUs: ``infra.local_stack.cluster_stack``).
+together (``lorafleet submit a.yaml b.yaml c.yaml --follow``: one pack) vs one after another
+(``lorafleet submit X.yaml --follow`` three times), on a private-mount cluster (PostgreSQL,
+SeaweedFS S3, a head and one private Ray node of 2 CPUs: ``infra.local_stack.cluster_stack``).
 
 Wall time is first submit → last adapter published, as ``lorafleet submit`` users see it.
 Each job's time is also split by its catalog events into phases, to find where the time that
@@ -41,14 +42,13 @@ def _cli(env: dict[str, str], *args: Any) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=900, check=True)  # fmt: skip
 
 
-def _spec(work: Path, name: str, steps: int, seed: int, packing: bool) -> Path:
+def _spec(work: Path, name: str, steps: int, seed: int) -> Path:
     import yaml
 
     from workers.demo_task import TRAIN_FILE
 
     spec = {"name": name, "namespace": "bench", "base_model": "tiny",
             "training_data": str(TRAIN_FILE), "output_adapter": f"bench/{name}",
-            "packing": packing,
             "training": {"max_steps": steps, "batch_size": 4, "seq_len": 64, "eval_every": 0,
                          "seed": seed}}  # fmt: skip
     path = work / f"{name}.yaml"
@@ -77,14 +77,13 @@ def _run(env: dict[str, str], work: Path, tag: str, steps: int, together: bool) 
     from storage.settings import load_settings
 
     db = Registry.from_settings(load_settings(env)).catalog
+    specs = [_spec(work, f"{tag}-{k}", steps, k) for k in range(JOBS)]
     t0 = time.perf_counter()
-    ids = []
-    for k in range(JOBS):
-        name = f"{tag}-{k}"
-        # packing stays the default (on) both ways: one after another, each job is a pack of one
-        r = _cli(env, "submit", _spec(work, name, steps, k, packing=True),
-                 *([] if together else ["--follow"]))  # fmt: skip
-        ids.append(r.stdout.split("submitted: ", 1)[1].split()[0])
+    if together:  # one command: queued in one go, admitted in one tick, one pack
+        outputs = [_cli(env, "submit", *specs, "--follow").stdout]
+    else:
+        outputs = [_cli(env, "submit", spec, "--follow").stdout for spec in specs]
+    ids = [part.split()[0] for out in outputs for part in out.split("submitted: ")[1:]]
     while not all(jobs.get_job(db, job_id=j).state in ("succeeded", "failed") for j in ids):
         time.sleep(0.5)
     wall = time.perf_counter() - t0

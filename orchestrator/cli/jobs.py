@@ -76,10 +76,13 @@ def follow(catalog: Any, job_id: str, *, total: int | None) -> str:
 
 @user_errors
 def submit(
-    spec_file: Path = typer.Argument(..., help="Job spec (YAML or JSON)."),
-    follow_: bool = typer.Option(False, "--follow", help="Show live progress until it ends."),
+    spec_files: list[Path] = typer.Argument(..., help="Job specs (YAML or JSON)."),
+    follow_: bool = typer.Option(False, "--follow", help="Show live progress until they end."),
 ) -> None:
-    """Submit a fine-tune job. Embedded (no LORAFLEET_RAY_ADDRESS): runs it here, followed.
+    """Submit fine-tune jobs. Embedded (no LORAFLEET_RAY_ADDRESS): runs them here, followed.
+
+    Several specs are all validated and uploaded first, then queued together, so that jobs
+    on the same base are admitted in one scheduling tick and train as one pack.
 
     Local paths in the spec (``training_data``, ``validation_data``, a ``base_model``
     directory) are uploaded first — identical content only once — and replaced by ids.
@@ -99,17 +102,20 @@ def submit(
 
     settings = _settings()
     registry = _registry(settings)
-    with upload_progress() as progress:
-        data = localize_inputs(
-            read_spec_file(spec_file), registry, spec_dir=spec_file.parent,
-            max_bytes=settings.max_upload_bytes, say=console.print, progress=progress,
-        )  # fmt: skip
-    spec = parse_spec(data)
-    for message in deprecated_spellings(data):
-        warn(message)
-    result = submit_job(registry.catalog, spec)
-    verb = "submitted" if result.created else "already submitted (same idempotency key)"
-    console.print(f"{verb}: [bold]{result.job.id}[/] ({spec.namespace}/{spec.name})")
+    specs = []
+    for spec_file in spec_files:  # every spec checked and uploaded before any is queued
+        with upload_progress() as progress:
+            data = localize_inputs(
+                read_spec_file(spec_file), registry, spec_dir=spec_file.parent,
+                max_bytes=settings.max_upload_bytes, say=console.print, progress=progress,
+            )  # fmt: skip
+        specs.append(parse_spec(data))
+        for message in deprecated_spellings(data):
+            warn(message)
+    results = [submit_job(registry.catalog, spec) for spec in specs]
+    for spec, result in zip(specs, results, strict=True):
+        verb = "submitted" if result.created else "already submitted (same idempotency key)"
+        console.print(f"{verb}: [bold]{result.job.id}[/] ({spec.namespace}/{spec.name})")
     embedded = settings.ray_address is None
     ray.init(address=settings.ray_address or "local", include_dashboard=False,
              logging_level=logging.ERROR, log_to_driver=False)  # fmt: skip
@@ -124,13 +130,17 @@ def submit(
             start_scheduler_actor(settings)
         if not (follow_ or embedded):
             return
-        state = follow(registry.catalog, result.job.id, total=_total_steps(result.job))
+        # followed one after another (they train together meanwhile)
+        states = {r.job.id: follow(registry.catalog, r.job.id, total=_total_steps(r.job))
+                  for r in results}  # fmt: skip
     finally:
         if loop is not None:
             loop.stop()
         ray.shutdown()
-    if state != "succeeded":
-        err_console.print(f"[bold red]job {result.job.id} {state}[/]")
+    failed = {job_id: state for job_id, state in states.items() if state != "succeeded"}
+    for job_id, state in failed.items():
+        err_console.print(f"[bold red]job {job_id} {state}[/]")
+    if failed:
         raise typer.Exit(1)
 
 

@@ -72,3 +72,25 @@ def test_bad_spec_and_failing_job_exit_non_zero(tmp_path, tiny_base_dir):
     r = _cli(["submit", _spec(tmp_path, tiny_base_dir, training={"max_steps": 2, "seq_len": 2}),
               "--follow"], home)  # fmt: skip
     assert r.returncode == 1 and "failed" in r.stdout + r.stderr and "seq_len=2" in r.stdout
+
+
+def test_specs_submitted_in_one_command_train_as_one_pack(tmp_path, tiny_base_dir):
+    """``submit a.yaml b.yaml``: both queued before the scheduler's first look, admitted in
+    one tick, one pack — the way to submit jobs together (separate submits seconds apart each
+    start alone: a lone job does not wait for company)."""
+    home = tmp_path / "home"
+    one = {"resources": {"workers_per_node": 1}}
+    a = _spec(tmp_path, tiny_base_dir, name="first", output_adapter="demo/first", **one)
+    b = _spec(tmp_path, tiny_base_dir, name="second", output_adapter="demo/second", **one)
+    r = _cli(["submit", a, b, "--follow"], home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("submitted: ftjob-") == 2
+    assert "adapter demo/first:1" in r.stdout and "adapter demo/second:1" in r.stdout
+    import json
+
+    shown = _cli(["jobs", "list", "--packs", "-o", "json"], home)
+    assert len(json.loads(shown.stdout)) == 1, shown.stdout  # one pack held both
+    for name in ("first", "second"):
+        version = json.loads(_cli(["adapters", "show", f"demo/{name}", "-o", "json"],
+                                  home).stdout)  # fmt: skip
+        assert version["metrics"]["pack"]["jobs"] == 2, version["metrics"]

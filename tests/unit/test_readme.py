@@ -248,6 +248,7 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("DPO memory", lambda: " · ".join(f"{_get('dpo', 'peak_rss_growth_mib', k):,.0f} MiB"
                                       for k in ("dpo_first_epoch", "trl"))),
     ("GRPO rollouts", lambda: _r(_get("grpo", "trainer_over_engine"))),
+    ("packing end to end", lambda: _r(_get("packed_e2e", "packed_over_sequential"))),
     ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
                                           for m in ("adalora", "lora"))),
 ]  # fmt: skip
