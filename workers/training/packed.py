@@ -14,11 +14,12 @@ Jobs join and leave at step boundaries (``add``/``remove``): a joiner is initial
 as a solo run of it would be (same seed, same creation order), so its curve is its solo curve,
 and the others' curves do not change when it comes or goes.
 
-Packing rules (``packable``): the same base and the same ``grad_accum`` (micro-steps are
-shared), and plain LoRA: the packed layer has no DoRA magnitude or AdaLoRA diagonal and shares
-one full-precision base, so such a job is refused here (the scheduler trains it alone). With
-LoRA dropout > 0 a packed job draws its dropout masks from the shared stream, so its curve is
-equal to its solo run in distribution, not bit for bit.
+Packing rules: the same base and the same ``grad_accum`` (micro-steps are shared: the
+trainer's ``add`` checks it), and plain LoRA (``packed_variant_error``): the packed layer has
+no DoRA magnitude or AdaLoRA diagonal and shares one full-precision base, so such a job is
+refused here (the scheduler trains it alone). With LoRA dropout > 0 a packed job draws its
+dropout masks from the shared stream, so its curve is equal to its solo run in distribution,
+not bit for bit.
 """
 
 from __future__ import annotations
@@ -40,13 +41,6 @@ from workers.training.checkpoint import adapter_state
 from workers.training.core import AllReduce, Member, Segments, Trainer
 from workers.training.objectives import Objective, Supervised
 from workers.training.settings import StepReport, TrainConfig
-
-PackedJob = Member  # a pack's job is a member of the core's trainer
-
-
-def packable(a: TrainConfig, b: TrainConfig) -> bool:
-    """Whether two jobs on the same base can share micro-steps."""
-    return a.grad_accum == b.grad_accum
 
 
 def packed_variant_error(lora: LoraConfig) -> str | None:
