@@ -67,7 +67,7 @@ def _cli(env: dict[str, str], *args: Any) -> subprocess.CompletedProcess[str]:
 
 
 def _job_yaml(work: Path, name: str, method: dict[str, Any] | None = None,
-              **training: Any) -> Path:  # fmt: skip
+              extra: dict[str, Any] | None = None, **training: Any) -> Path:  # fmt: skip
     data = {"training_data": str(work / "data" / "train.jsonl"),  # a client path: uploaded
             "validation_data": str(work / "data" / "heldout.jsonl")}  # fmt: skip
     if method is not None and method["type"] == "dpo":
@@ -76,7 +76,8 @@ def _job_yaml(work: Path, name: str, method: dict[str, Any] | None = None,
             "method": method or {"type": "supervised"},
             "output_adapter": f"demo/{name}",
             "training": {"batch_size": 4, "seq_len": 64, "eval_every": 0, **training},
-            "resources": {"nodes": 2, "workers_per_node": 1}, "max_failures": 2}  # fmt: skip
+            "resources": {"nodes": 2, "workers_per_node": 1}, "max_failures": 2,
+            **(extra or {})}  # fmt: skip
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -156,6 +157,19 @@ def test_register_submit_train_publish_serve_with_no_shared_disk(stack) -> None:
     model, tok = load_base(base_dir)
     peft = PeftModel.from_pretrained(model, str(adapter_dir))
     assert served == greedy_generate(peft, tok, prompts, max_new_tokens=8)
+
+    # DPO warm-started from that adapter: each private node fetches demo/digits:1 from the
+    # object store into its own verified cache (nothing of it is on the nodes' disks yet)
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}
+    r = _cli(env, "submit", _job_yaml(work, "digits-dpo", dpo, {"init_adapter": "demo/digits"},
+                                      max_steps=4), "--follow")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    warm = registry.resolve("demo/digits-dpo")
+    assert warm.hyperparameters["init_adapter"] == "demo/digits:1"
+    assert warm.metrics["world_size"] == 2 and warm.metrics["method"] == "dpo"
+    first = next(iter(jobs.iter_events(registry.catalog, job_id=str(warm.job_id),
+                                       kinds=["metrics"])))  # fmt: skip
+    assert abs(first.data["loss"] - 0.6931471805599453) < 1e-5  # reference = the start, frozen
     registry.catalog.dispose()
 
 
