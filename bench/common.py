@@ -34,6 +34,15 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def rss_kib(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` (VmRSS, VmHWM…), in KiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def median(values: list[float]) -> float:
     s = sorted(values)
     mid = len(s) // 2

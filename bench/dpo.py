@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, median, write_result
+from bench.common import environment, median, rss_kib, write_result
 from bench.serving_features import _base
 
 ROUNDS, STEPS, PAIRS = 5, 3, 8
@@ -107,14 +107,6 @@ def _trl(base_dir: Path, rows: list[dict[str, Any]]) -> Any:
     return step
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def probe(kind: str, base_dir: Path) -> float:
     """Peak RSS growth (MiB) of building and stepping ``kind``; run in a fresh process."""
     import peft  # noqa: F401 - imported (and the base read once) before the baseline
@@ -125,12 +117,12 @@ def probe(kind: str, base_dir: Path) -> float:
     load_base(base_dir)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    base = _kib("VmRSS")
+    base = rss_kib("VmRSS")
     rows = _rows(PAIRS)
     fn = _trl(base_dir, rows) if kind == "trl" else _ours(base_dir, rows, dpo=True, keep=False)
     for _ in range(3):
         fn()
-    return (_kib("VmHWM") - base) / 1024
+    return (rss_kib("VmHWM") - base) / 1024
 
 
 def _memory(kind: str, base_dir: Path) -> float:

@@ -35,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, median, write_result
+from bench.common import environment, median, rss_kib, write_result
 
 SHAPE = dict(
     hidden_size=512,
@@ -105,14 +105,6 @@ def step(model: Any, opt: Any, data: dict) -> None:
         data["inputs_embeds"].grad = None
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def probe_memory(kind: str, targets: Any, r: int, batch: int, seq: int) -> float:
     """Peak RSS growth (MiB) of building and training ``kind``; run in a fresh process.
 
@@ -125,11 +117,11 @@ def probe_memory(kind: str, targets: Any, r: int, batch: int, seq: int) -> float
 
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     m, o, d = build(kind, targets, r, batch, seq)
     for _ in range(3):
         step(m, o, d)
-    return (_rss_kib("VmHWM") - base) / 1024
+    return (rss_kib("VmHWM") - base) / 1024
 
 
 def measure_memory(kind: str, targets: Any, r: int, batch: int, seq: int, threads: int) -> float:
