@@ -30,8 +30,10 @@ class DecodeRow:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens only (0: all)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # these end the row as EOS does (kept in stop_token)
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks)
     logprobs: int | None = None  # sampled tokens' log-probabilities with this many top ones
     prompt_logprobs: int | None = None  # the prompt's too (echo); None: not computed
@@ -49,6 +51,7 @@ class RowOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length" or "error"
+    stop_token: int | None = None  # the EOS or stop token that ended the row (not in token_ids)
     error: str | None = None  # why this row alone failed (its batch-mates went on)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -104,7 +107,8 @@ class TextTracker:
 def choose_tokens(
     logits: torch.Tensor, rows: Sequence[DecodeRow], gens: list[Any], done: list[bool]
 ) -> tuple[torch.Tensor, dict[int, str]]:
-    """Next token per row: argmax for greedy rows, temperature/top-p sampling for the rest.
+    """Next token per row: argmax for greedy rows, temperature/top-k/top-p sampling for the
+    rest.
 
     Returns the tokens and, for rows whose sampling failed, why — those rows fail alone.
     """
@@ -114,7 +118,11 @@ def choose_tokens(
         if row.temperature <= 0 or done[i]:
             continue
         try:
-            probs = torch.softmax(logits[i].float() / row.temperature, dim=-1)
+            scaled = logits[i].float() / row.temperature
+            if 0 < row.top_k < scaled.shape[-1]:
+                kth = scaled.topk(row.top_k).values[-1]
+                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            probs = torch.softmax(scaled, dim=-1)
             if not bool(torch.isfinite(probs).all()):
                 raise ValueError(f"temperature {row.temperature:g} gives no usable distribution")
             if row.top_p < 1.0:

@@ -478,8 +478,8 @@ class StepDecoder:
                 continue
             tok, o = chosen[i], s.out
             report.sampled.append(s)
-            if tok == self.eos:
-                o.finish_reason, s.done = "stop", True
+            if tok == self.eos or tok in s.row.stop_token_ids:
+                o.finish_reason, o.stop_token, s.done = "stop", tok, True
             else:
                 o.token_ids.append(tok)
                 s.pending = tok

@@ -214,7 +214,8 @@ class Trainer:
                 raise TrainingError(f"job {member.key} cannot join: grad_accum "
                                     f"{member.cfg.grad_accum} ≠ {other.cfg.grad_accum} of job "
                                     f"{other.key}")  # fmt: skip
-        steps_per_epoch(len(member.items), self.global_batch(member))  # fail early: tiny data
+        if member.items:  # a session member (Tinker) brings its data with each call
+            steps_per_epoch(len(member.items), self.global_batch(member))  # fail early: tiny data
         self.members[member.key] = member
         return member
 
@@ -292,16 +293,17 @@ class Trainer:
         return out
 
     # -- sampling (reinforcement) -----------------------------------------------------------
-    def sample(self, member: Member, rows: list[Any]) -> list[Any]:
-        """Decode ``rows`` (``DecodeRow``) with ``member``'s current adapter, through the
-        serving engine's own decoder (one sampling implementation in the project)."""
+    def sample(self, key: str | None, rows: list[Any]) -> list[Any]:
+        """Decode ``rows`` (``DecodeRow``) with the adapter routed as ``key`` (a member's
+        current one, or a frozen snapshot packed beside them; None: the base alone), through
+        the serving engine's own decoder (one sampling implementation in the project)."""
         from workers.serving.stepper import decode_batch
 
         if self.tokenizer is None:
             raise TrainingError("sampling needs the trainer's tokenizer")
         was_training = self.model.training
         self.model.eval()
-        self.route([(member.key, 0, 1 << 30)])  # every row decoded is this member's
+        self.route([(key, 0, 1 << 30)] if key is not None else [])  # every row is key's
         try:
             with torch.no_grad():
                 return decode_batch(self.model, self.tokenizer, {}, rows)
@@ -349,7 +351,7 @@ class Trainer:
         expand = getattr(m.objective, "expand", None)
         if expand is None:
             return items
-        return list(expand(items, lambda rows: self.sample(m, rows), seed=seed, greedy=greedy,
+        return list(expand(items, lambda rows: self.sample(m.key, rows), seed=seed, greedy=greedy,
                            ask=lambda model, chats: self.ask(m, model, chats)))  # fmt: skip
 
     @staticmethod
@@ -358,6 +360,72 @@ class Trainer:
                  for k, n in enumerate(m.objective.metric_names)}  # fmt: skip
         finalize = getattr(m.objective, "finalize", None)
         return dict(finalize(means)) if finalize is not None else means
+
+    # -- the two halves of a step (Tinker sessions call them one at a time) -----------------
+    def accumulate(
+        self,
+        batches: Sequence[tuple[Member, Sequence[Any]]],
+        denoms: dict[str, float],
+        stats: dict[str, torch.Tensor] | None = None,
+        *,
+        backward: bool = True,
+    ) -> dict[str, tuple[torch.Tensor, TokenLogprobs]]:
+        """One shared forward (and backward) over every member's ``items``: gradients of
+        each member's loss sum divided by ``denoms[key]`` are added to its parameters.
+
+        Args:
+            batches: (member, its items) — members with no items are skipped.
+            denoms: each member's normaliser (its global batch's units; 1 for a plain sum).
+            stats: per member [loss sum, tokens, items, *metric sums], added to in place.
+            backward: False: a forward only (no gradient is touched).
+
+        Returns:
+            Per member: its loss sum (detached) and its rows' log-probabilities (detached).
+        """
+        rows: list[Any] = []
+        parts: list[tuple[Member, list[Any], int, int]] = []
+        for m, items in batches:
+            seqs = [s for it in items for s in m.objective.sequences(it)]
+            if seqs:
+                parts.append((m, list(items), len(rows), len(rows) + len(seqs)))
+                rows += seqs
+        if not rows:
+            return {}
+        references = self._references(parts, rows)
+        grad = torch.enable_grad() if backward else torch.no_grad()
+        out: dict[str, tuple[torch.Tensor, TokenLogprobs]] = {}
+        with grad:
+            lp, mask = self._logprobs(rows, [(m.key, a, b) for m, _, a, b in parts])
+            total: torch.Tensor | float = 0.0
+            for m, items, a, b in parts:
+                mine = lp.select(a, b)
+                loss_sum, metric_sums = m.objective.loss(mine, references.get(m.key), items)
+                total = total + loss_sum / denoms[m.key]
+                out[m.key] = (loss_sum.detach(), TokenLogprobs(mine.values.detach(), mine.rows,
+                                                               mine.n_rows))  # fmt: skip
+                if stats is not None:
+                    acc = stats[m.key]
+                    acc[0] += float(loss_sum.detach())
+                    acc[1] += int(mask[a:b].sum())
+                    acc[2] += len(items)
+                    for k, value in enumerate(metric_sums):
+                        acc[3 + k] += float(value)
+            if backward and isinstance(total, torch.Tensor) and total.requires_grad:
+                total.backward()
+        return out
+
+    @staticmethod
+    def optimizer_step(member: Member, max_grad_norm: float | None) -> float:
+        """Clip ``member``'s gradients to ``max_grad_norm`` (None or ≤ 0: no clipping), take
+        its optimizer step and count it; returns the gradient norm before clipping."""
+        if max_grad_norm is not None and max_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(member.params, max_grad_norm))
+        else:
+            grads = [p.grad for p in member.params if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        member.optimizer.step()
+        member.step += 1
+        return norm
 
     # -- one step of every member ------------------------------------------------------------
     def step(self, failed: dict[str, str] | None = None) -> dict[str, StepReport]:
@@ -416,30 +484,7 @@ class Trainer:
         stats = {m.key: torch.zeros(3 + len(m.objective.metric_names), dtype=torch.float64)
                  for m in active}  # fmt: skip
         for micro in range(first.cfg.grad_accum):
-            rows: list[Any] = []
-            parts: list[tuple[Member, list[Any], int, int]] = []
-            for m in active:
-                items = micro_items[m.key][micro]
-                seqs = [s for it in items for s in m.objective.sequences(it)]
-                parts.append((m, items, len(rows), len(rows) + len(seqs)))
-                rows += seqs
-            if not rows:
-                continue
-            references = self._references(parts, rows)
-            lp, mask = self._logprobs(rows, [(m.key, a, b) for m, _, a, b in parts])
-            total: torch.Tensor | float = 0.0
-            for m, items, a, b in parts:
-                loss_sum, metric_sums = m.objective.loss(lp.select(a, b), references.get(m.key),
-                                                         items)  # fmt: skip
-                total = total + loss_sum / denoms[m.key]
-                acc = stats[m.key]
-                acc[0] += float(loss_sum.detach())
-                acc[1] += int(mask[a:b].sum())
-                acc[2] += len(items)
-                for k, value in enumerate(metric_sums):
-                    acc[3 + k] += float(value)
-            if isinstance(total, torch.Tensor) and total.requires_grad:
-                total.backward()
+            self.accumulate([(m, micro_items[m.key][micro]) for m in active], denoms, stats)
         for m in active:  # AdaLoRA keeps P and Q orthogonal (per worker: 1/world)
             if m.regularizer is not None:
                 (m.regularizer() / self.world).backward()
@@ -461,9 +506,7 @@ class Trainer:
                                         else f"job {m.key}: {reason}")  # fmt: skip
                 failed[m.key] = reason  # the same on every rank: the loss was all-reduced
                 continue
-            norm = float(torch.nn.utils.clip_grad_norm_(m.params, m.cfg.max_grad_norm))
-            m.optimizer.step()
-            m.step += 1
+            norm = self.optimizer_step(m, m.cfg.max_grad_norm)
             if m.after_step is not None:  # scores from this step's gradients, then prunes
                 m.after_step(m.step)
             n = int(mine[1])

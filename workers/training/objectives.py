@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from workers.datasets import Example
+from workers.datasets import IGNORE_INDEX, Example
 from workers.errors import TrainingError
 from workers.method_data import PreferencePair
 from workers.training.batches import n_loss_tokens
@@ -255,4 +255,66 @@ class PolicyGradient:
                                 f"{adv.numel()} advantages for {policy.values.numel()} "
                                 "tokens")  # fmt: skip
         return policy_gradient_loss(self.loss_fn, policy.values, q, adv, clip_low=self.clip_low,
+                                    clip_high=self.clip_high), []  # fmt: skip
+
+
+# -- per-token losses over caller-built datums (the Tinker-compatible API) -------------------
+
+TOKEN_LOSSES = ("cross_entropy", *POLICY_LOSSES)
+TOKEN_LOSS_INPUTS = {
+    "cross_entropy": ("weights",),
+    "importance_sampling": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+    "cispo": ("logprobs", "advantages"),
+}
+
+
+@dataclass(frozen=True)
+class TokenDatum:
+    """One sequence whose every position is scored: ``tokens[i]`` predicts ``targets[i]``
+    (Tinker's datum), with the per-position inputs its loss needs (``weights``, or the
+    sampler's ``logprobs`` and the ``advantages``), each as long as ``tokens``."""
+
+    tokens: tuple[int, ...]
+    targets: tuple[int, ...]
+    inputs: dict[str, tuple[float, ...]]
+
+    def example(self, pad_id: int) -> Example:
+        """The row the core forwards: labels[t] is scored from position t − 1, so the
+        targets sit one place right and a pad closes the row (no position attends to it)."""
+        return Example(input_ids=(*self.tokens, pad_id), labels=(IGNORE_INDEX, *self.targets))
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """A loss summed over every position of caller-built datums (no normaliser: the caller
+    chooses its own weights), by name: ``cross_entropy`` −Σ w·lp, or a policy loss."""
+
+    loss_fn: str
+    pad_id: int
+    clip_low: float = 0.8
+    clip_high: float = 1.2
+    name = "tinker"
+    needs_reference = False
+    metric_names: tuple[str, ...] = ()
+
+    def sequences(self, item: TokenDatum) -> Sequence[Example]:
+        return (item.example(self.pad_id),)
+
+    def units(self, item: TokenDatum) -> int:
+        return 1
+
+    def loss(
+        self, policy: TokenLogprobs, reference: TokenLogprobs | None, items: Sequence[Any]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        dev = policy.values.device
+
+        def gather(name: str) -> torch.Tensor:
+            return torch.tensor([v for it in items for v in it.inputs[name]], device=dev,
+                                dtype=policy.values.dtype)  # fmt: skip
+
+        if self.loss_fn == "cross_entropy":
+            return cross_entropy_loss(policy.values, gather("weights")), []
+        return policy_gradient_loss(self.loss_fn, policy.values, gather("logprobs"),
+                                    gather("advantages"), clip_low=self.clip_low,
                                     clip_high=self.clip_high), []  # fmt: skip

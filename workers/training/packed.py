@@ -86,10 +86,7 @@ class PackedRecipe:
         self.layout.segments = segments
 
     def _detach(self, member: Member) -> None:
-        for path in member.modules:
-            layer = self.model.get_submodule(path)
-            if isinstance(layer, PackedLoraLinear):
-                layer.jobs.pop(member.key, None)
+        self.detach(member.key, member.modules)
 
     @property
     def jobs(self) -> dict[str, Member]:
@@ -119,8 +116,24 @@ class PackedRecipe:
             raise TrainingError(f"job {key} cannot train packed: {why}")
         if key in self.jobs:
             raise TrainingError(f"job {key} is already in the pack")
+        modules, params = self.attach(key, lora, seed=cfg.seed)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        member = Member(key, cfg, objective or Supervised(), items, modules, params, optimizer,
+                        eval_items=eval_items, checkpoint_every=checkpoint_every,
+                        lora=lora)  # fmt: skip
+        try:
+            return self.trainer.add(member)
+        except TrainingError:
+            self._detach(member)
+            raise
+
+    def attach(
+        self, key: str, lora: LoraConfig, *, seed: int, trainable: bool = True
+    ) -> tuple[dict[str, LoraLinear], list[torch.Tensor]]:
+        """Create ``key``'s LoRA layers beside the others' exactly as a solo run creates them
+        (seeded, in model order); returns them and their parameters (trainable or frozen)."""
         paths = match_target_modules(self.model, lora.target_modules)
-        torch.manual_seed(cfg.seed)  # as LoraFinetuneRecipe.setup: same A, in the same order
+        torch.manual_seed(seed)  # as LoraFinetuneRecipe.setup: same A, in the same order
         modules: dict[str, LoraLinear] = {}
         params: list[torch.Tensor] = []
         for path in paths:
@@ -131,16 +144,15 @@ class PackedRecipe:
             modules[path] = lora_layer
             params += [lora_layer.lora_A.weight, lora_layer.lora_B.weight]
         for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        member = Member(key, cfg, objective or Supervised(), items, modules, params, optimizer,
-                        eval_items=eval_items, checkpoint_every=checkpoint_every,
-                        lora=lora)  # fmt: skip
-        try:
-            return self.trainer.add(member)
-        except TrainingError:
-            self._detach(member)
-            raise
+            p.requires_grad_(trainable)
+        return modules, params
+
+    def detach(self, key: str, modules: dict[str, LoraLinear]) -> None:
+        """Drop ``key``'s layers (one that never joined the trainer: a frozen snapshot)."""
+        for path in modules:
+            layer = self.model.get_submodule(path)
+            if isinstance(layer, PackedLoraLinear):
+                layer.jobs.pop(key, None)
 
     def remove(self, key: str) -> Member:
         """Leave the pack (finished, failed or cancelled); the others go on unchanged."""
