@@ -113,7 +113,7 @@ class SchedulerCore:
     def tick(self) -> Decision:
         """Stop cancelled runs, resume orphaned ones, admit what fits; returns the decision."""
         # 1. cancelled jobs whose runner still runs
-        for job in jobs.list_jobs(self.catalog, states={"cancelled"}):
+        for job in _scheduled(jobs.list_jobs(self.catalog, states={"cancelled"})):
             if job.pack_id is not None and self.packs:
                 continue  # its pack drops it at the next step; the others train on
             if self.hooks.runner_alive(job.id):
@@ -126,7 +126,8 @@ class SchedulerCore:
                     data={"message": "runner stopped after cancel"},
                 )
         # 2. active jobs whose runner is gone: resume from the last checkpoint
-        active = jobs.list_jobs(self.catalog, states={"starting", "running", "retrying"})
+        active = _scheduled(jobs.list_jobs(self.catalog, states={"starting", "running",
+                                                                 "retrying"}))  # fmt: skip
         now = time.monotonic()
         for job in active:
             if self._runner_alive(job):
@@ -138,7 +139,8 @@ class SchedulerCore:
             self._resume(job)
         # 3. admission
         queued = jobs.list_jobs(self.catalog, states={"queued"})
-        active = jobs.list_jobs(self.catalog, states={"starting", "running", "retrying"})
+        active = _scheduled(jobs.list_jobs(self.catalog, states={"starting", "running",
+                                                                 "retrying"}))  # fmt: skip
         keys = self._pack_keys(queued)
         decision = decide(
             [QueuedJob(j.id, j.namespace, j.priority, j.created_at.timestamp(),
@@ -235,6 +237,12 @@ class SchedulerCore:
         log.info("resuming job %s from its last checkpoint", job.id)
         self._seen_starting[job.id] = time.monotonic()
         self.hooks.start_runner(job.id)
+
+
+def _scheduled(found: list[jobs.Job]) -> list[jobs.Job]:
+    """The jobs this scheduler runs: a Tinker session's job belongs to the API server that
+    holds the session (it ends it), and takes no Ray resources."""
+    return [j for j in found if j.spec.get("kind") != "tinker"]
 
 
 def ray_hooks(settings: Settings) -> ClusterHooks:

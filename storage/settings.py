@@ -15,6 +15,8 @@ a SQLite catalog, a local-directory object store and the node cache.
 | max_upload_bytes | LORAFLEET_MAX_UPLOAD_BYTES | max_upload_bytes |
 | max_line_bytes   | LORAFLEET_MAX_LINE_BYTES   | max_line_bytes  |
 | max_uploads_per_namespace | LORAFLEET_MAX_UPLOADS_PER_NAMESPACE | max_uploads_per_namespace |
+| tinker_models    | LORAFLEET_TINKER_MODELS    | tinker_models   |
+| tinker_heartbeat_s | LORAFLEET_TINKER_HEARTBEAT_S | tinker_heartbeat_s |
 
 The toml file is ``LORAFLEET_CONFIG`` if set, else ``./lorafleet.toml``, else
 ``$LORAFLEET_HOME/lorafleet.toml``.
@@ -49,6 +51,8 @@ ENV_KEYS = {
     "max_upload_bytes": "LORAFLEET_MAX_UPLOAD_BYTES",
     "max_line_bytes": "LORAFLEET_MAX_LINE_BYTES",
     "max_uploads_per_namespace": "LORAFLEET_MAX_UPLOADS_PER_NAMESPACE",
+    "tinker_models": "LORAFLEET_TINKER_MODELS",
+    "tinker_heartbeat_s": "LORAFLEET_TINKER_HEARTBEAT_S",
 }
 
 
@@ -71,6 +75,10 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(default=512 * 1024**2, gt=0)
     max_line_bytes: int = Field(default=8 * 1024**2, gt=0)  # one JSONL row of an upload
     max_uploads_per_namespace: int = Field(default=4, gt=0)  # at once; then 429
+    # Tinker base names the training API accepts, each mapped to a registered base
+    # ("meta-llama/Llama-3.2-1B=smollm2,..."); a registered base's own name always works
+    tinker_models: str | None = None
+    tinker_heartbeat_s: float = Field(default=120.0, gt=0)  # a silent session ends after it
 
     @property
     def cache_dir(self) -> Path:

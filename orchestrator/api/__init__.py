@@ -9,6 +9,7 @@ admin token (``LORAFLEET_API_TOKEN``) sees everything. Errors are ``{"error": {"
 - ``deps``: the caller (token and scope) and the error handlers
 - ``schemas``: every request and response body (``/v1/openapi.json``, admin only)
 - ``jobs``, ``files``, ``adapters``, ``tokens``, ``usage``: the routes
+- ``tinker``: Tinker's training and sampling protocol under ``/api/v1`` (the ``tinker`` SDK)
 - ``orchestrator.console``: the browser console at ``/`` (static files; data through the routes)
 """
 
@@ -23,6 +24,7 @@ from orchestrator.api.adapters import adapters_router
 from orchestrator.api.deps import install_error_handlers, principal_dependency
 from orchestrator.api.files import UploadGuard, files_router
 from orchestrator.api.jobs import jobs_router
+from orchestrator.api.tinker import tinker_router
 from orchestrator.api.tokens import tokens_router
 from orchestrator.api.usage import usage_router
 from orchestrator.console import mount_console
@@ -70,6 +72,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.include_router(adapters_router(reg, principal))
     app.include_router(tokens_router(reg.catalog, principal))
     app.include_router(usage_router(reg.catalog, principal))
+    tinker = tinker_router(reg, settings, admin)
+    app.include_router(tinker)
+    app.state.tinker = tinker.service  # type: ignore[attr-defined]
     app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes)
     mount_console(app)
     return app

@@ -150,7 +150,8 @@ class SessionHost:
         self.recipe = PackedRecipe(model, pad_id=self.pad_id, device=self.device,
                                    tokenizer=tokenizer)  # fmt: skip
         self.trainer = self.recipe.trainer
-        self.vocab = int(model.get_input_embeddings().weight.shape[0])
+        embeddings: Any = model.get_input_embeddings()
+        self.vocab = int(embeddings.weight.shape[0])
         self.snapshots: dict[str, Snapshot] = {}
         self.parked: set[str] = set()
 

@@ -1,0 +1,1 @@
+"""The Tinker-compatible training API: wire formats (``wire``), sessions (``service``)."""
