@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -450,3 +451,23 @@ def processes_with_env(marker: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+class AppServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread of this process
+    (tests and benchmarks drive it with real HTTP clients)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                     log_level="warning"))  # fmt: skip
+        self._thread = threading.Thread(target=self._server.run, name="app-server", daemon=True)
+        self._thread.start()
+        wait_until(lambda: self._server.started, timeout_s=30, what="the app server")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -46,6 +46,7 @@ SAMPLERS_KEPT = 64  # frozen sampler snapshots resident per base (least recently
 MAX_SAMPLES = 128
 MAX_NEW_TOKENS = 4096
 REAP_EVERY_S = 2.0
+SEQ_GAP_S = 30.0  # a training client's missing seq_id is skipped after this long
 
 
 class UserError(Exception):
@@ -117,6 +118,7 @@ class Model:
     tokens: int = 0
     step_started: float | None = None
     ended: str | None = None  # why no request runs any more
+    gap_since: float | None = None  # when it began waiting for a seq_id that is missing
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -359,6 +361,20 @@ class TinkerService:
         m = self.model(model_id, namespace)
         if not isinstance(seq_id, int) or seq_id < 1:
             raise UserError("seq_id: a positive integer")
+        host = self.hosts.get(m.base)
+        if kind == "forward_backward" and host is not None:  # bad input: a 4xx now
+            from workers.training.sessions import check_datums
+
+            try:
+                check_datums(payload.datums, payload.loss_fn, host.vocab)
+            except TrainingError as exc:
+                with self.lock:  # its seq_id is spent: the model's later requests go on
+                    if seq_id >= m.next_seq and seq_id not in m.pending:
+                        f = self._future()
+                        f.finish(error=str(exc), category="user")
+                        m.pending[seq_id] = Request("rejected", None, f)
+                        self.lock.notify_all()
+                raise UserError(str(exc)) from None
         with self.lock:
             known = self.seen.get((m.id, seq_id))
             if known is not None:
@@ -461,6 +477,15 @@ class TinkerService:
 
     # -- the worker ----------------------------------------------------------------------------
     def _ready(self) -> tuple[list[tuple[Model, Request]], list[Request]]:
+        now = time.monotonic()
+        for m in self.models.values():  # a seq_id that never came must not stall the model
+            if m.pending and m.next_seq not in m.pending:
+                m.gap_since = m.gap_since or now
+                if now - m.gap_since > SEQ_GAP_S:
+                    log.warning("model %s: seq_id %d never arrived; going on", m.id, m.next_seq)
+                    m.next_seq = min(m.pending)
+            else:
+                m.gap_since = None
         ordered = [(m, m.pending.pop(m.next_seq)) for m in self.models.values()
                    if m.next_seq in m.pending]  # fmt: skip
         others = list(self.samples)
@@ -543,6 +568,8 @@ class TinkerService:
         return host
 
     def _one(self, m: Model, r: Request) -> dict[str, Any]:
+        if r.kind == "rejected":  # answered when it was refused
+            return {}
         if m.ended and r.kind not in ("create", "load"):
             raise UserError(f"model {m.id}: {m.ended}")
         if r.kind in ("create", "load"):

@@ -150,7 +150,7 @@ class SessionHost:
         self.recipe = PackedRecipe(model, pad_id=self.pad_id, device=self.device,
                                    tokenizer=tokenizer)  # fmt: skip
         self.trainer = self.recipe.trainer
-        embeddings: Any = model.get_input_embeddings()
+        embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]
         self.vocab = int(embeddings.weight.shape[0])
         self.snapshots: dict[str, Snapshot] = {}
         self.parked: set[str] = set()
