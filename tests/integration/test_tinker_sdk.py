@@ -175,7 +175,7 @@ def _wait_state(registry: Registry, job_id: str, state: str) -> None:
 
 
 def test_bad_input_is_a_user_error_and_namespaces_are_apart(server: Any) -> None:
-    app, keys, registry, tok = server
+    app, keys, _, tok = server
     tokens = tok.encode("one two three four")
     good = _datum(tokens)
     with tinker.ServiceClient(base_url=app.url, api_key=keys["a"]) as sc:

@@ -30,14 +30,14 @@ class DecodeRow:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = 0  # sample among the k most likely tokens only (0: all)
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()  # these end the row as EOS does (kept in stop_token)
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks)
     logprobs: int | None = None  # sampled tokens' log-probabilities with this many top ones
     prompt_logprobs: int | None = None  # the prompt's too (echo); None: not computed
     deltas: bool = True  # text as it is decoded (streaming); False: decoded once at the end
+    top_k: int = 0  # sample among the k most likely tokens only (0: all)
+    stop_token_ids: tuple[int, ...] = ()  # these end the row as EOS does (kept in stop_token)
 
 
 @dataclass
