@@ -129,9 +129,10 @@ def tinker_router(registry: Registry, settings: Settings, admin: str | None) -> 
 
     async def get_info(request: Request, ns: str) -> Response:
         m = service.model((await body_json(request)).get("model_id"), ns)
-        return JSONResponse({"type": "get_info", "model_id": m.id, "model_data": {
-            "model_name": m.requested, "tokenizer_id": m.requested, "arch": "llama",
-            "lora_rank": m.rank}})  # fmt: skip
+        return JSONResponse({"type": "get_info", "model_id": m.id, "model_name": m.requested,
+                             "is_lora": True, "lora_rank": m.rank, "model_data": {
+                                 "model_name": m.requested, "tokenizer_id": m.requested,
+                                 "arch": "llama"}})  # fmt: skip
 
     async def forward_backward(request: Request, ns: str) -> Response:
         raw = await request.body()

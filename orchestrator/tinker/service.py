@@ -47,6 +47,9 @@ MAX_SAMPLES = 128
 MAX_NEW_TOKENS = 4096
 REAP_EVERY_S = 2.0
 SEQ_GAP_S = 30.0  # a training client's missing seq_id is skipped after this long
+JOB_CHECK_S = 10.0  # how often a model's job is read (a cancel through the jobs API ends it)
+PARK_AFTER_S = 60.0  # an idle model's adapter and optimizer state leave the accelerator
+FUTURE_TTL_S = 900.0  # an answer is kept this long after it is ready
 
 
 class UserError(Exception):
@@ -69,11 +72,13 @@ class Future:
     done: threading.Event = field(default_factory=threading.Event)
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    finished_at: float = 0.0
 
     def finish(self, *, proto: bytes | None = None, json: dict[str, Any] | None = None,
                error: str | None = None, category: str = "user") -> None:  # fmt: skip
         with self.lock:
             self.proto, self.json, self.error, self.category = proto, json, error, category
+            self.finished_at = time.monotonic()
             self.done.set()
             waiters, self.waiters = self.waiters, []
         for loop, event in waiters:
@@ -119,6 +124,7 @@ class Model:
     step_started: float | None = None
     ended: str | None = None  # why no request runs any more
     gap_since: float | None = None  # when it began waiting for a seq_id that is missing
+    checked: float = 0.0  # when its job's state was last read
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -139,6 +145,7 @@ class Session:
     heartbeat: float = field(default_factory=time.monotonic)
     models: list[str] = field(default_factory=list)
     ended: bool = False
+    ending: bool = False  # its end is queued
 
 
 def parse_model_map(value: str | None) -> dict[str, str]:
@@ -518,18 +525,41 @@ class TinkerService:
                     for m, _ in ordered:
                         m.next_seq += 1
                         m.last_used = time.monotonic()
+                    self._reap_due()  # a busy worker keeps house too
 
     def _reap_due(self) -> None:
+        """Housekeeping between requests (on the worker thread): silent sessions end, models
+        whose job was cancelled stop, idle models leave the accelerator, old answers go."""
         now = time.monotonic()
         if now - self._last_reap < REAP_EVERY_S:
             return
         self._last_reap = now
         for s in list(self.sessions.values()):
-            if not s.ended and now - s.heartbeat > self.heartbeat_s:
+            if not s.ended and not s.ending and now - s.heartbeat > self.heartbeat_s:
                 log.info("tinker session %s: no heartbeat for %.0f s; ending it", s.id,
                          now - s.heartbeat)  # fmt: skip
+                s.ending = True
                 self.samples.appendleft(Request("end_session", (s.id, "cancelled",
                     "no heartbeat: session timed out (state saved)"), self._future()))  # fmt: skip
+        for m in list(self.models.values()):
+            if m.ended or m.job_id is None:
+                continue
+            if now - m.checked > JOB_CHECK_S:
+                m.checked = now
+                try:
+                    state = jobs.get_job(self.catalog, job_id=m.job_id).state
+                except StorageError:
+                    state = "running"  # the catalog is away: judge again later
+                if state == "cancelled":
+                    m.ended = "its job was cancelled"
+                    self._host(m.base).drop(m.id)
+                    continue
+            if now - m.last_used > PARK_AFTER_S:
+                self._host(m.base).park(m.id)
+        old = [k for k, f in self.futures.items()
+               if f.done.is_set() and now - f.finished_at > FUTURE_TTL_S]  # fmt: skip
+        for k in old:
+            del self.futures[k]
 
     def _execute(self, ordered: list[tuple[Model, Request]], others: list[Request]) -> None:
         fb = [(m, r) for m, r in ordered if r.kind == "forward_backward"]
