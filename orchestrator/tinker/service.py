@@ -918,7 +918,8 @@ def _sampling(params: dict[str, Any], n: int) -> list[dict[str, Any]]:
     Raises:
         UserError: a value out of range, naming it.
     """
-    max_tokens = params.get("max_tokens") or 16
+    max_tokens = params.get("max_tokens")
+    max_tokens = 16 if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
         raise UserError(f"sampling_params.max_tokens: an integer from 1 to {MAX_NEW_TOKENS}")
     temperature = params.get("temperature", 1.0)
