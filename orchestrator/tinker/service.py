@@ -46,6 +46,7 @@ SAMPLERS_KEPT = 64  # frozen sampler snapshots resident per base (least recently
 MAX_SAMPLES = 128
 MAX_NEW_TOKENS = 4096
 REAP_EVERY_S = 2.0
+FLUSH_EVERY_S = 2.0  # usage counts and step events reach the catalog this often
 SEQ_GAP_S = 30.0  # a training client's missing seq_id is skipped after this long
 JOB_CHECK_S = 10.0  # how often a model's job is read (a cancel through the jobs API ends it)
 PARK_AFTER_S = 60.0  # an idle model's adapter and optimizer state leave the accelerator
@@ -182,6 +183,9 @@ class TinkerService:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._last_reap = 0.0
+        self._last_flush = 0.0
+        self._usage: dict[tuple[str, str], list[int]] = {}  # (namespace, model) → counts
+        self._events: list[tuple[str, str, dict[str, Any]]] = []  # written by _flush
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _ensure_worker(self) -> None:
@@ -531,6 +535,8 @@ class TinkerService:
         """Housekeeping between requests (on the worker thread): silent sessions end, models
         whose job was cancelled stop, idle models leave the accelerator, old answers go."""
         now = time.monotonic()
+        if now - self._last_flush > FLUSH_EVERY_S:
+            self._flush()
         if now - self._last_reap < REAP_EVERY_S:
             return
         self._last_reap = now
@@ -722,8 +728,8 @@ class TinkerService:
                  "lr": adam.learning_rate, "tokens": m.tokens,
                  "tokens_per_s": m.tokens / took if took > 0 else 0.0}  # fmt: skip
         m.loss_sum, m.tokens, m.step_started = 0.0, 0, None
-        if m.job_id is not None:
-            jobs.add_event(self.catalog, job_id=m.job_id, kind="metrics", data=event)
+        if m.job_id is not None:  # written with the next flush: no catalog write per step
+            self._events.append((m.job_id, "metrics", event))
         return {"metrics": metrics, "type": "optim_step"}
 
     def _prefix(self, namespace: str, path: wire.TinkerPath) -> str:
@@ -874,28 +880,43 @@ class TinkerService:
         })  # fmt: skip
 
     def _meter(self, usage: list[tuple[Any, int, int]]) -> None:
+        """Count requests and tokens per (namespace, base) in memory; ``_flush`` writes them."""
+        for who, prompt, completion in usage:
+            c = self._usage.setdefault((who.namespace, f"tinker:{who.base}"), [0, 0, 0])
+            c[0] += 1
+            c[1] += prompt
+            c[2] += completion
+
+    def _flush(self) -> None:
+        """Write the counted usage and the steps' events to the catalog, one transaction
+        each (metering and events never fail a request: a failed write is retried later)."""
         from datetime import UTC, datetime
 
         from storage.catalog.usage import minute_of
 
-        minute = minute_of(datetime.now(UTC))
-        counts: dict[tuple[str, str], list[int]] = {}
-        for who, prompt, completion in usage:
-            c = counts.setdefault((who.namespace, f"tinker:{who.base}"), [0, 0, 0])
-            c[0] += 1
-            c[1] += prompt
-            c[2] += completion
-        try:
-            add_usage(self.catalog, [UsageCount(minute, ns, model, *c)
-                                     for (ns, model), c in counts.items()])  # fmt: skip
-        except StorageError as exc:  # metering never fails a request
-            log.warning("tinker metering failed: %s", exc)
+        self._last_flush = time.monotonic()
+        if self._usage:
+            minute = minute_of(datetime.now(UTC))
+            counts = [UsageCount(minute, ns, model, *c) for (ns, model), c in self._usage.items()]
+            try:
+                add_usage(self.catalog, counts)
+                self._usage.clear()
+            except StorageError as exc:
+                log.warning("tinker metering failed (kept for the next flush): %s", exc)
+        if self._events:
+            events, self._events = self._events, []
+            try:
+                jobs.add_events(self.catalog, events)
+            except StorageError as exc:
+                self._events = events + self._events
+                log.warning("tinker job events failed (kept for the next flush): %s", exc)
 
     def _end_session(self, session_id: str, state: str, reason: str | None) -> dict[str, Any]:
         s = self.sessions.get(session_id)
         if s is None or s.ended:
             return {}
         s.ended = True
+        self._flush()  # its last steps' events are in before its job ends
         for mid in s.models:
             m = self.models.get(mid)
             if m is None or m.ended or m.job_id is None:

@@ -321,6 +321,14 @@ def add_event(db: Catalog, *, job_id: str, kind: str, data: dict[str, Any]) -> N
         s.add(JobEventRow(job_id=job_id, kind=kind, data=data))
 
 
+def add_events(db: Catalog, events: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+    """Append several events, ``(job_id, kind, data)``, in one transaction (a writer that
+    reports many steps a second flushes them together)."""
+    with db.session() as s:
+        for job_id, kind, data in events:
+            s.add(JobEventRow(job_id=job_id, kind=kind, data=data))
+
+
 def list_events(
     db: Catalog,
     *,
