@@ -249,6 +249,9 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
                                       for k in ("dpo_first_epoch", "trl"))),
     ("GRPO rollouts", lambda: _r(_get("grpo", "trainer_over_engine"))),
     ("packing end to end", lambda: _r(_get("packed_e2e", "packed_over_sequential"))),
+    ("Tinker SDK vs in process", lambda: _r(_get("tinker_api", "sdk_over_in_process"))),
+    ("Tinker sessions at once", lambda: _r(_get("tinker_api", "concurrent_over_solo"))),
+    ("Tinker vs train", lambda: f"{_get('tinker_api', 'max_abs_diff_vs_train'):.1e}"),
     ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
                                           for m in ("adalora", "lora"))),
 ]  # fmt: skip
