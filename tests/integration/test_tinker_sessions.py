@@ -188,3 +188,49 @@ def test_sessions_share_one_base_forward(server: Any) -> None:
 def app_service(app: Any) -> Any:
     """The running app's Tinker service."""
     return app._server.config.app.state.tinker
+
+
+def test_idempotent_submissions_scopes_topk_and_metering(server: Any) -> None:
+    app, tokens, registry = server
+    session = _session(app, tokens["a"])
+    model = _model(app, tokens["a"], session)
+    step = {"model_id": model, "seq_id": 1, "adam_params": {"learning_rate": 1e-3}}
+    first = _post(app, tokens["a"], "optim_step", step).json()["request_id"]
+    again = _post(app, tokens["a"], "optim_step", step).json()["request_id"]
+    assert first == again  # a retried submission is the same request, run once
+    assert "metrics" in _result(app, tokens["a"], first)
+    # a read-only token lists and reads; it does not train or sample
+    reader = repo.create_token(registry.catalog, namespace="a", name="r", scope="read")
+    r = _post(app, reader, "create_session", {"tags": [], "user_metadata": None,
+                                              "sdk_version": "test"})  # fmt: skip
+    assert r.status_code == 403 and "read-only" in r.json()["error"]["message"]
+    # sampling with top-k log-probabilities of the prompt and of the samples
+    saved = _result(app, tokens["a"], _post(app, tokens["a"], "save_weights_for_sampler", {
+        "model_id": model, "seq_id": 2, "path": "s1"}).json()["request_id"])  # fmt: skip
+    sampler = _post(app, tokens["a"], "create_sampling_session", {
+        "session_id": session, "sampling_session_seq_id": 0,
+        "model_path": saved["path"]}).json()["sampling_session_id"]  # fmt: skip
+    with tinker.ServiceClient(base_url=app.url, api_key="tml-" + tokens["a"]) as sc:
+        client = sc.create_sampling_client(model_path=saved["path"])
+        res = client.sample(
+            types.ModelInput.from_ints([5, 6, 7, 8]),
+            num_samples=2,
+            sampling_params=types.SamplingParams(max_tokens=4, seed=3, stop=[11]),
+            include_prompt_logprobs=True,
+            topk_prompt_logprobs=3,
+        ).result()
+        assert res.prompt_logprobs is not None and len(res.prompt_logprobs) == 4
+        assert res.topk_prompt_logprobs is not None and len(res.topk_prompt_logprobs[1]) == 3
+        for s in res.sequences:
+            assert len(s.logprobs) == len(s.tokens)
+            assert 11 not in s.tokens[:-1]  # a stop token ends the sequence (and is kept)
+    assert sampler.startswith("smp-")
+    # requests and tokens are metered for the namespace, once the worker flushes its counts
+    from storage.catalog.usage import query_usage
+
+    def metered() -> list[Any]:
+        return [u for u in query_usage(registry.catalog, namespace="a")
+                if u.model == "tinker:tiny"]  # fmt: skip
+
+    wait_until(lambda: bool(metered()) and metered()[0].completion_tokens > 0, timeout_s=30,
+               what="usage rows")  # fmt: skip
