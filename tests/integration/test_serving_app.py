@@ -173,6 +173,56 @@ def test_openai_client_completions_chat_and_stream(app: App, tiny_base_dir: Path
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_response_format_through_the_openai_client(app: App) -> None:
+    import jsonschema
+
+    client = app.client()
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"digit": {"enum": ["one", "two", "three"]},
+                             "even": {"type": "boolean"}},
+              "required": ["digit", "even"]}  # fmt: skip
+    for model, temperature in (("team/ours", 0.0), ("team/trained", 1.0), ("tiny", 0.7)):
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "spell 2 ="}], max_tokens=48,
+            temperature=temperature, seed=3, n=2,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "digit", "schema": schema, "strict": True}},
+        )  # fmt: skip
+        for choice in r.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content or ""), schema)
+    obj = client.completions.create(model="team/ours", prompt="spell 1 =", max_tokens=64,
+                                    temperature=0, extra_body={
+                                        "response_format": {"type": "json_object"}})  # fmt: skip
+    assert obj.choices[0].text.startswith("{")
+    if obj.choices[0].finish_reason == "stop":  # ended by itself: a whole JSON object
+        assert isinstance(json.loads(obj.choices[0].text), dict)
+    with pytest.raises(openai.BadRequestError, match="schema"):
+        client.chat.completions.create(
+            model="team/ours",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=4,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such"}},
+            },
+        )
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model="team/ours",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=4,
+            response_format={"type": "xml"},
+        )  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="tools"):  # not built yet: refused
+        client.chat.completions.create(
+            model="team/ours",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=4,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+
+
 def test_greedy_answers_equal_peft_for_three_adapters(app: App, tiny_base_dir: Path) -> None:
     client = app.client()
     for ref in ("team/trained", "team/ours", "team/peft"):

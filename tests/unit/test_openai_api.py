@@ -44,7 +44,19 @@ def test_completion_defaults_follow_openai() -> None:
         ({"prompt": "x", "best_of": 4}, "best_of"),
         ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
         ({"prompt": "x", "logit_bias": {"7": 100}}, "logit_bias"),
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
+        ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {
+                "prompt": "x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": "not an object"},
+                },
+            },
+            "response_format",
+        ),
+        ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"prompt": "x", "seed": 2**64}, "seed"),
         ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),

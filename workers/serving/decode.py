@@ -38,6 +38,7 @@ class DecodeRow:
     deltas: bool = True  # text as it is decoded (streaming); False: decoded once at the end
     top_k: int = 0  # sample among the k most likely tokens only (0: all)
     stop_token_ids: tuple[int, ...] = ()  # these end the row as EOS does (kept in stop_token)
+    grammar: Any = None  # a ``grammar.Compiled``: the row decodes only what it allows
 
 
 @dataclass

@@ -128,6 +128,7 @@ class GenRequest:
     echo: bool = False
     namespace: str = ""
     prompt_index: int = 0
+    schema: dict[str, Any] | None = None  # a JSON schema the answer must conform to
 
 
 @dataclass
@@ -211,6 +212,7 @@ class ServingEngine:
     ) -> None:
         self.registry = registry
         self.model, self.tokenizer = load_base(base_dir)
+        self._grammars: Any = None  # a GrammarCache, made at the first constrained request
         self.model.eval()
         self.fingerprint = fingerprint_model_dir(base_dir).sha256
         self.resolve = RefResolver(registry.resolve, ttl_s=alias_ttl_s)
@@ -398,6 +400,20 @@ class ServingEngine:
             self.forget(version.ref if version else None)
             raise
 
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        """A JSON schema compiled for this base's tokenizer (once per schema: a cache).
+
+        Raises:
+            GrammarError (a ValueError: the request is invalid), naming the part.
+        """
+        from workers.serving.grammar import GrammarCache
+
+        with self._host_lock:
+            if self._grammars is None:
+                vocab = int(getattr(self.model.config, "vocab_size", 0)) or len(self.tokenizer)
+                self._grammars = GrammarCache(self.tokenizer, max(vocab, len(self.tokenizer)))
+        return self._grammars.compiled(schema)
+
     def submits_quickly(self, adapter: str | None, version: AdapterVersion | None) -> bool:
         """Whether ``submit`` for ``adapter`` needs no storage (the base, or a version already
         in host memory): an event loop may then call it directly."""
@@ -444,10 +460,11 @@ class ServingEngine:
                 if not ids:
                     raise RequestRejected("empty prompt")
                 prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
+                grammar = self._grammar(req.schema) if req.schema is not None else None
                 rows = [DecodeRow(ids, BASE_SLOT, req.max_tokens, req.temperature, req.top_p,
                                   choice_seed(req.seed, req.prompt_index, j), tuple(req.stop),
                                   logprobs=req.logprobs, prompt_logprobs=prompt_lp,
-                                  deltas=on_delta is not None)
+                                  deltas=on_delta is not None, grammar=grammar)
                         for j in range(req.n)]  # fmt: skip
                 base_index = req.prompt_index * req.n
 

@@ -243,6 +243,7 @@ class Frontend:
         payload = {"prompts": prompts, "max_tokens": limit, "temperature": body.temperature,
                    "top_p": body.top_p, "seed": body.seed, "stop": list(body.stops()),
                    "n": body.n, "logprobs": top, "echo": echo, "namespace": tenant,
+                   "schema": body.response_schema(),
                    "stream": body.stream}  # fmt: skip
         return Prepared(
             chat, version, version.ref if version else self.opts.base_name, tenant, prompts,

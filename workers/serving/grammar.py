@@ -112,7 +112,10 @@ class GrammarCache:
         import llguidance
 
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(key)
+            # compact JSON: a model may not pad an answer with whitespace until max_tokens
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                key, defaults={"whitespace_flexible": False}
+            )
         except (ValueError, RuntimeError) as exc:
             raise GrammarError(f"schema: {exc}") from None
         problem = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
@@ -127,10 +130,25 @@ class GrammarCache:
         """A fresh matcher for one row."""
         return RowGrammar(self, grammar)
 
+    def compiled(self, schema: Any) -> Compiled:
+        """``schema`` compiled (see ``compile``), as a decode row carries it."""
+        return Compiled(self, self.compile(schema))
+
     @property
     def hit_rate(self) -> float:
         asked = self.hits + self.misses
         return self.hits / asked if asked else 0.0
+
+
+class Compiled:
+    """A compiled grammar and its cache: what a ``DecodeRow`` carries (each row that is
+    decoded gets its own ``RowGrammar`` from it)."""
+
+    def __init__(self, cache: GrammarCache, grammar: str) -> None:
+        self.cache, self.grammar = cache, grammar
+
+    def row(self) -> RowGrammar:
+        return self.cache.row(self.grammar)
 
 
 class RowGrammar:

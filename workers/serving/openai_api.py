@@ -52,9 +52,42 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "repetition_penalty": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
     "min_tokens": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "guided_json": (None,),
+    "guided_json": (None,),
     "guided_regex": (None,), "guided_choice": (None,), "prompt_logprobs": (None,),
 }  # fmt: skip
+
+
+def response_schema(value: Any) -> dict[str, Any] | None:
+    """``response_format`` as a JSON schema: None for ``text``, any object for
+    ``json_object``, the given schema for ``json_schema``.
+
+    Raises:
+        ValueError: any other shape, naming the part.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("an object with a type: text, json_object or json_schema")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise ValueError(f"type {str(kind)[:40]!r}: one of text, json_object, json_schema")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ValueError("json_schema: an object with name and schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        raise ValueError("json_schema.name: a name of 1 to 64 characters")
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict):
+        raise ValueError("json_schema.schema: a JSON schema object")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise ValueError("json_schema.strict: true or false")
+    return schema
 
 
 def error_param(loc: Sequence[Any], message: str) -> str | None:
@@ -97,7 +130,7 @@ class _Sampling(BaseModel):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    response_format: Any = None  # text, json_object or json_schema (checked below)
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
@@ -109,6 +142,16 @@ class _Sampling(BaseModel):
         if not any(v == neutral for neutral in NEUTRAL[info.field_name]):
             raise ValueError("not supported by this server")
         return v
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, v: Any) -> Any:
+        response_schema(v)  # raises, naming the part
+        return v
+
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must conform to (None: free text)."""
+        return response_schema(self.response_format)
 
     @field_validator("temperature")
     @classmethod

@@ -75,6 +75,7 @@ class Live:
     leader: Live | None = None  # the row whose prompt KV this one copies (n > 1)
     followers: list[Live] = field(default_factory=list)
     cache_key: tuple[str, bytes] | None = None  # (owner, root) in the prefix cache
+    grammar: Any = None  # its ``RowGrammar`` (a constrained row), made when it is created
 
     @property
     def to_prefill(self) -> int:
@@ -185,6 +186,8 @@ class StepDecoder:
         seq = Live(row, out, TextTracker(self.tokenizer, row.stop), None,
                    len(row.prompt_ids) + row.max_new_tokens, rid=next(self._rids),
                    context=list(row.prompt_ids), tag=tag)  # fmt: skip
+        if row.grammar is not None:
+            seq.grammar = row.grammar.row()
         try:
             seq.gen = row_generator(row, self.device)
         except (RuntimeError, ValueError) as exc:  # e.g. a seed out of range: this row only
@@ -460,6 +463,9 @@ class StepDecoder:
         young = [i for i, s in enumerate(seqs) if len(s.out.token_ids) < s.row.min_new_tokens]
         if young and self.eos is not None:
             logits[young, self.eos] = float("-inf")
+        for i, s in enumerate(seqs):  # a constrained row: only what its grammar allows next
+            if s.grammar is not None and not s.done:
+                s.grammar.mask(logits[i])
         rows = [s.row for s in seqs]
         chosen_t, failed = choose_tokens(logits, rows, [s.gen for s in seqs],
                                          [s.done for s in seqs])  # fmt: skip
@@ -483,7 +489,11 @@ class StepDecoder:
             else:
                 o.token_ids.append(tok)
                 s.pending = tok
-                if len(o.token_ids) >= s.row.max_new_tokens:
+                if s.grammar is not None:
+                    s.grammar.advance(tok)
+                if s.grammar is not None and s.grammar.finished:
+                    o.finish_reason, s.done = "stop", True  # the document is complete
+                elif len(o.token_ids) >= s.row.max_new_tokens:
                     o.finish_reason, s.done = "length", True
             if not (s.row.deltas or s.tracker.stop):
                 if s.done:  # nobody reads text before the end: decode it once
