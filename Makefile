@@ -73,7 +73,7 @@ integration: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest tests/e2e
 
-BENCHES := bench/train_throughput.py bench/storage.py bench/node_memory.py bench/control_plane.py bench/serving.py bench/base_fetch.py bench/resume.py bench/packed_training.py bench/packed_fleet.py bench/spectrum.py bench/qlora.py bench/adalora.py bench/serving_features.py bench/serving_http.py bench/cli_startup.py bench/dpo.py bench/grpo.py bench/packed_e2e.py bench/tinker_api.py
+BENCHES := bench/train_throughput.py bench/storage.py bench/node_memory.py bench/control_plane.py bench/serving.py bench/base_fetch.py bench/resume.py bench/packed_training.py bench/packed_fleet.py bench/spectrum.py bench/qlora.py bench/adalora.py bench/serving_features.py bench/serving_http.py bench/cli_startup.py bench/dpo.py bench/grpo.py bench/packed_e2e.py bench/tinker_api.py bench/grammar.py bench/structured.py
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== $$b"; OMP_NUM_THREADS=1 $(BIN)/python $$b || exit 1; done

@@ -252,6 +252,10 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("Tinker SDK vs in process", lambda: _r(_get("tinker_api", "sdk_over_in_process"))),
     ("Tinker sessions at once", lambda: _r(_get("tinker_api", "concurrent_over_solo"))),
     ("Tinker vs train", lambda: f"{_get('tinker_api', 'max_abs_diff_vs_train'):.1e}"),
+    ("structured vs free", lambda: _r(_get("structured", "constrained_over_free"))),
+    ("grammar compile · mask", lambda: f"{_get('grammar', 'compile_ms_p50', 'llguidance'):.2f} ms"
+                                       f" · {_get('grammar', 'mask_us_p50', 'llguidance'):.0f} µs"),
+    ("grammar cache", lambda: f"{_get('grammar', 'cache', 'hit_rate'):.2f} |"),
     ("AdaLoRA budget", lambda: " · ".join(f"{_get('adalora', 'best', m, 'final_params'):,}"
                                           for m in ("adalora", "lora"))),
 ]  # fmt: skip

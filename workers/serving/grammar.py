@@ -2,8 +2,8 @@
 
 The library is llguidance (PyPI, no dependencies), chosen by measurement (``bench/grammar.py``,
 SmolLM2's 49,152-token vocabulary, a 20-field schema, one thread): it compiles in 1.1 ms and
-masks a step in 51 µs, where xgrammar 0.2.9 takes 8.7× and 4.0× as long — and xgrammar would
-bring triton, a GPU compiler, into every install.
+masks a step in 49 µs, where xgrammar 0.2.9 takes 7.0× and 4.1× as long (8.7× and 4.0× in a
+first run) — and xgrammar would bring triton, a GPU compiler, into every install.
 
 A ``GrammarCache`` belongs to one tokenizer (one base): it checks a schema (size, depth, the
 library's own validation) and keeps each compiled grammar by its canonical text, so a schema
