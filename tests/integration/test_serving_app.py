@@ -191,6 +191,15 @@ def test_response_format_through_the_openai_client(app: App) -> None:
         for choice in r.choices:
             assert choice.finish_reason == "stop", choice.message.content
             jsonschema.validate(json.loads(choice.message.content or ""), schema)
+    streamed = client.chat.completions.create(
+        model="team/trained", messages=[{"role": "user", "content": "spell 3 ="}],
+        max_tokens=48, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": schema}},
+    )  # fmt: skip
+    chunks = list(streamed)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)),
+                        schema)  # fmt: skip
     obj = client.completions.create(model="team/ours", prompt="spell 1 =", max_tokens=64,
                                     temperature=0, extra_body={
                                         "response_format": {"type": "json_object"}})  # fmt: skip
