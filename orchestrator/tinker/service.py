@@ -930,6 +930,9 @@ class TinkerService:
             with contextlib.suppress(jobs.JobStateConflict):  # cancelled meanwhile
                 jobs.transition_job(self.catalog, job_id=m.job_id, allowed_from={"running"},
                                     to=state, status_reason=reason)  # fmt: skip
+        with self.lock:  # its requests' idempotency keys go with it
+            for key in [k for k in self.seen if k[0] in s.models]:
+                del self.seen[key]
         return {}
 
 
