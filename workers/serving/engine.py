@@ -60,6 +60,7 @@ from workers.serving.prefix_cache import PrefixCache, PrefixStats, prefix_root
 from workers.serving.resolver import RefResolver
 from workers.serving.slots import AdapterSlots, NoFreeSlot
 from workers.serving.stepper import StepDecoder
+from workers.serving.tool_calls import ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class GenRequest:
     namespace: str = ""
     prompt_index: int = 0
     schema: dict[str, Any] | None = None  # a JSON schema the answer must conform to
+    tools: ToolPlan | None = None  # the calls a chat answer may (or must) make
 
 
 @dataclass
@@ -400,19 +402,24 @@ class ServingEngine:
             self.forget(version.ref if version else None)
             raise
 
-    def _grammar(self, schema: dict[str, Any]) -> Any:
-        """A JSON schema compiled for this base's tokenizer (once per schema: a cache).
+    def _grammar(self, req: GenRequest) -> Any:
+        """The request's grammar compiled for this base's tokenizer (once per schema or tool
+        set: a cache); None when it has none.
 
         Raises:
             GrammarError (a ValueError: the request is invalid), naming the part.
         """
+        if req.schema is None and req.tools is None:
+            return None
         from workers.serving.grammar import GrammarCache
 
         with self._host_lock:
             if self._grammars is None:
                 vocab = int(getattr(self.model.config, "vocab_size", 0)) or len(self.tokenizer)
                 self._grammars = GrammarCache(self.tokenizer, max(vocab, len(self.tokenizer)))
-        return self._grammars.compiled(schema)
+        if req.tools is None:
+            return self._grammars.compiled(req.schema)
+        return self._grammars.compiled_tools(req.tools, req.schema)
 
     def submits_quickly(self, adapter: str | None, version: AdapterVersion | None) -> bool:
         """Whether ``submit`` for ``adapter`` needs no storage (the base, or a version already
@@ -460,7 +467,7 @@ class ServingEngine:
                 if not ids:
                     raise RequestRejected("empty prompt")
                 prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
-                grammar = self._grammar(req.schema) if req.schema is not None else None
+                grammar = self._grammar(req)
                 rows = [DecodeRow(ids, BASE_SLOT, req.max_tokens, req.temperature, req.top_p,
                                   choice_seed(req.seed, req.prompt_index, j), tuple(req.stop),
                                   logprobs=req.logprobs, prompt_logprobs=prompt_lp,

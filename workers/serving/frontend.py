@@ -42,12 +42,14 @@ from workers.serving.openai_api import (
     completion_logprobs,
     error_body,
     response,
+    tool_answer,
     usage,
 )
 from workers.serving.options import ServeOptions
 from workers.serving.provenance import Provenance, adapter_sha256, base_sha256
 from workers.serving.resolver import RefResolver
 from workers.serving.token_text import TokenText
+from workers.serving.tool_calls import ToolCallStream, ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class Prepared:
     include_usage: bool
     provenance: Provenance
     payload: dict[str, Any]  # for the replica's ``generate``
+    tools: ToolPlan | None = None  # chat tools: answers are parsed for calls when it says so
 
     @property
     def adapter(self) -> str | None:
@@ -154,7 +157,7 @@ class Frontend:
         if self.opts.merged is not None and self.resolve.fresh(self.opts.merged) is None:
             return False
         if isinstance(body, ChatCompletionRequest):
-            return sum(len(m.content) for m in body.messages) <= QUICK_CHARS
+            return sum(m.chars() for m in body.messages) <= QUICK_CHARS
         return sum(len(p) for p in body.prompts()) <= QUICK_CHARS
 
     def who(self, authorization: str | None) -> Principal:
@@ -211,9 +214,11 @@ class Frontend:
             if version is None or version.ref != merged.ref:
                 raise RequestFailed("invalid", f"this deployment serves only {merged.ref} "
                                     f"(merged); asked for {body.model}", "model")  # fmt: skip
+        plan = None
         if chat:
             assert isinstance(body, ChatCompletionRequest)
-            prompts = [chat_prompt_ids(self.tokenizer, body.messages)]
+            plan = body.tool_plan()
+            prompts = [chat_prompt_ids(self.tokenizer, body.messages, plan)]
             texts = [""]
             top, echo = body.top_logprobs_n(), False
         else:
@@ -244,12 +249,13 @@ class Frontend:
                    "top_p": body.top_p, "seed": body.seed, "stop": list(body.stops()),
                    "n": body.n, "logprobs": top, "echo": echo, "namespace": tenant,
                    "schema": body.response_schema(),
+                   "tools": plan if plan is not None and plan.parses else None,
                    "stream": body.stream}  # fmt: skip
         return Prepared(
             chat, version, version.ref if version else self.opts.base_name, tenant, prompts,
             texts, body.n, top, echo, body.stream,
             bool(body.stream_options and body.stream_options.include_usage),
-            self.provenance(version), payload,
+            self.provenance(version), payload, plan,
         )  # fmt: skip
 
     # -- answers ---------------------------------------------------------------------------
@@ -280,7 +286,9 @@ class Frontend:
         for r in sorted(results, key=lambda r: r.index):
             text = r.text or ""
             if p.chat:
-                choices.append(chat_choice(r.index, text, r.finish_reason, self._logprobs(p, r)))
+                content, calls, reason = tool_answer(text, r.finish_reason, p.tools)
+                choices.append(chat_choice(r.index, content, reason, self._logprobs(p, r),
+                                           calls))  # fmt: skip
             else:
                 if p.echo:
                     text = p.texts[r.index // p.n] + text
@@ -301,6 +309,15 @@ class Frontend:
         """Server-sent events for a streamed answer from the replica's ``items``."""
         fmt = StreamFormatter(p.model, chat=p.chat, fingerprint=p.provenance.fingerprint)
         offsets: dict[int, int] = {}
+        parsers: dict[int, ToolCallStream] = {}  # per choice, when answers carry tool calls
+
+        def parser(choice: int) -> ToolCallStream | None:
+            if p.tools is None or not p.tools.parses:
+                return None
+            if choice not in parsers:
+                parsers[choice] = ToolCallStream(p.tools.names(), p.tools.parallel)
+            return parsers[choice]
+
         async for item in items:
             if "error" in item:  # the replica went away mid-stream: end the stream, say why
                 status = status_of(item.get("kind"))
@@ -320,7 +337,11 @@ class Frontend:
                         offsets[choice] = lp["text_offset"][-1] + len(
                             self.text.text_of(entries[-1].token)
                         )
-                chunks.append(fmt.delta(text, choice, lp))
+                tp = parser(choice)
+                if tp is None:
+                    chunks.append(fmt.delta(text, choice, lp))
+                else:
+                    chunks += self._tool_chunks(fmt, choice, tp.feed(text), lp)
             if "results" in item:
                 results = item["results"]
                 failed = next((r for r in results if r.error), None)
@@ -332,11 +353,35 @@ class Frontend:
                 prompt_tokens, completion_tokens = self.counts(p, results)
                 self.count(p, who, prompt_tokens, completion_tokens)
                 reasons = {r.index: r.finish_reason for r in sorted(results, key=lambda r: r.index)}
+                for choice, tp in sorted(parsers.items()):
+                    chunks += self._tool_chunks(fmt, choice, tp.close(), None)
+                    if tp.calls and reasons.get(choice) == "stop":
+                        reasons[choice] = "tool_calls"
                 counts = usage(prompt_tokens, completion_tokens) if p.include_usage else None
                 yield "".join(chunks) + fmt.finish(None, counts, reasons=reasons)
                 return
             if chunks:
                 yield "".join(chunks)
+
+    @staticmethod
+    def _tool_chunks(fmt: StreamFormatter, choice: int, events: list[tuple[str, Any]],
+                     lp: dict[str, Any] | None) -> list[str]:  # fmt: skip
+        """Chunks for a choice's parsed events (content, a call's header, argument
+        fragments); the delta's log-probabilities ride on its first chunk."""
+        chunks = []
+        for kind, value in events:
+            if kind == "content":
+                chunks.append(fmt.delta(value, choice, lp))
+            elif kind == "call":
+                chunks.append(fmt.tool_delta(choice, value[0], call=value[1]))
+            else:
+                chunks.append(fmt.tool_delta(choice, value[0], arguments=value[1]))
+            if kind != "content" and lp is not None:
+                chunks.append(fmt.delta("", choice, lp))
+            lp = None
+        if lp is not None:
+            chunks.append(fmt.delta("", choice, lp))
+        return chunks
 
     # -- metering and listing --------------------------------------------------------------
     def count(self, p: Prepared, who: Principal, prompt_tokens: int,

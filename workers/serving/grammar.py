@@ -24,11 +24,16 @@ from typing import Any
 
 import torch
 
+from workers.serving import tool_calls
+from workers.serving.tool_calls import ToolPlan
+
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_GRAMMAR_BYTES = 256 * 1024  # a tool set's grammar: every function's schema together
 MAX_DEPTH = 32
 COMPILE_TIMEOUT_S = 5.0
 CACHE_ENTRIES = 256
 JSON_OBJECT = {"type": "object"}  # ``response_format: {"type": "json_object"}``
+LARK = "lark:"  # cache keys of Lark grammars (JSON schema keys start with "{")
 
 
 class GrammarError(ValueError):
@@ -45,20 +50,21 @@ def _depth(node: Any, level: int = 0) -> int:
     return level
 
 
-def canonical_schema(schema: Any) -> str:
-    """A schema's canonical JSON text (the cache key), after the checks every caller gets.
+def canonical_schema(schema: Any, part: str = "schema") -> str:
+    """A schema's canonical JSON text (the cache key), after the checks every caller gets;
+    errors name ``part``.
 
     Raises:
         GrammarError: not an object, over ``MAX_SCHEMA_BYTES`` or nested deeper than
             ``MAX_DEPTH``.
     """
     if not isinstance(schema, dict):
-        raise GrammarError("schema: a JSON object")
+        raise GrammarError(f"{part}: a JSON object")
     text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     if len(text.encode()) > MAX_SCHEMA_BYTES:
-        raise GrammarError(f"schema: {len(text.encode())} bytes; at most {MAX_SCHEMA_BYTES}")
+        raise GrammarError(f"{part}: {len(text.encode())} bytes; at most {MAX_SCHEMA_BYTES}")
     if _depth(schema) > MAX_DEPTH:
-        raise GrammarError(f"schema: nested deeper than {MAX_DEPTH} levels")
+        raise GrammarError(f"{part}: nested deeper than {MAX_DEPTH} levels")
     return text
 
 
@@ -82,14 +88,29 @@ class GrammarCache:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
         self.hits = self.misses = 0
 
-    def compile(self, schema: Any, *, timeout_s: float = COMPILE_TIMEOUT_S) -> str:
-        """The grammar of a JSON schema, compiled at most once.
+    def compile(self, schema: Any, *, timeout_s: float = COMPILE_TIMEOUT_S,
+                part: str = "schema") -> str:  # fmt: skip
+        """The grammar of a JSON schema, compiled at most once; errors name ``part``.
 
         Raises:
             GrammarError: see ``canonical_schema``; a schema the library rejects (its
                 message), or one that does not compile within ``timeout_s``.
         """
-        key = canonical_schema(schema)
+        return self._compiled(canonical_schema(schema, part), part, timeout_s)
+
+    def compile_lark(self, text: str, *, part: str = "grammar",
+                     timeout_s: float = COMPILE_TIMEOUT_S) -> str:  # fmt: skip
+        """A Lark grammar (llguidance's dialect), compiled at most once.
+
+        Raises:
+            GrammarError: over ``MAX_GRAMMAR_BYTES``, rejected, or too slow to compile.
+        """
+        if len(text.encode()) > MAX_GRAMMAR_BYTES:
+            raise GrammarError(f"{part}: {len(text.encode())} bytes of grammar; at most "
+                               f"{MAX_GRAMMAR_BYTES}")  # fmt: skip
+        return self._compiled(LARK + text, part, timeout_s)
+
+    def _compiled(self, key: str, part: str, timeout_s: float) -> str:
         with self._lock:
             found = self._grammars.get(key)
             if found is not None:
@@ -97,33 +118,36 @@ class GrammarCache:
                 self.hits += 1
                 return found
             self.misses += 1
-        future = self._pool.submit(self._build, key)
+        future = self._pool.submit(self._build, key, part)
         try:
             grammar = future.result(timeout=timeout_s)
         except FutureTimeout:
-            raise GrammarError(f"schema: did not compile within {timeout_s:g} s") from None
+            raise GrammarError(f"{part}: did not compile within {timeout_s:g} s") from None
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > self.entries:
                 self._grammars.popitem(last=False)
         return grammar
 
-    def _build(self, key: str) -> str:
+    def _build(self, key: str, part: str) -> str:
         import llguidance
 
         try:
-            # compact JSON: a model may not pad an answer with whitespace until max_tokens
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                key, defaults={"whitespace_flexible": False}
-            )
+            if key.startswith(LARK):
+                grammar = llguidance.LLMatcher.grammar_from_lark(key.removeprefix(LARK))
+            else:
+                # compact JSON: a model may not pad an answer with whitespace until max_tokens
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    key, defaults={"whitespace_flexible": False}
+                )
         except (ValueError, RuntimeError) as exc:
-            raise GrammarError(f"schema: {exc}") from None
+            raise GrammarError(f"{part}: {exc}") from None
         problem = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if problem:  # the library's message ("" when the grammar is usable)
-            raise GrammarError(f"schema: {problem}")
+            raise GrammarError(f"{part}: {problem}")
         matcher = llguidance.LLMatcher(self.tokenizer, grammar)
         if matcher.is_error():
-            raise GrammarError(f"schema: {matcher.get_error()}")
+            raise GrammarError(f"{part}: {matcher.get_error()}")
         return grammar
 
     def row(self, grammar: str) -> RowGrammar:
@@ -133,6 +157,23 @@ class GrammarCache:
     def compiled(self, schema: Any) -> Compiled:
         """``schema`` compiled (see ``compile``), as a decode row carries it."""
         return Compiled(self, self.compile(schema))
+
+    def compiled_tools(self, plan: ToolPlan, schema: Any = None) -> Compiled:
+        """The grammar of a tool plan (``tool_calls.grammar``), as a decode row carries it.
+
+        Each function's parameter schema is compiled alone first (cached), so a bad one is
+        named: ``tools[2].function.parameters: …``.
+
+        Raises:
+            GrammarError: naming the function or the response schema.
+        """
+        index = {f.name: i for i, f in enumerate(plan.tools)}
+        for f in plan.functions:
+            self.compile(json.loads(f.parameters),
+                         part=f"tools[{index[f.name]}].function.parameters")  # fmt: skip
+        if schema is not None:
+            self.compile(schema)
+        return Compiled(self, self.compile_lark(tool_calls.grammar(plan, schema), part="tools"))
 
     @property
     def hit_rate(self) -> float:

@@ -79,15 +79,32 @@ def replica_snapshot(engine: Any) -> dict[str, Any]:
 
 
 def replica_id() -> str:
-    from ray import serve
+    """This Serve replica's id; outside Serve (the app served in-process by uvicorn, as tests
+    and benchmarks do) a unique name of this process."""
+    import os
+    import uuid
 
-    rid = serve.get_replica_context().replica_id
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        rid = serve.get_replica_context().replica_id
+    except RayServeException:
+        return f"local-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     return str(getattr(rid, "unique_id", rid))
+
+
+def _in_ray() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
 
 
 def ray_node_id() -> str | None:
     import ray
 
+    if not ray.is_initialized():  # outside Ray: no node to name (and none to start)
+        return None
     try:
         return str(ray.get_runtime_context().get_node_id())
     except Exception:  # outside Ray: no node to name
@@ -151,7 +168,8 @@ class EngineHost:
                                  max_rows=o.max_rows_per_namespace,
                                  max_slots=o.slots_per_namespace),
         )  # fmt: skip
-        self.metrics = ReplicaMetrics()
+        # Ray's metrics exist inside a Ray process only (an in-process app starts no Ray)
+        self.metrics = ReplicaMetrics() if _in_ray() else None
         self.catalog = registry.catalog
         self.replica_id = replica_id()
         self.node = ray_node_id()
@@ -161,7 +179,8 @@ class EngineHost:
     def _snapshot(self) -> None:
         from storage.catalog import usage as usage_store
 
-        self.metrics.update(self.engine)  # counters move with the snapshots, not per request
+        if self.metrics is not None:  # counters move with the snapshots, not per request
+            self.metrics.update(self.engine)
         usage_store.record_replica(self.catalog, replica_id=self.replica_id,
                                    base=self.opts.base_name, node=self.node,
                                    stats=replica_snapshot(self.engine))  # fmt: skip

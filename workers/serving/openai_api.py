@@ -4,7 +4,9 @@ Pure functions and pydantic models, no HTTP and no Ray, so they are unit-tested 
 Defaults follow OpenAI's (``max_tokens`` 16, ``temperature`` 1, ``n`` 1). Fields clients send
 that do not change the answer (``user``, ``metadata``) are accepted and ignored; a field that
 would change it and is not implemented (``best_of``, penalties, ``logit_bias``, ``suffix``,
-tools, response formats) is refused with a message naming it, never silently dropped.
+the legacy ``functions``) is refused with a message naming it, never silently dropped.
+``response_format`` (JSON object or schema) and, on chat, ``tools``/``tool_choice``/
+``parallel_tool_calls`` are enforced by grammars (``grammar.py``, ``tool_calls.py``).
 
 Shapes, as OpenAI and vLLM return them:
 - ``/v1/completions``: a prompt is a string, a list of strings, a list of token ids or a list
@@ -22,6 +24,7 @@ Shapes, as OpenAI and vLLM return them:
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,8 +33,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workers.datasets import DEFAULT_CHAT_TEMPLATE
+from workers.serving import tool_calls
 from workers.serving.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from workers.serving.token_text import TokenText
+from workers.serving.tool_calls import ToolCall, ToolPlan
 
 MAX_TOKENS_LIMIT = 4096
 # Bounds on what one request may ask, so no request can stall or break its batch-mates. The
@@ -50,8 +55,7 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "repetition_penalty": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
-    "min_tokens": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"),
+    "min_tokens": (None, 0), "functions": (None, []), "function_call": (None, "none"),
     "guided_json": (None,),
     "guided_regex": (None,), "guided_choice": (None,), "prompt_logprobs": (None,),
 }  # fmt: skip
@@ -97,7 +101,7 @@ def error_param(loc: Sequence[Any], message: str) -> str | None:
     if names:
         return ".".join(names)
     head, sep, _ = message.removeprefix("Value error, ").partition(": ")
-    return head if sep and head.isidentifier() else None
+    return head if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head) else None
 
 
 class StreamOptions(BaseModel):
@@ -126,8 +130,6 @@ class _Sampling(BaseModel):
     logit_bias: Any = None
     suffix: Any = None
     min_tokens: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     response_format: Any = None  # text, json_object or json_schema (checked below)
@@ -207,6 +209,16 @@ class CompletionRequest(_Sampling):
                              f"{MAX_PROMPT_CHARS:,}")  # fmt: skip
         return v
 
+    tools: Any = None  # chat only: refused here, not silently dropped
+    tool_choice: Any = None
+
+    @field_validator("tools", "tool_choice", mode="before")
+    @classmethod
+    def _chat_only(cls, v: Any) -> Any:
+        if v not in (None, [], "none"):
+            raise ValueError("tools are answered on /v1/chat/completions only")
+        return v
+
     @model_validator(mode="after")
     def _echo_rules(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
@@ -236,11 +248,62 @@ def _split_prompts(v: Any) -> list[Prompt]:
     return [x if isinstance(x, str) else list(x) for x in v]
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(default="{}", max_length=MAX_PROMPT_CHARS)
+
+
+class ToolCallIn(BaseModel):
+    """A call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation: ``content`` a string, text parts, or (an assistant's
+    turn that calls tools) null; ``developer`` is the system role under its newer name."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=tool_calls.MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message calls tools")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (null only for an assistant's tool calls)")
+        return self
+
+    def text(self) -> str:
+        """The content as one string."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def chars(self) -> int:
+        calls = sum(len(c.function.arguments) for c in self.tool_calls or ())
+        return len(self.text()) + calls
 
 
 class ChatCompletionRequest(_Sampling):
@@ -250,6 +313,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Any = None  # checked with tool_choice and parallel_tool_calls by ``tool_plan``
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
     @field_validator("messages")
     @classmethod
@@ -257,12 +323,25 @@ class ChatCompletionRequest(_Sampling):
         # a field validator, so that an error names ``messages`` as its param
         if messages[-1].role == "assistant":
             raise ValueError("the last message must not be the assistant's")
-        chars = sum(len(m.content) for m in messages)
+        chars = sum(m.chars() for m in messages)
         if chars > MAX_PROMPT_CHARS:
             raise ValueError(
                 f"messages have {chars:,} characters; the limit is {MAX_PROMPT_CHARS:,}"
             )
+        try:
+            tool_calls.check_history([m.model_dump() for m in messages])
+        except tool_calls.ToolError as exc:
+            raise ValueError(str(exc).removeprefix("messages")) from None
         return messages
+
+    @model_validator(mode="after")
+    def _tools(self) -> ChatCompletionRequest:
+        self.tool_plan()  # raises, naming the field
+        return self
+
+    def tool_plan(self) -> ToolPlan | None:
+        """What ``tools``/``tool_choice``/``parallel_tool_calls`` ask (None: no tools)."""
+        return tool_calls.plan(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -279,16 +358,25 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """Render a conversation up to the assistant's turn, as the trainer renders chat rows."""
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[ChatMessage], tools: ToolPlan | None = None
+) -> list[int]:
+    """Render a conversation up to the assistant's turn, as the trainer renders chat rows;
+    with tools (not under ``tool_choice: "none"``) as ``tool_calls.render`` says."""
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    offered = tools.tools if tools is not None and tools.mode != "none" else ()
+    native = re.search(r"\btools\b", template) is not None
+    rendered, specs = tool_calls.render([m.model_dump() for m in messages], offered,
+                                        native=native)  # fmt: skip
+    extra = {"tools": specs} if specs else {}
     return list(
         tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages],
+            rendered,
             chat_template=template,
             tokenize=True,
             add_generation_prompt=True,
             return_dict=False,
+            **extra,
         )
     )
 
@@ -352,10 +440,28 @@ def completion_choice(index: int, text: str, finish_reason: str | None,
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None,
-                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs, "finish_reason": finish_reason}  # fmt: skip
+def chat_choice(index: int, text: str | None, finish_reason: str | None,
+                logprobs: dict[str, Any] | None = None,
+                calls: Sequence[ToolCall] = ()) -> dict[str, Any]:  # fmt: skip
+    """One chat choice; with ``calls``, the message carries ``tool_calls``."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [c.wire() for c in calls]
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": finish_reason}  # fmt: skip
+
+
+def tool_answer(
+    text: str, finish_reason: str | None, plan: ToolPlan | None
+) -> tuple[str | None, list[ToolCall], str | None]:
+    """A chat answer's (content, tool calls, finish reason) under ``plan``: the reason is
+    ``tool_calls`` when the model called and stopped by itself."""
+    if plan is None or not plan.parses:
+        return text, [], finish_reason
+    content, calls = tool_calls.parse(text, plan)
+    if calls and finish_reason == "stop":
+        finish_reason = "tool_calls"
+    return content, calls, finish_reason
 
 
 def response(
@@ -400,13 +506,16 @@ class StreamFormatter:
         return f"data: {json.dumps(body)}\n\n"
 
     def _choice(self, index: int, text: str | None, finish_reason: str | None,
-                logprobs: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+                logprobs: dict[str, Any] | None,
+                calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
         if self.chat:
             delta: dict[str, Any] = {}
             if index not in self._started:
                 delta["role"] = "assistant"
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs,
                       "finish_reason": finish_reason}  # fmt: skip
         else:
@@ -417,6 +526,18 @@ class StreamFormatter:
 
     def delta(self, text: str, index: int = 0, logprobs: dict[str, Any] | None = None) -> str:
         return self._body([self._choice(index, text, None, logprobs)])
+
+    def tool_delta(self, index: int, call_index: int, *, call: ToolCall | None = None,
+                   arguments: str = "") -> str:  # fmt: skip
+        """A tool call's chunk, as OpenAI streams one: first its id, type and name (with
+        empty arguments), then fragments of its arguments."""
+        item: dict[str, Any] = {"index": call_index}
+        if call is not None:
+            item.update(id=call.id, type="function",
+                        function={"name": call.name, "arguments": arguments})  # fmt: skip
+        else:
+            item["function"] = {"arguments": arguments}
+        return self._body([self._choice(index, None, None, None, [item])])
 
     def finish(self, finish_reason: str | None, usage_counts: dict[str, int] | None = None,
                *, reasons: dict[int, str | None] | None = None) -> str:  # fmt: skip
