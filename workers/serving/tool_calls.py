@@ -103,6 +103,8 @@ def parse_tools(tools: Any) -> tuple[Function, ...]:
     Raises:
         ToolError: naming the element (``tools[2].function.name: …``).
     """
+    from workers.serving.grammar import GrammarError, canonical_schema  # (it imports this)
+
     if tools is None:
         return ()
     if not isinstance(tools, list):
@@ -130,6 +132,10 @@ def parse_tools(tools: Any) -> tuple[Function, ...]:
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise ToolError(f"{where}.function.parameters: a JSON schema object")
+        try:  # size and depth refused here, before anything renders the tools
+            canonical_schema(params, part=f"{where}.function.parameters")
+        except GrammarError as exc:
+            raise ToolError(str(exc)) from None
         strict = fn.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise ToolError(f"{where}.function.strict: true or false")

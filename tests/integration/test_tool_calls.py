@@ -1,0 +1,231 @@
+"""Tool calls through the unmodified ``openai`` client, on SmolLM2 (a real tokenizer and chat
+template) and two of its adapters, served in-process (the app a single replica serves over
+HTTP itself): required and named choices conform to each function's parameters on every
+adapter and temperature while sharing decoding steps; a call, its result and the answer make a
+round trip rendered exactly as documented; streamed tool-call deltas rebuild the unstreamed
+answer; bad tool input is a 400 naming the part while other requests answer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+
+from infra.servers import AppServer
+from storage.catalog import repository as repo
+from storage.registry import Registry
+from storage.settings import load_settings, settings_for_nodes
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False,
+                   "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 24},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}  # fmt: skip
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 24}}}}}  # fmt: skip
+TOOLS = [WEATHER, TIME]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+@dataclass
+class Served:
+    url: str
+    token: str
+    models: list[str]
+    tokenizer: Any
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.token, max_retries=0)
+
+
+def _adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    from workers.base_model import load_base
+    from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
+
+    model, _ = load_base(base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    inject_lora(model, cfg)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.normal_(0, 0.02)
+    return save_adapter(model, cfg, out)
+
+
+@pytest.fixture(scope="module")
+def served(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    from workers.serving import ingress
+    from workers.serving.options import ServeOptions
+
+    root = tmp_path_factory.mktemp("tools")
+    settings = load_settings({"LORAFLEET_HOME": str(root / "home")})
+    registry = Registry.from_settings(settings)
+    registry.register_base(name="smollm2", path=smollm_dir)
+    refs = [registry.publish(adapter_dir=_adapter(smollm_dir, root / f"a{k}", k),
+                             ref=f"team/a{k}", base_model="smollm2").ref
+            for k in range(2)]  # fmt: skip
+    token = repo.create_token(registry.catalog, namespace="team", name="tools")
+    opts = ServeOptions(base_name="smollm2", settings_json=settings_for_nodes(settings),
+                        slots=4, max_rank=8, max_batch_size=32, usage_flush_s=0.5)  # fmt: skip
+    service = ingress.Service(opts, None)
+    ingress.register(service)
+    server = AppServer(ingress.app)
+    try:
+        yield Served(server.url, token, ["smollm2", *refs], service.front.tokenizer)
+    finally:
+        server.stop()
+        service.close()
+        ingress._SERVICE.remove(service)
+        registry.catalog.dispose()
+
+
+def _check_calls(message: Any, names: set[str], *, one: bool) -> None:
+    assert message.content is None
+    calls = message.tool_calls
+    assert calls and (len(calls) == 1 or not one)
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in names
+        jsonschema.validate(json.loads(c.function.arguments), PARAMS[c.function.name])
+
+
+def test_required_and_named_calls_conform_on_every_adapter_and_temperature(
+    served: Served,
+) -> None:
+    client = served.client()
+    named = {"type": "function", "function": {"name": "get_time"}}
+    cases = [(model, temp, choice) for model in served.models for temp in (0.0, 0.8, 1.3)
+             for choice in ("required", named)]  # fmt: skip
+
+    def ask(case: tuple[str, float, Any]) -> Any:
+        model, temp, choice = case
+        return client.chat.completions.create(
+            model=model, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=temp,
+            seed=5, n=2, max_tokens=96, parallel_tool_calls=False,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(len(cases)) as pool:  # concurrent: they share decoding steps
+        answers = list(pool.map(ask, cases))
+    checked = 0
+    for (model, _, choice), r in zip(cases, answers, strict=True):
+        assert r.model.startswith(model)
+        for c in r.choices:
+            assert c.finish_reason == "tool_calls", (c.finish_reason, c.message)
+            names = {"get_time"} if choice is named else set(PARAMS)
+            _check_calls(c.message, names, one=True)
+            checked += 1
+    assert checked == len(cases) * 2  # every answer: 100 % valid calls
+
+
+def test_a_call_its_result_and_the_answer_make_a_round_trip(served: Served) -> None:
+    from workers.serving.openai_api import ChatCompletionRequest, chat_prompt_ids
+
+    client = served.client()
+    first = client.chat.completions.create(
+        model=served.models[1], messages=ASK, tools=TOOLS, tool_choice="required",
+        max_tokens=96, temperature=0,
+    )  # fmt: skip
+    message = first.choices[0].message
+    _check_calls(message, set(PARAMS), one=False)
+    history: list[Any] = [*ASK, message.model_dump(exclude_none=True)]
+    for call in message.tool_calls or ():
+        history.append({"role": "tool", "tool_call_id": call.id,
+                        "content": json.dumps({"temperature": 18, "sky": "cloudy"})})  # fmt: skip
+    second = client.chat.completions.create(
+        model=served.models[1], messages=history, tools=TOOLS, tool_choice="none",
+        max_tokens=24, temperature=0,
+    )  # fmt: skip
+    answer = second.choices[0]
+    assert answer.message.tool_calls is None and answer.message.content
+    assert answer.finish_reason in ("stop", "length")
+    # the server rendered exactly the documented conversation: calls and results included
+    request = {"model": "m", "messages": history, "tools": TOOLS, "tool_choice": "none"}
+    body = ChatCompletionRequest.model_validate(request)
+    ids = chat_prompt_ids(served.tokenizer, body.messages, body.tool_plan())
+    assert second.usage is not None and second.usage.prompt_tokens == len(ids)
+    text = served.tokenizer.decode(ids)
+    assert "<tool_response>" in text and message.tool_calls[0].function.name in text  # type: ignore[index]
+    assert "# Tools" not in text  # tool_choice none: not offered
+
+
+def test_streamed_tool_call_deltas_rebuild_the_answer(served: Served) -> None:
+    client = served.client()
+    kw: dict[str, Any] = {"model": served.models[2], "messages": ASK, "tools": TOOLS,
+                          "tool_choice": "required", "max_tokens": 120,
+                          "temperature": 0}  # fmt: skip
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls: dict[int, dict[str, str]] = {}
+    finish, content, chunks = None, "", 0
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or ():
+                if d.index not in calls:  # a call's first delta: id, type, name, no arguments
+                    assert d.id and d.type == "function" and d.function is not None
+                    assert d.function.name and d.function.arguments == ""
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+                else:
+                    assert d.id is None and d.function is not None
+                    calls[d.index]["arguments"] += d.function.arguments or ""
+                    chunks += 1
+            finish = c.finish_reason or finish
+    # greedy: the same tokens streamed or not (parallel calls: until it stops or max_tokens)
+    assert content == "" and finish == whole.finish_reason
+    assert chunks > len(calls) >= 1  # arguments came in fragments, as decoded
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls or ()
+    ]
+    one = client.chat.completions.create(**kw, stream=True, parallel_tool_calls=False)
+    finishes = [c.finish_reason for chunk in one for c in chunk.choices if c.finish_reason]
+    assert finishes == ["tool_calls"]
+
+
+def test_bad_tool_input_is_a_400_naming_the_part_and_others_answer(served: Served) -> None:
+    client = served.client()
+    bad_schema = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "no-such-type"}},
+    }
+    huge = {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 200}
+                                         for i in range(400)}}}}  # fmt: skip
+    bad = [
+        ({"tools": [WEATHER, bad_schema], "tool_choice": "required"},
+         "tools[1].function.parameters"),
+        ({"tools": [huge]}, "tools[0].function.parameters"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
+    ]  # fmt: skip
+
+    def good() -> Any:
+        return client.chat.completions.create(model=served.models[1], messages=ASK, tools=TOOLS,
+                                              tool_choice="required", max_tokens=96)  # fmt: skip
+
+    with ThreadPoolExecutor(2) as pool:
+        ok = pool.submit(good)
+        for kw, part in bad:
+            with pytest.raises(openai.BadRequestError) as exc:
+                client.chat.completions.create(model=served.models[1], messages=ASK,
+                                               max_tokens=8, **kw)  # fmt: skip
+            assert part in str(exc.value), (part, str(exc.value))
+        answer = ok.result(timeout=300).choices[0]
+    assert answer.finish_reason == "tool_calls"
+    _check_calls(answer.message, set(PARAMS), one=False)
+    with pytest.raises(openai.BadRequestError, match="tools"):  # completions: chat only
+        client.completions.create(model="smollm2", prompt="x", max_tokens=2,
+                                  extra_body={"tools": TOOLS})  # fmt: skip
