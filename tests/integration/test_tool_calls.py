@@ -140,12 +140,14 @@ def test_a_call_its_result_and_the_answer_make_a_round_trip(served: Served) -> N
     )  # fmt: skip
     message = first.choices[0].message
     _check_calls(message, set(PARAMS), one=False)
-    history: list[Any] = [*ASK, message.model_dump(exclude_none=True)]
-    for call in message.tool_calls or ():
-        history.append({"role": "tool", "tool_call_id": call.id,
-                        "content": json.dumps({"temperature": 18, "sky": "cloudy"})})  # fmt: skip
+    results = [{"role": "tool", "tool_call_id": call.id,
+                "content": json.dumps({"temperature": 18, "sky": "cloudy"})}
+               for call in message.tool_calls or ()]  # fmt: skip
+    # the client's own message object goes back, as OpenAI's docs do it
+    sent: list[Any] = [*ASK, message, *results]
+    history = [*ASK, message.model_dump(exclude_none=True), *results]
     second = client.chat.completions.create(
-        model=served.models[1], messages=history, tools=TOOLS, tool_choice="none",
+        model=served.models[1], messages=sent, tools=TOOLS, tool_choice="none",
         max_tokens=24, temperature=0,
     )  # fmt: skip
     answer = second.choices[0]

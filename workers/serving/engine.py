@@ -421,6 +421,15 @@ class ServingEngine:
             return self._grammars.compiled(req.schema)
         return self._grammars.compiled_tools(req.tools, req.schema)
 
+    def grammars_ready(self, requests: Sequence[GenRequest]) -> bool:
+        """Whether every grammar ``requests`` need is compiled already (compiling takes
+        milliseconds to seconds: not on an event loop)."""
+        needed = [r for r in requests if r.schema is not None or r.tools is not None]
+        if not needed:
+            return True
+        cache = self._grammars
+        return cache is not None and all(cache.ready(r.schema, r.tools) for r in needed)
+
     def submits_quickly(self, adapter: str | None, version: AdapterVersion | None) -> bool:
         """Whether ``submit`` for ``adapter`` needs no storage (the base, or a version already
         in host memory): an event loop may then call it directly."""

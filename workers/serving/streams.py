@@ -43,7 +43,8 @@ async def stream(
 
     # submitting may read an adapter into host memory: then not on the event loop
     args = (list(requests), on_done, on_delta if deltas else None)
-    if engine.submits_quickly(requests[0].adapter, version):
+    # and compiling a grammar it has not seen neither
+    if engine.submits_quickly(requests[0].adapter, version) and engine.grammars_ready(requests):
         tickets = engine.submit(*args, version=version)
     else:
         tickets = await asyncio.to_thread(engine.submit, *args, version=version)
