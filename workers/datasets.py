@@ -6,7 +6,11 @@ Three row formats, one per line:
 - ``{"prompt": "...", "completion": "..."}``: loss on the completion only;
 - ``{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}``: chat,
   rendered with the tokenizer's chat template (or ``DEFAULT_CHAT_TEMPLATE``: ``role: content``
-  per line, assistant turns closed by EOS); loss on the assistant turns only.
+  per line, assistant turns closed by EOS); loss on the assistant turns only. Tool use in
+  OpenAI's fine-tuning form — ``"tools": [...]`` beside the messages, assistant turns with
+  ``tool_calls`` (content null), ``role: "tool"`` results — is rendered by ``workers.tool_calls``
+  exactly as the server renders it, so the loss covers the calls an adapter will be served
+  making.
 
 Every error names the file and line number.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers import tool_calls
 from workers.errors import DatasetError
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
@@ -44,20 +49,38 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def check_messages(msgs: Any, where: str, field: str = "messages") -> list[dict[str, str]]:
-    """A chat: a non-empty list of ``{"role", "content"}`` with known roles.
+def check_messages(msgs: Any, where: str, field: str = "messages", *,
+                   tools: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """A chat: a non-empty list of ``{"role", "content"}`` with known roles; with ``tools``,
+    also assistant ``tool_calls`` (content may then be null) and ``role: "tool"`` results.
 
     Raises:
         DatasetError: naming ``where`` and the offending message.
     """
+    roles = (*ROLES, "tool") if tools else ROLES
     if not isinstance(msgs, list) or not msgs:
         raise DatasetError(f"{where}: '{field}' must be a non-empty list")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise DatasetError(f"{where}: {field}[{i}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or m.get("role") not in roles:
+            raise DatasetError(f"{where}: {field}[{i}].role must be one of {', '.join(roles)}")
+        calls = m.get("tool_calls") if tools else None
+        if calls is not None:
+            _check_calls(calls, m["role"], where, f"{field}[{i}].tool_calls")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise DatasetError(f"{where}: {field}[{i}].content must be a string")
     return msgs
+
+
+def _check_calls(calls: Any, role: str, where: str, field: str) -> None:
+    if role != "assistant" or not isinstance(calls, list) or not calls:
+        raise DatasetError(f"{where}: {field} must be a non-empty list on an assistant turn")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DatasetError(f"{where}: {field}[{j}].function.name must be a string")
+        if not isinstance(fn.get("arguments", "{}"), str | dict):
+            raise DatasetError(f"{where}: {field}[{j}].function.arguments must be a JSON "
+                               "string or an object")  # fmt: skip
 
 
 def validate_row(row: Any, where: str) -> dict[str, Any]:
@@ -74,7 +97,11 @@ def validate_row(row: Any, where: str) -> dict[str, Any]:
         if not row["completion"]:
             raise DatasetError(f"{where}: 'completion' must not be empty")
     elif "messages" in keys:
-        msgs = check_messages(row["messages"], where)
+        msgs = check_messages(row["messages"], where, tools=True)
+        try:
+            tool_calls.parse_tools(row.get("tools"))
+        except tool_calls.ToolError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
         if not any(m["role"] == "assistant" for m in msgs):
             raise DatasetError(f"{where}: 'messages' has no assistant turn to learn from")
     else:
@@ -168,17 +195,24 @@ def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
 
 
 def chat_segments(
-    tokenizer: Any, messages: list[dict[str, str]], *, trainable_from: int = 0
-) -> list[tuple[list[int], bool]]:
+    tokenizer: Any, messages: list[dict[str, Any]], *, trainable_from: int = 0,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[tuple[list[int], bool]]:  # fmt: skip
     """Token segments per message (prefix-difference of the rendered chat), flagged trainable:
-    the assistant turns from message ``trainable_from`` on (their role headers excluded)."""
+    the assistant turns from message ``trainable_from`` on (their role headers excluded).
+    ``tools``: for a template that renders them itself."""
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    extra = {"tools": tools} if tools else {}
     segments: list[tuple[list[int], bool]] = []
     previous: list[int] = []
     for i, message in enumerate(messages):
         ids = list(
             tokenizer.apply_chat_template(
-                messages[: i + 1], chat_template=template, tokenize=True, return_dict=False
+                messages[: i + 1],
+                chat_template=template,
+                tokenize=True,
+                return_dict=False,
+                **extra,
             )
         )
         if ids[: len(previous)] != previous:
@@ -198,6 +232,7 @@ def chat_segments(
                         tokenize=True,
                         return_dict=False,
                         add_generation_prompt=True,
+                        **extra,
                     )
                 )
                 if i
@@ -221,9 +256,14 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any) -> Example:
         prompt = _encode(tokenizer, row["prompt"], special=True)
         completion = [*_encode(tokenizer, row["completion"], special=False), eos]
         return Example(tuple(prompt + completion), tuple([IGNORE_INDEX] * len(prompt) + completion))
+    messages, specs = row["messages"], None
+    if "tools" in row or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        messages, specs = tool_calls.render(messages, tool_calls.parse_tools(row.get("tools")),
+                                            native=tool_calls.renders_tools(template))  # fmt: skip
     ids_all: list[int] = []
     labels: list[int] = []
-    for seg, trainable in chat_segments(tokenizer, row["messages"]):
+    for seg, trainable in chat_segments(tokenizer, messages, tools=specs):
         ids_all += seg
         labels += seg if trainable else [IGNORE_INDEX] * len(seg)
     return Example(tuple(ids_all), tuple(labels))

@@ -1,9 +1,11 @@
 """Tool calls through the unmodified ``openai`` client, on SmolLM2 (a real tokenizer and chat
-template) and two of its adapters, served in-process (the app a single replica serves over
-HTTP itself): required and named choices conform to each function's parameters on every
-adapter and temperature while sharing decoding steps; a call, its result and the answer make a
-round trip rendered exactly as documented; streamed tool-call deltas rebuild the unstreamed
-answer; bad tool input is a 400 naming the part while other requests answer."""
+template) and its adapters, served in-process (the app a single replica serves over HTTP
+itself): required and named choices conform to each function's parameters on every adapter and
+temperature while sharing decoding steps; a call, its result and the answer make a round trip
+rendered exactly as documented; streamed tool-call deltas rebuild the unstreamed answer; an
+adapter trained by lorafleet on tool-use rows calls the right function under ``auto`` while
+the base beside it in the batch answers in text; bad tool input is a 400 naming the part while
+other requests answer."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Served:
     token: str
     models: list[str]
     tokenizer: Any
+    agent: str  # an adapter trained on tool-use rows
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.token, max_retries=0)
@@ -66,6 +69,46 @@ def _adapter(base_dir: Path, out: Path, seed: int) -> Path:
     return save_adapter(model, cfg, out)
 
 
+CITIES = ["Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Quito", "Berlin", "Madrid", "Dublin",
+          "Seoul", "Delhi", "Paris"]  # fmt: skip
+
+
+def _tool_rows(path: Path) -> Path:
+    """Tool-use rows in OpenAI's fine-tuning form: weather questions call get_weather, time
+    questions get_time."""
+    rows = []
+    for i, city in enumerate(CITIES):
+        if i % 2 == 0:
+            q, name, args = (
+                f"What is the weather in {city}?",
+                "get_weather",
+                {"city": city, "unit": "celsius"},
+            )
+        else:
+            q, name, args = f"What time is it in {city}?", "get_time", {"city": city}
+        call = {"id": f"c{i}", "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args)}}  # fmt: skip
+        rows.append({"tools": TOOLS, "messages": [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": None, "tool_calls": [call]}]})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _trained_agent(base_dir: Path, root: Path) -> Path:
+    from workers.lora import LoraConfig
+    from workers.training.settings import TrainConfig
+    from workers.training.single import train_single
+
+    result = train_single(
+        base_dir=base_dir, data_path=_tool_rows(root / "tools.jsonl"), out_dir=root / "agent",
+        lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")),
+        train=TrainConfig(max_steps=10, batch_size=4, seq_len=384, eval_every=0,
+                          warmup_steps=2, lr=5e-3),
+    )  # fmt: skip
+    return Path(result.adapter_dir)
+
+
 @pytest.fixture(scope="module")
 def served(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from workers.serving import ingress
@@ -78,6 +121,8 @@ def served(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     refs = [registry.publish(adapter_dir=_adapter(smollm_dir, root / f"a{k}", k),
                              ref=f"team/a{k}", base_model="smollm2").ref
             for k in range(2)]  # fmt: skip
+    agent = registry.publish(adapter_dir=_trained_agent(smollm_dir, root), ref="team/agent",
+                             base_model="smollm2").ref  # fmt: skip
     token = repo.create_token(registry.catalog, namespace="team", name="tools")
     opts = ServeOptions(base_name="smollm2", settings_json=settings_for_nodes(settings),
                         slots=4, max_rank=8, max_batch_size=32, usage_flush_s=0.5)  # fmt: skip
@@ -85,7 +130,7 @@ def served(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     ingress.register(service)
     server = AppServer(ingress.app)
     try:
-        yield Served(server.url, token, ["smollm2", *refs], service.front.tokenizer)
+        yield Served(server.url, token, ["smollm2", *refs], service.front.tokenizer, agent)
     finally:
         server.stop()
         service.close()
@@ -193,6 +238,48 @@ def test_streamed_tool_call_deltas_rebuild_the_answer(served: Served) -> None:
     one = client.chat.completions.create(**kw, stream=True, parallel_tool_calls=False)
     finishes = [c.finish_reason for chunk in one for c in chunk.choices if c.finish_reason]
     assert finishes == ["tool_calls"]
+
+
+def test_a_trained_tool_adapter_calls_under_auto_while_the_base_answers_in_text(
+    served: Served,
+) -> None:
+    client = served.client()
+    asks = [("What is the weather in Vienna?", "get_weather"),
+            ("What time is it in Boston?", "get_time"),
+            ("What is the weather in Nairobi?", "get_weather")]  # fmt: skip
+
+    def ask(case: tuple[str, str]) -> Any:
+        model, question = case
+        return client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], tools=TOOLS,
+            max_tokens=48, temperature=0,
+        )  # fmt: skip
+
+    cases = [(m, q) for q, _ in asks for m in (served.agent, "smollm2")]
+    with ThreadPoolExecutor(len(cases)) as pool:  # the adapter and the base share steps
+        answers = list(pool.map(ask, cases))
+    for (model, question), r in zip(cases, answers, strict=True):
+        c = r.choices[0]
+        if model == "smollm2":  # the base was never taught to call: text, no calls
+            assert c.message.tool_calls is None and c.message.content
+            assert c.finish_reason in ("stop", "length")
+            continue
+        want = dict(asks)[question]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        assert [t.function.name for t in c.message.tool_calls or ()] == [want]
+        args = json.loads(c.message.tool_calls[0].function.arguments)  # type: ignore[index]
+        jsonschema.validate(args, PARAMS[want])
+        assert args["city"] == question.removesuffix("?").split()[-1]
+    streamed = client.chat.completions.create(
+        model=served.agent, messages=[{"role": "user", "content": asks[0][0]}], tools=TOOLS,
+        max_tokens=48, temperature=0, stream=True,
+    )  # fmt: skip
+    deltas = [c.delta for chunk in streamed for c in chunk.choices]
+    calls = [t for d in deltas for t in d.tool_calls or ()]
+    names = [t.function.name for t in calls if t.function and t.function.name]
+    args = "".join(t.function.arguments or "" for t in calls if t.function)
+    assert names == ["get_weather"] and json.loads(args)["city"] == "Vienna"
+    assert not any(d.content for d in deltas)
 
 
 def test_bad_tool_input_is_a_400_naming_the_part_and_others_answer(served: Served) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from workers.serving import tool_calls as tc
+from workers import tool_calls as tc
 from workers.serving.openai_api import ChatCompletionRequest, StreamFormatter, chat_prompt_ids
 
 WEATHER = {"type": "function", "function": {
@@ -308,3 +308,51 @@ def test_bad_parameter_schemas_are_named_by_their_tool(cache: Any) -> None:
     cache.compiled_tools(auto)
     cache.compiled_tools(auto)
     assert cache.hits >= hits + 2  # compiled once, then found
+
+
+# -- training rows ----------------------------------------------------------------------------
+def test_a_tool_row_trains_on_exactly_what_the_server_prompts_and_parses(base: Any) -> None:
+    from workers.datasets import IGNORE_INDEX, tokenize_row, validate_row
+
+    _, tok = base
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}  # fmt: skip
+    row = validate_row({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+        {"role": "assistant", "content": "It is 5."}]}, "t.jsonl:1")  # fmt: skip
+    ex = tokenize_row(row, tok)
+    first = ex.labels.index(next(t for t in ex.labels if t != IGNORE_INDEX))
+    # the prompt before the first trained token is what the server sends the model
+    request = _chat(messages=row["messages"][:1], tools=TOOLS)
+    assert list(ex.input_ids[:first]) == chat_prompt_ids(tok, request.messages,
+                                                         request.tool_plan())  # fmt: skip
+    trained = [t for t in ex.labels if t != IGNORE_INDEX]
+    p = request.tool_plan()
+    assert p is not None
+    content, calls = tc.parse(tok.decode(trained, skip_special_tokens=True), p)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 2, "b": 3})]
+    assert content is not None and content.endswith("It is 5.")  # the answer after the result
+    assert "<tool_response>" in tok.decode(list(ex.input_ids))  # results are prompt, not loss
+    assert "<tool_response>" not in tok.decode(trained)
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}],
+          "messages": [{"role": "assistant", "content": "x"}]}, "tools[0].function.name"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}, "tool_calls"),
+        ({"messages": [{"role": "assistant", "content": None,
+                        "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+         "tool_calls[0].function.name"),
+        ({"messages": [{"role": "assistant", "content": None}]}, "content"),
+    ],
+)  # fmt: skip
+def test_bad_tool_rows_are_named_with_their_line(row: dict[str, Any], words: str) -> None:
+    from workers.datasets import validate_row
+    from workers.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"^t\.jsonl:7: .*" + words.replace("[", r"\[")):
+        validate_row(row, "t.jsonl:7")

@@ -60,7 +60,7 @@ from workers.serving.prefix_cache import PrefixCache, PrefixStats, prefix_root
 from workers.serving.resolver import RefResolver
 from workers.serving.slots import AdapterSlots, NoFreeSlot
 from workers.serving.stepper import StepDecoder
-from workers.serving.tool_calls import ToolPlan
+from workers.tool_calls import ToolPlan
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from workers.serving.options import ServeOptions
 from workers.serving.provenance import Provenance, adapter_sha256, base_sha256
 from workers.serving.resolver import RefResolver
 from workers.serving.token_text import TokenText
-from workers.serving.tool_calls import ToolCallStream, ToolPlan
+from workers.tool_calls import ToolCallStream, ToolPlan
 
 log = logging.getLogger(__name__)
 

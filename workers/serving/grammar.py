@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from workers.serving import tool_calls
-from workers.serving.tool_calls import ToolPlan
+from workers import tool_calls
+from workers.tool_calls import ToolPlan
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_GRAMMAR_BYTES = 256 * 1024  # a tool set's grammar: every function's schema together

@@ -32,11 +32,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers import tool_calls
 from workers.datasets import DEFAULT_CHAT_TEMPLATE
-from workers.serving import tool_calls
 from workers.serving.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from workers.serving.token_text import TokenText
-from workers.serving.tool_calls import ToolCall, ToolPlan
+from workers.tool_calls import ToolCall, ToolPlan
 
 MAX_TOKENS_LIMIT = 4096
 # Bounds on what one request may ask, so no request can stall or break its batch-mates. The
@@ -365,7 +365,7 @@ def chat_prompt_ids(
     with tools (not under ``tool_choice: "none"``) as ``tool_calls.render`` says."""
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     offered = tools.tools if tools is not None and tools.mode != "none" else ()
-    native = re.search(r"\btools\b", template) is not None
+    native = tool_calls.renders_tools(template)
     rendered, specs = tool_calls.render([m.model_dump() for m in messages], offered,
                                         native=native)  # fmt: skip
     extra = {"tools": specs} if specs else {}

@@ -7,6 +7,9 @@ SmolLM3 are trained on and vLLM's ``hermes`` parser reads::
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
+The trainer renders tool-use rows (``workers/datasets.py``) and the server renders requests
+with the same ``render``, so an adapter learns exactly the format it is served in.
+
 Prompts. When the base's chat template renders ``tools`` itself (it names the variable), it gets
 the tools and the history in Hugging Face's convention (``arguments`` as objects). Otherwise —
 SmolLM2's template, the default one — ``render`` writes them into plain messages, the
@@ -227,7 +230,9 @@ def _text(content: Any) -> str:
     return "".join(part.get("text", "") for part in content)
 
 
-def _arguments(raw: str) -> Any:
+def _arguments(raw: Any) -> Any:
+    if not isinstance(raw, str):  # an object already (Hugging Face's form)
+        return raw
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
@@ -239,6 +244,11 @@ def block(name: str, arguments: Any) -> str:
     call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False,
                       separators=(",", ":"))  # fmt: skip
     return f"{OPEN}\n{call}\n{CLOSE}"
+
+
+def renders_tools(template: str) -> bool:
+    """Whether a chat template renders ``tools`` itself (it names the variable)."""
+    return re.search(r"\btools\b", template) is not None
 
 
 def render(
@@ -255,9 +265,9 @@ def render(
             item: dict[str, Any] = {"role": m["role"], "content": _text(m.get("content"))}
             if m.get("tool_calls"):
                 item["tool_calls"] = [
-                    {"type": "function", "id": c["id"],
+                    {"type": "function", "id": c.get("id"),
                      "function": {"name": c["function"]["name"],
-                                  "arguments": _arguments(c["function"]["arguments"])}}
+                                  "arguments": _arguments(c["function"].get("arguments", {}))}}
                     for c in m["tool_calls"]
                 ]  # fmt: skip
             if m["role"] == "tool":
@@ -270,7 +280,7 @@ def render(
         if role == "developer":
             role = "system"
         if role == "assistant" and m.get("tool_calls"):
-            blocks = [block(c["function"]["name"], _arguments(c["function"]["arguments"]))
+            blocks = [block(c["function"]["name"], _arguments(c["function"].get("arguments", {})))
                       for c in m["tool_calls"]]  # fmt: skip
             text = "\n".join([text, *blocks] if text else blocks)
         if role == "tool":
