@@ -3,9 +3,12 @@
 SmolLM2-135M-Instruct (float32), the serving engine alone (no HTTP), one thread: a batch of 8
 rows constrained by a 6-field JSON schema against the same 8 prompts unconstrained, each row
 decoding 48 tokens (EOS is held back for both, so both decode the same number of steps; the
-constrained rows' grammar never finishes inside 48 tokens: a long free-text field). Paired
-rounds A B A B …, 5 rounds after a warm-up; the figure is tokens/s constrained over
-unconstrained. Goal (issue 29): ≥ 0.85×. Writes ``bench/results/structured.json``.
+constrained rows' grammar never finishes inside 48 tokens: a long free-text field). A third
+system is the same 8 rows offered two tools under ``tool_choice: "auto"`` (the mask that
+lets text through and would constrain an opened ``<tool_call>``: what every tools request
+pays while the model writes text). Rounds A B C A B C …, 5 after a warm-up; the figures are
+tokens/s constrained (and tools) over unconstrained. Goal (issue 29): ≥ 0.85×. Writes
+``bench/results/structured.json``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,15 @@ SCHEMA = {"type": "object", "additionalProperties": False,
           "required": ["story", "name", "age", "kind", "happy", "tags"]}  # fmt: skip
 
 
+TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    for name in ("get_weather", "get_time")]  # fmt: skip
+
+
 def main() -> None:
     torch.set_num_threads(1)
     from bench.serving_features import _base
+    from workers import tool_calls
     from workers.base_model import load_base
     from workers.serving.decode import DecodeRow
     from workers.serving.grammar import GrammarCache
@@ -44,6 +53,9 @@ def main() -> None:
     model, tok = load_base(base_dir)
     cache = GrammarCache(tok)
     compiled = cache.compiled(SCHEMA)
+    plan = tool_calls.plan(TOOLS, "auto")
+    assert plan is not None
+    tools = cache.compiled_tools(plan)
     prompts = [chat_prompt_ids(tok, [ChatMessage(role="user", content=f"Tell story {i} as JSON.")])
                for i in range(ROWS)]  # fmt: skip
 
@@ -59,26 +71,32 @@ def main() -> None:
         tokens = sum(len(o.token_ids) for o in outs)
         return tokens / (time.perf_counter() - t0)
 
-    run(compiled), run(None)  # warm-up
+    run(compiled), run(tools), run(None)  # warm-up
     constrained: list[float] = []
+    offered: list[float] = []
     free: list[float] = []
     for _ in range(ROUNDS):
         constrained.append(run(compiled))
+        offered.append(run(tools))
         free.append(run(None))
-    ratios = [c / f for c, f in zip(constrained, free, strict=True)]
+
+    def spread(xs: list[float]) -> dict[str, float]:
+        ratios = [x / f for x, f in zip(xs, free, strict=True)]
+        return {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
+
     result = {
         "model": model_name, "environment": environment(1), "rounds": ROUNDS, "rows": ROWS,
         "tokens_per_row": TOKENS,
-        "tokens_per_s": {"constrained": median(constrained), "free": median(free)},
-        "constrained_over_free": {"median": median(ratios), "min": min(ratios),
-                                  "max": max(ratios)},
+        "tokens_per_s": {"constrained": median(constrained), "tools_auto": median(offered),
+                         "free": median(free)},
+        "constrained_over_free": spread(constrained),
+        "tools_auto_over_free": spread(offered),
     }  # fmt: skip
     path = write_result("structured", result)
-    r = result["constrained_over_free"]
-    print(
-        f"constrained over free tokens/s: {r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f})"
-        f" → {path}"
-    )
+    for key in ("constrained_over_free", "tools_auto_over_free"):
+        r = result[key]
+        print(f"{key}: {r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f})")
+    print(f"→ {path}")
 
 
 if __name__ == "__main__":
