@@ -223,13 +223,18 @@ def test_response_format_through_the_openai_client(app: App) -> None:
             max_tokens=4,
             response_format={"type": "xml"},
         )  # type: ignore[arg-type]
-    with pytest.raises(openai.BadRequestError, match="tools"):  # not built yet: refused
-        client.chat.completions.create(
-            model="team/ours",
-            messages=[{"role": "user", "content": "x"}],
-            max_tokens=4,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        )
+    # a tool call through the routing ingress and a model replica (the tool plan travels)
+    params = {"type": "object", "properties": {"digit": {"enum": ["one", "two"]}},
+              "required": ["digit"], "additionalProperties": False}  # fmt: skip
+    called = client.chat.completions.create(
+        model="team/ours", messages=[{"role": "user", "content": "spell 2 ="}], max_tokens=90,
+        temperature=0, tool_choice="required", parallel_tool_calls=False,
+        tools=[{"type": "function", "function": {"name": "spell", "parameters": params}}],
+    ).choices[0]  # fmt: skip
+    assert called.finish_reason == "tool_calls" and called.message.content is None
+    calls = called.message.tool_calls or []
+    assert [c.function.name for c in calls] == ["spell"]
+    jsonschema.validate(json.loads(calls[0].function.arguments), params)
 
 
 def test_greedy_answers_equal_peft_for_three_adapters(app: App, tiny_base_dir: Path) -> None:
