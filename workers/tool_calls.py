@@ -391,8 +391,8 @@ class ToolCallStream:
     """Incremental parse of one choice's answer into content and tool calls (see module doc).
 
     ``feed`` takes new text and returns events; ``close`` ends the answer. Content is the
-    text outside blocks with leading and trailing whitespace removed; after a call, at most
-    ``parallel`` decides whether further calls count.
+    text outside blocks with leading and trailing whitespace removed; without ``parallel``,
+    blocks after the first call are dropped.
     """
 
     names: frozenset[str]

@@ -356,3 +356,20 @@ def test_bad_tool_rows_are_named_with_their_line(row: dict[str, Any], words: str
 
     with pytest.raises(DatasetError, match=r"^t\.jsonl:7: .*" + words.replace("[", r"\[")):
         validate_row(row, "t.jsonl:7")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_with_a_response_format_is_a_document_or_calls(cache: Any, seed: int) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}},
+              "required": ["answer"], "additionalProperties": False}  # fmt: skip
+    p = tc.plan(TOOLS, "auto")
+    assert p is not None
+    text = _decode(cache, cache.compiled_tools(p, schema), seed)
+    content, calls = tc.parse(text, p)
+    if calls:
+        assert content is None
+        for c in calls:
+            json.loads(c.arguments)
+    else:
+        jsonschema.validate(json.loads(text), schema)
