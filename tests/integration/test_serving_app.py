@@ -29,11 +29,12 @@ from storage.catalog import repository as repo
 from storage.objects import LocalObjectStore
 from storage.registry import Registry
 from storage.settings import load_settings, settings_for_nodes
+from tests.helpers import random_adapter
 from tests.integration.conftest import NODE_ADMIN_TOKEN as ADMIN
 from workers.base_model import load_base
 from workers.demo_task import TRAIN_FILE
 from workers.generate import greedy_generate
-from workers.lora import LoraConfig, inject_lora, load_adapter, lora_modules, save_adapter
+from workers.lora import LoraConfig, load_adapter
 from workers.training.recipe import TrainConfig
 from workers.training.single import train_single
 
@@ -59,14 +60,7 @@ class App:
 
 
 def _random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, **kw: object) -> Path:
-    model, _ = load_base(base_dir)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", **kw)  # type: ignore[arg-type]
-    inject_lora(model, cfg)
-    with torch.no_grad():
-        for layer in lora_modules(model).values():
-            layer.lora_B.weight.normal_(0, 0.2)
-    return save_adapter(model, cfg, out)
+    return random_adapter(base_dir, out, seed, r=r, targets="all-linear", scale=0.2, **kw)
 
 
 def _peft_adapter(base_dir: Path, out: Path) -> Path:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from storage.registry import Registry
 from storage.settings import load_settings
+from tests.helpers import random_adapter
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -26,20 +26,6 @@ SCHEMA = {"type": "object", "additionalProperties": False,
                                                  "maximum": 100},
                          "coastal": {"type": "boolean"}},
           "required": ["city", "country", "population_millions", "coastal"]}  # fmt: skip
-
-
-def _adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    from workers.base_model import load_base
-    from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
-
-    model, _ = load_base(base_dir)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
-    inject_lora(model, cfg)
-    with torch.no_grad():
-        for layer in lora_modules(model).values():
-            layer.lora_B.weight.normal_(0, 0.02)
-    return save_adapter(model, cfg, out)
 
 
 def _run(engine: Any, requests: list[Any]) -> list[Any]:
@@ -65,7 +51,7 @@ def test_constrained_and_free_rows_share_steps(smollm_dir: Path, tmp_path: Path)
     registry.register_base(name="smollm2", path=smollm_dir)
     refs = [
         registry.publish(
-            adapter_dir=_adapter(smollm_dir, tmp_path / f"a{k}", k),
+            adapter_dir=random_adapter(smollm_dir, tmp_path / f"a{k}", k),
             ref=f"team/a{k}",
             base_model="smollm2",
         ).ref

@@ -18,12 +18,12 @@ from typing import Any
 
 import openai
 import pytest
-import torch
 
 from infra.servers import AppServer
 from storage.catalog import repository as repo
 from storage.registry import Registry
 from storage.settings import load_settings, settings_for_nodes
+from tests.helpers import random_adapter
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -53,20 +53,6 @@ class Served:
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.token, max_retries=0)
-
-
-def _adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    from workers.base_model import load_base
-    from workers.lora import LoraConfig, inject_lora, lora_modules, save_adapter
-
-    model, _ = load_base(base_dir)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
-    inject_lora(model, cfg)
-    with torch.no_grad():
-        for layer in lora_modules(model).values():
-            layer.lora_B.weight.normal_(0, 0.02)
-    return save_adapter(model, cfg, out)
 
 
 CITIES = ["Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Quito", "Berlin", "Madrid", "Dublin",
@@ -118,7 +104,7 @@ def served(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings = load_settings({"LORAFLEET_HOME": str(root / "home")})
     registry = Registry.from_settings(settings)
     registry.register_base(name="smollm2", path=smollm_dir)
-    refs = [registry.publish(adapter_dir=_adapter(smollm_dir, root / f"a{k}", k),
+    refs = [registry.publish(adapter_dir=random_adapter(smollm_dir, root / f"a{k}", k),
                              ref=f"team/a{k}", base_model="smollm2").ref
             for k in range(2)]  # fmt: skip
     agent = registry.publish(adapter_dir=_trained_agent(smollm_dir, root), ref="team/agent",

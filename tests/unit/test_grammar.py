@@ -14,6 +14,7 @@ import torch
 llguidance = pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
+from tests.helpers import masked_decode  # noqa: E402
 from workers.serving.grammar import (  # noqa: E402
     JSON_OBJECT,
     MAX_DEPTH,
@@ -34,30 +35,9 @@ def cache(tiny_base_dir: Path) -> GrammarCache:
     return GrammarCache(load_tokenizer(tiny_base_dir))
 
 
-def _decode(cache: GrammarCache, grammar: str, seed: int, steps: int = 400) -> str:
-    """Greedy over random logits, masked: the grammar alone decides what is valid."""
-    g = torch.Generator().manual_seed(seed)
-    row = cache.row(grammar)
-    tok = cache.tokenizer
-    eos = tok.eos_token
-    out: list[int] = []
-    for _ in range(steps):
-        logits = torch.randn(cache.vocab_size, generator=g)
-        row.mask(logits)
-        t = int(logits.argmax())
-        if t == eos:
-            break
-        row.advance(t)
-        out.append(t)
-        if row.finished:
-            break
-    assert row.error is None
-    return bytes(tok.decode_bytes(out)).decode()
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_masked_rows_decode_conforming_json(cache: GrammarCache, seed: int) -> None:
-    text = _decode(cache, cache.compile(SCHEMA), seed)
+    text = masked_decode(cache, cache.compile(SCHEMA), seed)
     jsonschema.validate(json.loads(text), SCHEMA)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from tests.helpers import masked_decode
 from workers import tool_calls as tc
 from workers.serving.openai_api import ChatCompletionRequest, StreamFormatter, chat_prompt_ids
 
@@ -245,24 +246,6 @@ def cache(tiny_base_dir: Path) -> Any:
     return GrammarCache(load_tokenizer(tiny_base_dir))
 
 
-def _decode(cache: Any, compiled: Any, seed: int, steps: int = 600) -> str:
-    g = torch.Generator().manual_seed(seed)
-    row = compiled.row()
-    out: list[int] = []
-    for _ in range(steps):
-        logits = torch.randn(cache.vocab_size, generator=g)
-        row.mask(logits)
-        t = int(logits.argmax())
-        if t == cache.tokenizer.eos_token:
-            break
-        row.advance(t)
-        out.append(t)
-        if row.finished:
-            break
-    assert row.error is None
-    return bytes(cache.tokenizer.decode_bytes(out)).decode()
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_required_and_named_calls_conform_whatever_the_logits(cache: Any, seed: int) -> None:
     jsonschema = pytest.importorskip("jsonschema")
@@ -271,7 +254,7 @@ def test_required_and_named_calls_conform_whatever_the_logits(cache: Any, seed: 
     for choice, parallel in (("required", True), ("required", False), (named, True)):
         p = tc.plan(TOOLS, choice, parallel)
         assert p is not None
-        text = _decode(cache, cache.compiled_tools(p), seed)
+        text = masked_decode(cache, cache.compiled_tools(p).grammar, seed, 600)
         content, calls = tc.parse(text, p)
         assert content is None and calls, text
         if not p.parallel:
@@ -365,7 +348,7 @@ def test_auto_with_a_response_format_is_a_document_or_calls(cache: Any, seed: in
               "required": ["answer"], "additionalProperties": False}  # fmt: skip
     p = tc.plan(TOOLS, "auto")
     assert p is not None
-    text = _decode(cache, cache.compiled_tools(p, schema), seed)
+    text = masked_decode(cache, cache.compiled_tools(p, schema).grammar, seed, 600)
     content, calls = tc.parse(text, p)
     if calls:
         assert content is None
