@@ -253,6 +253,7 @@ FIGURES: list[tuple[str, Callable[[], str]]] = [
     ("Tinker sessions at once", lambda: _r(_get("tinker_api", "concurrent_over_solo"))),
     ("Tinker vs train", lambda: f"{_get('tinker_api', 'max_abs_diff_vs_train'):.1e}"),
     ("structured vs free", lambda: _r(_get("structured", "constrained_over_free"))),
+    ("tools auto vs free", lambda: _r(_get("structured", "tools_auto_over_free"))),
     ("grammar compile · mask", lambda: f"{_get('grammar', 'compile_ms_p50', 'llguidance'):.2f} ms"
                                        f" · {_get('grammar', 'mask_us_p50', 'llguidance'):.0f} µs"),
     ("grammar cache", lambda: f"{_get('grammar', 'cache', 'hit_rate'):.2f} |"),
