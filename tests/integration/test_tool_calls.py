@@ -297,7 +297,7 @@ def test_bad_tool_input_is_a_400_naming_the_part_and_others_answer(served: Serve
             with pytest.raises(openai.BadRequestError) as exc:
                 client.chat.completions.create(model=served.models[1], messages=ASK,
                                                max_tokens=8, **kw)  # fmt: skip
-            assert part in str(exc.value), (part, str(exc.value))
+            assert part in str(exc.value) and exc.value.param == part, (part, exc.value.param)
         answer = ok.result(timeout=300).choices[0]
     assert answer.finish_reason == "tool_calls"
     _check_calls(answer.message, set(PARAMS), one=False)

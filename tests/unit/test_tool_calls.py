@@ -356,3 +356,14 @@ def test_auto_with_a_response_format_is_a_document_or_calls(cache: Any, seed: in
             json.loads(c.arguments)
     else:
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_replicas_grammar_refusal_names_the_request_field() -> None:
+    from workers.serving.frontend import engine_failure
+
+    assert engine_failure("invalid", "schema: nested too deep").param == "response_format"
+    named = engine_failure("invalid", "tools[1].function.parameters: unknown type")
+    assert named.param == "tools[1].function.parameters" and named.status == 400
+    assert engine_failure("not_found", "adapter team/x not found").param == "model"
+    assert engine_failure(None, "tools went away: boom").param == "model"
+    assert engine_failure(None, "boom").status == 500

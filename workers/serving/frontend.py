@@ -93,6 +93,16 @@ class RequestFailed(Exception):
         return status_of(self.kind)
 
 
+def engine_failure(kind: str | None, message: str) -> RequestFailed:
+    """A replica's refusal as a request error; ``param`` names the request field it is about:
+    a grammar error names its part (``schema: …`` is the ``response_format``, ``tools[i]…``
+    the tool), anything else is about the ``model`` that answered."""
+    head = message.partition(": ")[0]
+    param = ("response_format" if head == "schema"
+             else head if head.startswith("tools") and " " not in head else "model")  # fmt: skip
+    return RequestFailed(kind or "internal", message, param)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One request, ready for a replica: what to decode and how to answer."""
@@ -281,7 +291,7 @@ class Frontend:
         """The response body for every choice's result (raises the first error)."""
         failed = next((r for r in results if r.error), None)
         if failed is not None:
-            raise RequestFailed(failed.kind or "internal", str(failed.error), "model")
+            raise engine_failure(failed.kind, str(failed.error))
         choices = []
         for r in sorted(results, key=lambda r: r.index):
             text = r.text or ""

@@ -36,6 +36,7 @@ from workers.serving.frontend import (
     Frontend,
     Prepared,
     RequestFailed,
+    engine_failure,
     public_message,
     status_of,
 )
@@ -209,7 +210,7 @@ class Service:
             local = self.host.stream(payload)
             first = await local.__anext__()
             if "error" in first:
-                raise RequestFailed(first.get("kind") or "internal", str(first["error"]), "model")
+                raise engine_failure(first.get("kind"), str(first["error"]))
             return local
         handle = self.server.options(multiplexed_model_id=p.adapter or "", stream=True)
         # the exact version travels with the request: the replica does not resolve again
@@ -224,7 +225,7 @@ class Service:
         except REPLICA_GONE as exc:
             raise replica_gone(exc) from None
         if "error" in first:
-            raise RequestFailed(first.get("kind") or "internal", str(first["error"]), "model")
+            raise engine_failure(first.get("kind"), str(first["error"]))
         return gen
 
     async def answer(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
