@@ -522,6 +522,12 @@ def _parse_block(text: str, names: frozenset[str]) -> tuple[str, str] | None:
     return str(obj["name"]), json.dumps(args, ensure_ascii=False, separators=(",", ":"))
 
 
+def finish_reason(calls: Sequence[ToolCall], reason: str | None) -> str | None:
+    """OpenAI's finish reason for an answer: ``tool_calls`` when it made calls and the model
+    stopped by itself (a cut answer keeps ``length``)."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def parse(text: str, p: ToolPlan) -> tuple[str | None, list[ToolCall]]:
     """A whole answer's content (None when empty) and calls, as ``ToolCallStream`` streams
     them."""

@@ -49,7 +49,7 @@ from workers.serving.options import ServeOptions
 from workers.serving.provenance import Provenance, adapter_sha256, base_sha256
 from workers.serving.resolver import RefResolver
 from workers.serving.token_text import TokenText
-from workers.tool_calls import ToolCallStream, ToolPlan
+from workers.tool_calls import ToolCallStream, ToolPlan, finish_reason
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +365,7 @@ class Frontend:
                 reasons = {r.index: r.finish_reason for r in sorted(results, key=lambda r: r.index)}
                 for choice, tp in sorted(parsers.items()):
                     chunks += self._tool_chunks(fmt, choice, tp.close(), None)
-                    if tp.calls and reasons.get(choice) == "stop":
-                        reasons[choice] = "tool_calls"
+                    reasons[choice] = finish_reason(tp.calls, reasons.get(choice))
                 counts = usage(prompt_tokens, completion_tokens) if p.include_usage else None
                 yield "".join(chunks) + fmt.finish(None, counts, reasons=reasons)
                 return

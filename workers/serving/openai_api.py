@@ -459,9 +459,7 @@ def tool_answer(
     if plan is None or not plan.parses:
         return text, [], finish_reason
     content, calls = tool_calls.parse(text, plan)
-    if calls and finish_reason == "stop":
-        finish_reason = "tool_calls"
-    return content, calls, finish_reason
+    return content, calls, tool_calls.finish_reason(calls, finish_reason)
 
 
 def response(
