@@ -151,6 +151,20 @@ def test_register_submit_train_publish_serve_with_no_shared_disk(stack) -> None:
             .text
             for p in prompts
         ]
+        # a tool call: the replica on a private node compiles the grammar with the tokenizer
+        # of the base it downloaded and verified itself
+        params = {"type": "object", "properties": {"digit": {"enum": ["one", "two"]}},
+                  "required": ["digit"], "additionalProperties": False}  # fmt: skip
+        called = client.chat.completions.create(
+            model="demo/digits:1", messages=[{"role": "user", "content": "spell 2 ="}],
+            max_tokens=90, temperature=0, tool_choice="required", parallel_tool_calls=False,
+            tools=[{"type": "function", "function": {"name": "spell", "parameters": params}}],
+        ).choices[0]  # fmt: skip
+        assert called.finish_reason == "tool_calls"
+        assert json.loads(called.message.tool_calls[0].function.arguments)["digit"] in (  # type: ignore[index]
+            "one",
+            "two",
+        )
     finally:
         serve.send_signal(signal.SIGINT)
         serve.communicate(timeout=120)

@@ -301,6 +301,14 @@ def test_bad_tool_input_is_a_400_naming_the_part_and_others_answer(served: Serve
         answer = ok.result(timeout=300).choices[0]
     assert answer.finish_reason == "tool_calls"
     _check_calls(answer.message, set(PARAMS), one=False)
+    # fields that would change the answer and are not implemented: refused, named
+    for kw, part in (({"reasoning_effort": "high"}, "reasoning_effort"),
+                     ({"messages": [{"role": "user", "content": "x", "name": "bob"}]},
+                      "messages.0.name")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(**{"model": "smollm2", "messages": ASK,
+                                              "max_tokens": 2, **kw})  # fmt: skip
+        assert exc.value.param == part, exc.value.param
     with pytest.raises(openai.BadRequestError, match="tools"):  # completions: chat only
         client.completions.create(model="smollm2", prompt="x", max_tokens=2,
                                   extra_body={"tools": TOOLS})  # fmt: skip

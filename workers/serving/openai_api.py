@@ -58,6 +58,8 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "min_tokens": (None, 0), "functions": (None, []), "function_call": (None, "none"),
     "guided_json": (None,),
     "guided_regex": (None,), "guided_choice": (None,), "prompt_logprobs": (None,),
+    "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,),
+    "verbosity": (None,), "web_search_options": (None,),
 }  # fmt: skip
 
 
@@ -137,6 +139,11 @@ class _Sampling(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     prompt_logprobs: Any = None
+    modalities: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
     @field_validator(*NEUTRAL, mode="before")
     @classmethod
@@ -282,6 +289,19 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=tool_calls.MAX_TOOLS)
     tool_call_id: str | None = Field(default=None, max_length=128)
+    # not rendered by this server, so refused unless empty (the client's own message objects
+    # carry them as null)
+    name: Any = None
+    audio: Any = None
+    refusal: Any = None
+    function_call: Any = None
+
+    @field_validator("name", "audio", "refusal", "function_call", mode="before")
+    @classmethod
+    def _unrendered(cls, v: Any) -> Any:
+        if v not in (None, ""):
+            raise ValueError("not supported by this server")
+        return v
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessage:
